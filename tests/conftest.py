@@ -1,0 +1,38 @@
+"""Session-wide test setup.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, i.e. before the kernel modules are
+imported, so it is set here, first. On a machine with a GPU the kernels run natively instead.
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+from tiny_models import FAMILIES, build_model_dir  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smollm2: uses the embedded SmolLM2-135M model (slow to prepare once)")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict:
+    """family -> directory of a tiny random model with its tokenizer, built once per session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: build_model_dir(str(root / family), family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_model_dirs) -> str:
+    return tiny_model_dirs["llama"]

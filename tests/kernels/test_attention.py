@@ -1,0 +1,216 @@
+"""Varlen bidirectional attention: Triton kernels (through the interpreter on CPU) and the CPU path, against the
+naive per-sequence reference in float64, forward and every gradient."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llm2vec_fast.kernels import attention
+from llm2vec_fast.kernels.attention import (
+    naive_varlen_attention,
+    varlen_attention,
+    varlen_attention_dropout_mask,
+)
+
+FP = {"fp32": torch.float32, "fp16": torch.float16}
+
+# (lengths, Hq, Hkv, D): odd lengths, GQA ratios 1/3/4, head dims 64/128 and odd ones, an empty entry.
+SHAPES = [
+    ([1], 1, 1, 64),
+    ([63], 3, 1, 64),
+    ([111], 4, 1, 128),
+    ([257], 2, 2, 128),
+    ([5, 0, 63, 1, 40], 6, 2, 80),
+    ([17, 33, 0], 4, 4, 40),
+]
+
+
+def shape_id(lengths, hq, hkv, d, dtype=None):
+    sid = f"B{len(lengths)}-T{sum(lengths)}-Hq{hq}-Hkv{hkv}-D{d}"
+    return sid if dtype is None else f"{sid}-{dtype}"
+
+
+def make_inputs(lengths, hq, hkv, d, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q = (torch.randn(T, hq, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    k = (torch.randn(T, hkv, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    v = torch.randn(T, hkv, d, generator=g, dtype=torch.float64).to(dtype)
+    do = torch.randn(T, hq, d, generator=g, dtype=torch.float64).to(dtype)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return q, k, v, do, cu
+
+
+def run(fn, q, k, v, do, **kw):
+    """Forward + backward of fn on fresh leaves; returns (out, dq, dk, dv)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
+    return out.detach(), dq, dk, dv
+
+
+def check_all(check, got, q, k, v, do, cu, dtype, **ref_kw):
+    ref64 = run(lambda q, k, v: naive_varlen_attention(q, k, v, cu, **ref_kw), q.double(), k.double(),
+                v.double(), do.double())
+    reflp = run(lambda q, k, v: naive_varlen_attention(q, k, v, cu, **ref_kw), q, k, v, do)
+    for name, a, r64, rlp in zip(("out", "dq", "dk", "dv"), got, ref64, reflp):
+        check(name, a, r64, rlp, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(FP))
+@pytest.mark.parametrize("lengths,hq,hkv,d", SHAPES, ids=[shape_id(*s) for s in SHAPES])
+def test_triton_matches_reference(check, lengths, hq, hkv, d, dtype):
+    dt = FP[dtype]
+    q, k, v, do, cu = make_inputs(lengths, hq, hkv, d, dt)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), force_triton=True), q, k, v, do)
+    check_all(check, got, q, k, v, do, cu, dt)
+
+
+@pytest.mark.parametrize("dtype", list(FP))
+@pytest.mark.parametrize("lengths,hq,hkv,d", SHAPES, ids=[shape_id(*s) for s in SHAPES])
+def test_cpu_path_matches_reference(check, lengths, hq, hkv, d, dtype):
+    dt = FP[dtype]
+    q, k, v, do, cu = make_inputs(lengths, hq, hkv, d, dt)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths)), q, k, v, do)
+    check_all(check, got, q, k, v, do, cu, dt)
+
+
+def test_softmax_scale_and_large_logits(check):
+    # Logits of magnitude ~1e3 in fp16: the scores must be formed and exponentiated in fp32 without overflow.
+    lengths, dt = [37, 70], torch.float16
+    q, k, v, do, cu = make_inputs(lengths, 4, 2, 64, dt, scale=6.0)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 70, softmax_scale=0.5, force_triton=True), q, k, v, do)
+    check_all(check, got, q, k, v, do, cu, dt, softmax_scale=0.5)
+
+
+@pytest.mark.parametrize("tiling", [
+    dict(fwd_bm=16, fwd_bn=64, bwd_bm=64, bwd_bn=16, dq_bm=16, dq_bn=64),
+    dict(fwd_bm=64, fwd_bn=16, bwd_bm=16, bwd_bn=64, dq_bm=64, dq_bn=16),
+], ids=["narrow-rows", "narrow-keys"])
+def test_other_tilings(check, monkeypatch, tiling):
+    # The GPU configurations use non-square tiles; exercise the masks with both orientations.
+    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", tiling)
+    lengths, dt = [3, 0, 70, 17], torch.float32
+    q, k, v, do, cu = make_inputs(lengths, 6, 2, 96, dt)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 70, force_triton=True), q, k, v, do)
+    check_all(check, got, q, k, v, do, cu, dt)
+
+
+def test_rerun_is_bitwise_identical():
+    lengths = [50, 0, 77]
+    q, k, v, do, cu = make_inputs(lengths, 4, 2, 64, torch.float16)
+    a = run(lambda q, k, v: varlen_attention(q, k, v, cu, 77, force_triton=True), q, k, v, do)
+    b = run(lambda q, k, v: varlen_attention(q, k, v, cu, 77, force_triton=True), q, k, v, do)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 64, requires_grad=True)
+    k = torch.randn(0, 1, 64, requires_grad=True)
+    v = torch.randn(0, 1, 64, requires_grad=True)
+    for cu in (torch.zeros(1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)):
+        for force in (True, False):
+            out = varlen_attention(q, k, v, cu, 0, force_triton=force)
+            assert out.shape == (0, 2, 64)
+            dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+            assert dq is None or dq.shape == q.shape
+
+
+def test_long_single_sequence_forward(monkeypatch):
+    # 8k tokens in one sequence; large tiles keep the interpreter affordable. Checked on a subset of rows.
+    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", dict(fwd_bm=512, fwd_bn=512))
+    T, d = 8192, 16
+    q, k, v, _, cu = make_inputs([T], 1, 1, d, torch.float32)
+    out = varlen_attention(q, k, v, cu, T, force_triton=True)
+    rows = torch.cat([torch.arange(64), torch.arange(T - 64, T)])
+    s = torch.einsum("md,nd->mn", q[rows, 0].double(), k[:, 0].double()) / math.sqrt(d)
+    ref = torch.softmax(s, -1) @ v[:, 0].double()
+    assert torch.isfinite(out).all()
+    assert (out[rows, 0].double() - ref).abs().max().item() < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+DROP_LENGTHS, DROP_CU = [40, 0, 57, 1], torch.tensor([0, 40, 40, 97, 98], dtype=torch.int32)
+
+
+def test_dropout_rate_and_masks_change_between_calls():
+    p = 0.3
+    m1 = varlen_attention_dropout_mask(DROP_CU, 57, 4, p)
+    m2 = varlen_attention_dropout_mask(DROP_CU, 57, 4, p)
+    assert [tuple(m.shape) for m in m1] == [(4, n, n) for n in DROP_LENGTHS]
+    kept = torch.cat([m.flatten() for m in m1]).float()
+    # 4 * (40^2 + 57^2 + 1) = 19,400 Bernoulli draws: the std of the rate is ~0.0033.
+    assert abs(kept.mean().item() - (1 - p)) < 0.02
+    assert not all(torch.equal(a, b) for a, b in zip(m1, m2))
+
+
+def test_dropout_deterministic_for_a_seed():
+    q, k, v, do, _ = make_inputs(DROP_LENGTHS, 4, 2, 64, torch.float32)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(run(lambda q, k, v: varlen_attention(q, k, v, DROP_CU, 57, dropout_p=0.2, force_triton=True),
+                        q, k, v, do))
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.equal(a, b)
+    assert not torch.equal(outs[0][0], outs[2][0])
+
+
+@pytest.mark.parametrize("dtype", list(FP))
+def test_dropout_matches_reference_with_identical_mask(check, dtype):
+    dt, p = FP[dtype], 0.3
+    q, k, v, do, _ = make_inputs(DROP_LENGTHS, 6, 2, 64, dt)
+    torch.manual_seed(123)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, DROP_CU, 57, dropout_p=p, force_triton=True), q, k, v, do)
+    torch.manual_seed(123)
+    mask = varlen_attention_dropout_mask(DROP_CU, 57, 6, p)
+    check_all(check, got, q, k, v, do, DROP_CU, dt, dropout_mask=mask, dropout_p=p)
+
+
+def test_dropout_replays_with_rng_state():
+    # GradCache re-runs the forward after restoring the generator state: the masks must replay.
+    q, k, v, do, _ = make_inputs(DROP_LENGTHS, 2, 1, 64, torch.float32)
+    state = torch.get_rng_state()
+    a = varlen_attention(q, k, v, DROP_CU, 57, dropout_p=0.5, force_triton=True)
+    torch.set_rng_state(state)
+    b = varlen_attention(q, k, v, DROP_CU, 57, dropout_p=0.5, force_triton=True)
+    assert torch.equal(a, b)
+
+
+def test_cpu_path_dropout():
+    q, k, v, do, cu = make_inputs([30, 0, 45], 4, 2, 64, torch.float32)
+    torch.manual_seed(3)
+    a = run(lambda q, k, v: varlen_attention(q, k, v, cu, 45, dropout_p=0.3), q, k, v, do)
+    torch.manual_seed(3)
+    b = run(lambda q, k, v: varlen_attention(q, k, v, cu, 45, dropout_p=0.3), q, k, v, do)
+    c = run(lambda q, k, v: varlen_attention(q, k, v, cu, 45), q, k, v, do)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y) and torch.isfinite(x).all()
+    assert not torch.allclose(a[0], c[0])
+
+
+def test_bad_arguments():
+    q, k, v, _, cu = make_inputs([4], 3, 2, 64, torch.float32)
+    with pytest.raises(ValueError):
+        varlen_attention(q, k, v, cu, 4)
+    q, k, v, _, cu = make_inputs([4], 2, 1, 64, torch.float32)
+    with pytest.raises(ValueError):
+        varlen_attention(q, k, v, cu, 4, dropout_p=1.0)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 20), min_size=1, max_size=3), group=st.sampled_from([1, 2]),
+       d=st.sampled_from([16, 24, 32]))
+def test_property_tiny_shapes(lengths, group, d):
+    q, k, v, do, cu = make_inputs(lengths, 2 * group, 2, d, torch.float32)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths), force_triton=True), q, k, v, do)
+    ref = run(lambda q, k, v: naive_varlen_attention(q, k, v, cu), q.double(), k.double(), v.double(), do.double())
+    for a, r in zip(got, ref):
+        assert (a.double() - r).abs().max().item() < 1e-5 if a.numel() else True
