@@ -203,16 +203,27 @@ class LLM2Vec(nn.Module):
         bare string), a numpy array with convert_to_numpy.
         """
         single = isinstance(sentences, str)
-        pairs = normalize_inputs(sentences)
+        rows = self.tokenize_inputs(sentences)
+        output = self.encode_rows(rows, batch_size=batch_size, show_progress_bar=show_progress_bar, device=device,
+                                  normalize_embeddings=normalize_embeddings, max_batch_tokens=max_batch_tokens)
+        if single:
+            output = output[0]
+        return output.numpy() if convert_to_numpy and not convert_to_tensor else output
+
+    def tokenize_inputs(self, sentences) -> list[TokenizedRow]:
+        """Validate and tokenize encode inputs (one batched tokenizer call); warn about anything truncated."""
+        rows, report = self.row_tokenizer.tokenize_pairs(normalize_inputs(sentences))
+        report.warn(self.max_length, self.doc_max_length)
+        return rows
+
+    def encode_rows(self, rows: list[TokenizedRow], batch_size: Optional[int] = None, show_progress_bar: bool = False,
+                    device: Optional[str] = None, normalize_embeddings: bool = False,
+                    max_batch_tokens: Optional[int] = None) -> torch.Tensor:
+        """Embeddings (float32, CPU, [len(rows), hidden]) of rows from `tokenize_inputs`, in their order."""
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if convert_to_tensor:
-            convert_to_numpy = False
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         budget = max_batch_tokens or self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, 4096)
-
-        rows, report = self.row_tokenizer.tokenize_pairs(pairs)
-        report.warn(self.max_length, self.doc_max_length)
         output = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
         was_training = self.training
         self.eval()
@@ -230,9 +241,7 @@ class LLM2Vec(nn.Module):
                     progress.update(len(indices))
         finally:
             self.train(was_training)
-        if single:
-            output = output[0]
-        return output.numpy() if convert_to_numpy else output
+        return output
 
     # ------------------------------------------------------------------------------------------------- save
 
