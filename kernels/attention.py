@@ -330,6 +330,8 @@ def _check_inputs(q, k, v, cu_seqlens):
         raise ValueError("q, k, v must be [T, H, D]")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
     if q.shape[2] > 256:
@@ -475,7 +477,8 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropou
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (Hq a multiple of Hkv, D <= 256), fp16/bf16/fp32, last dim contiguous.
     cu_seqlens: int32 [B+1], cumulative sequence starts, cu_seqlens[-1] == T; zero-length entries allowed.
-    max_seqlen: python int >= every length (sizes the grid; never read back from the device).
+    max_seqlen: python int >= every length (sizes the grid; never read back from the device; a smaller value
+        leaves rows uncomputed).
     softmax_scale: default 1/sqrt(D). dropout_p: probability of dropping an attention probability (train only).
     deterministic: accepted for API compatibility; the Triton backward is always deterministic (no atomics).
     force_triton: run the Triton kernels on CPU tensors too (Triton interpreter, for tests).

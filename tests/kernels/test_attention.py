@@ -152,7 +152,7 @@ def test_dropout_rate_and_masks_change_between_calls():
 
 
 def test_dropout_deterministic_for_a_seed():
-    q, k, v, do, _ = make_inputs(DROP_LENGTHS, 4, 2, 64, torch.float32)
+    q, k, v, do, _ = make_inputs(DROP_LENGTHS, 2, 1, 32, torch.float32)
     outs = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)

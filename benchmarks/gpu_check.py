@@ -1,0 +1,285 @@
+"""One-shot GPU check: correctness at real sizes, then benchmarks, in well under 8 minutes on an H200.
+
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json [--sections kernels] [--cpu-smoke]
+
+Sections run in order and each returns its rows; a failed correctness check makes the exit status 1. The
+``kernels`` section checks the Triton attention (forward, dQ/dK/dV; GQA; varlen with empty and length-1
+entries; head dims 64/80/128/256; an 8k sequence; dropout determinism, rate, and gradients against the naive
+reference with the identical mask) and pooling in bf16/fp16 against float64 references, sweeps a few attention
+tilings, then runs the kernel benchmark (``bench_kernels.run_gpu(quick=True)``) and reports the targets.
+``--cpu-smoke`` runs the same code at toy sizes on the CPU (Triton interpreter) to prove the script works.
+
+To add a section (encode, train): write ``def my_section(ctx) -> list[dict]`` and register it in SECTIONS; use
+``ctx.check(...)`` for pass/fail rows and ``ctx.bench`` (a harness.Bench) for timings.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+if "--cpu-smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_kernels  # noqa: E402
+from harness import Bench  # noqa: E402
+
+from llm2vec_fast.kernels import attention as attn_mod  # noqa: E402
+from llm2vec_fast.kernels.attention import (  # noqa: E402
+    naive_varlen_attention,
+    varlen_attention,
+    varlen_attention_dropout_mask,
+)
+from llm2vec_fast.kernels.pooling import POOLING_MODES, naive_segment_pool, segment_pool  # noqa: E402
+
+# Absolute floors on top of "2x the error of the same-precision PyTorch computation".
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# Targets (H200, bf16, non-causal, head dim 128, S >= 1k).
+TARGET_FWD_TFLOPS = 400.0
+TARGET_FWD_VS_SDPA = 1.0
+TARGET_FWDBWD_TFLOPS = 300.0
+TARGET_POOL_GBS = 0.8 * 4300.0
+
+
+class Context:
+    def __init__(self, device, smoke):
+        self.device = torch.device(device)
+        self.smoke = smoke
+        self.checks = []
+        self.bench = Bench(self.device, repeats=20 if not smoke else 2, max_seconds=3.0)
+
+    def check(self, name, ok, **info):
+        row = dict(check=name, ok=bool(ok), **info)
+        self.checks.append(row)
+        print(f"[{'PASS' if ok else 'FAIL'}] {name} " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+        return row
+
+
+def _rel_rule(ctx, name, got, ref64, reflp, dtype):
+    finite = bool(torch.isfinite(got).all())
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    base = (reflp.double() - ref64).abs().max().item() if got.numel() else 0.0
+    bound = 2 * base + FLOOR[dtype]
+    return ctx.check(name, finite and err <= bound, err=f"{err:.3e}", bound=f"{bound:.3e}")
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do.to(out.dtype)))
+
+
+def check_attention_case(ctx, lengths, hq, hkv, d, dtype, dropout_p=0.0):
+    dev = ctx.device
+    T = sum(lengths)
+    g = torch.Generator(device=dev).manual_seed(len(lengths) * 1000 + d)
+    q, k, v, do = (torch.randn(T, h, d, generator=g, device=dev, dtype=torch.float64).to(dtype)
+                   for h in (hq, hkv, hkv, hq))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    S = max(lengths)
+    force = dev.type != "cuda"
+    mask = None
+    if dropout_p:
+        torch.manual_seed(11)
+    got = _grads(lambda q, k, v: varlen_attention(q, k, v, cu, S, dropout_p=dropout_p, force_triton=force),
+                 q, k, v, do)
+    if dropout_p:
+        torch.manual_seed(11)
+        mask = varlen_attention_dropout_mask(cu, S, hq, dropout_p, device=dev)
+    ref_kw = dict(dropout_mask=mask, dropout_p=dropout_p or None)
+    ref64 = _grads(lambda q, k, v: naive_varlen_attention(q, k, v, cu, **ref_kw), q.double(), k.double(),
+                   v.double(), do.double())
+    reflp = _grads(lambda q, k, v: naive_varlen_attention(q, k, v, cu, **ref_kw), q, k, v, do)
+    tag = f"attn B{len(lengths)}-T{T}-S{S}-Hq{hq}-Hkv{hkv}-D{d}-{str(dtype)[6:]}" + (f"-p{dropout_p}" if dropout_p else "")
+    for name, a, r64, rlp in zip(("out", "dq", "dk", "dv"), got, ref64, reflp):
+        _rel_rule(ctx, f"{tag} {name}", a, r64, rlp, dtype)
+
+
+def check_dropout_determinism(ctx, dtype):
+    dev = ctx.device
+    lengths = [300, 0, 1, 1000] if not ctx.smoke else [20, 0, 1, 33]
+    T, S = sum(lengths), max(lengths)
+    q, k, v = (torch.randn(T, h, 64, device=dev, dtype=dtype) for h in (8, 2, 2))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    force = dev.type != "cuda"
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(varlen_attention(q, k, v, cu, S, dropout_p=0.3, force_triton=force))
+    ctx.check(f"dropout same seed bitwise equal {str(dtype)[6:]}", torch.equal(outs[0], outs[1]))
+    ctx.check(f"dropout other seed differs {str(dtype)[6:]}", not torch.equal(outs[0], outs[2]))
+    masks = varlen_attention_dropout_mask(cu, S, 8, 0.3, device=dev)
+    rate = 1 - torch.cat([m.flatten() for m in masks]).float().mean().item()
+    ctx.check("dropout observed rate ~ 0.3", abs(rate - 0.3) < 0.01, rate=f"{rate:.4f}")
+
+
+def check_rerun_bitwise(ctx, dtype):
+    dev = ctx.device
+    lengths = [700, 1, 0, 2048, 333] if not ctx.smoke else [7, 1, 0, 40]
+    T, S = sum(lengths), max(lengths)
+    q, k, v, do = (torch.randn(T, h, 128, device=dev, dtype=dtype) for h in (8, 2, 2, 8))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    fn = lambda q, k, v: varlen_attention(q, k, v, cu, S, force_triton=dev.type != "cuda")  # noqa: E731
+    a, b = _grads(fn, q, k, v, do), _grads(fn, q, k, v, do)
+    ctx.check(f"attn re-run bitwise identical {str(dtype)[6:]}", all(torch.equal(x, y) for x, y in zip(a, b)))
+
+
+def check_pooling(ctx, dtype):
+    dev = ctx.device
+    T, H = (20000, 1024) if not ctx.smoke else (300, 64)
+    ranges = [(0, 1), (1, T // 3), (T // 3, T // 3), (T // 3 + 5, T // 2), (T // 4, T - 1), (T - 1, T)]
+    starts = torch.tensor([r[0] for r in ranges], dtype=torch.int32, device=dev)
+    ends = torch.tensor([r[1] for r in ranges], dtype=torch.int32, device=dev)
+    x = torch.randn(T, H, device=dev, dtype=torch.float64)
+    dout = torch.randn(len(ranges), H, device=dev, dtype=torch.float64)
+    for mode in POOLING_MODES:
+        def run(xx, fn):
+            xx = xx.detach().clone().requires_grad_()
+            out = fn(xx)
+            return out.detach(), torch.autograd.grad(out, xx, dout.to(out.dtype))[0]
+        got = run(x.to(dtype), lambda xx: segment_pool(xx, starts, ends, mode, force_triton=True))
+        ref64 = run(x, lambda xx: naive_segment_pool(xx, starts, ends, mode))
+        reflp = run(x.to(dtype), lambda xx: naive_segment_pool(xx, starts, ends, mode))
+        for name, a, r64, rlp in zip(("out", "dhidden"), got, ref64, reflp):
+            _rel_rule(ctx, f"pool {mode} T{T}-H{H}-{str(dtype)[6:]} {name}", a, r64, rlp, dtype)
+
+
+def sweep_attention_tilings(ctx):
+    """Time a few forward / backward tilings at S=4096, D=128, bf16 so the defaults can be revisited."""
+    if ctx.smoke:
+        return
+    candidates = [
+        dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3),
+        dict(fwd_bm=128, fwd_bn=128, fwd_warps=8, fwd_stages=2),
+        dict(fwd_bm=128, fwd_bn=64, fwd_warps=4, fwd_stages=4),
+        dict(fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3),
+        dict(bwd_bm=64, bwd_bn=128, dq_bm=128, dq_bn=64, bwd_warps=8, bwd_stages=2),
+        dict(bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32, bwd_warps=4, bwd_stages=3),
+        dict(bwd_bm=64, bwd_bn=64, dq_bm=64, dq_bn=64, bwd_warps=4, bwd_stages=2),
+    ]
+    lengths = [4096] * 4
+    q, k, v, cu = bench_kernels.packed_inputs(lengths, 16, 16, 128, torch.bfloat16, ctx.device, requires_grad=True)
+    do = torch.randn_like(q)
+    flops = bench_kernels.attention_flops(16, 128, lengths)
+    for cand in candidates:
+        backward = "bwd_bm" in cand
+        attn_mod.CONFIG_OVERRIDE = cand
+        try:
+            def fn():
+                out = varlen_attention(q, k, v, cu, 4096)
+                if backward:
+                    torch.autograd.grad(out, (q, k, v), do)
+            ctx.bench.run("sweep_fwdbwd" if backward else "sweep_fwd", json.dumps(cand, separators=(",", ":")),
+                          "uniform-B4-S4096-H16-D128-bf16", fn, flops=flops * (3.5 if backward else 1.0))
+        finally:
+            attn_mod.CONFIG_OVERRIDE = None
+
+
+def report_targets(ctx):
+    rows = [r for r in ctx.bench.rows if r["ms"] is not None and "bfloat16" in str(r["shape"])
+            and "-D128-" in str(r["shape"])]
+
+    def seqlen(r):
+        return int(str(r["shape"]).split("-S")[1].split("-")[0])
+
+    fwd = [r for r in rows if r["op"] == "attn_fwd" and r["backend"] == "ours-triton" and seqlen(r) >= 1024]
+    fb = [r for r in rows if r["op"] == "attn_fwdbwd" and r["backend"] == "ours-triton" and seqlen(r) >= 1024]
+    pool = [r for r in ctx.bench.rows if r["op"] == "pool_fwd" and r["backend"] == "ours-triton" and r["ms"]]
+    summary = dict(
+        fwd_tflops_min=min((r["rate"] for r in fwd), default=None),
+        fwd_vs_best_sdpa_min=min((r["ratio"] for r in fwd if r["ratio"]), default=None),
+        fwdbwd_tflops_min=min((r["rate"] for r in fb), default=None),
+        pool_gbs_min=min((r["rate"] for r in pool), default=None),
+    )
+    met = dict(
+        fwd_tflops=summary["fwd_tflops_min"] is not None and summary["fwd_tflops_min"] >= TARGET_FWD_TFLOPS,
+        fwd_vs_sdpa=summary["fwd_vs_best_sdpa_min"] is not None and summary["fwd_vs_best_sdpa_min"] >= TARGET_FWD_VS_SDPA,
+        fwdbwd_tflops=summary["fwdbwd_tflops_min"] is not None and summary["fwdbwd_tflops_min"] >= TARGET_FWDBWD_TFLOPS,
+        pool_gbs=summary["pool_gbs_min"] is not None and summary["pool_gbs_min"] >= TARGET_POOL_GBS,
+    )
+    print(f"# targets (bf16, D128, S>=1k): {summary} met={met}", flush=True)
+    return dict(summary=summary, met=met)
+
+
+def kernels_section(ctx):
+    dev = ctx.device
+    smoke = ctx.smoke
+    dtypes = [torch.bfloat16, torch.float16] if dev.type == "cuda" else [torch.float16]
+    if smoke:
+        cases = [([1, 0, 17, 40], 4, 2, 64), ([33], 3, 1, 80)]
+    else:
+        cases = [
+            ([1, 0, 777, 1024, 63, 2048], 8, 2, 128),
+            ([1000, 1, 513, 0, 257], 12, 4, 64),
+            ([129, 1500, 3], 6, 2, 80),
+            ([300, 0, 911], 4, 1, 256),
+            ([8192], 4, 1, 128),
+        ]
+    for dtype in dtypes:
+        for lengths, hq, hkv, d in cases:
+            check_attention_case(ctx, lengths, hq, hkv, d, dtype)
+    check_attention_case(ctx, [300, 0, 1, 700] if not smoke else [20, 0, 1, 33], 6, 2, 64, dtypes[0],
+                         dropout_p=0.3)
+    check_dropout_determinism(ctx, dtypes[0])
+    check_rerun_bitwise(ctx, dtypes[0])
+    for dtype in dtypes:
+        check_pooling(ctx, dtype)
+    if any(not c["ok"] for c in ctx.checks):
+        print("# correctness failed: skipping the kernel benchmark", flush=True)
+        return {}
+    if smoke:
+        bench_kernels.bench_attention_cpu(ctx.bench, torch.float32, 64, 2, [40, 17, 64], backward=True)
+        bench_kernels.bench_pooling(ctx.bench, torch.float32, 512, 64, 64, "mean", use_triton=True)
+        return {}
+    sweep_attention_tilings(ctx)
+    bench_kernels.run_gpu(ctx.bench, quick=True)
+    return report_targets(ctx)
+
+
+# Sections run in this order; the lead appends encode and train here: name -> function(ctx) -> dict.
+SECTIONS = {
+    "kernels": kernels_section,
+}
+
+
+def main(sections=("kernels",), out=None, cpu_smoke=False):
+    if not torch.cuda.is_available() and not cpu_smoke:
+        print("no GPU: run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
+        return 2
+    ctx = Context("cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu", smoke=cpu_smoke)
+    print(f"# gpu_check on {ctx.bench.device_name}, torch {torch.__version__}, commit {ctx.bench.commit}", flush=True)
+    summaries, t0 = {}, time.time()
+    for name in sections:
+        t = time.time()
+        try:
+            summaries[name] = SECTIONS[name](ctx) or {}
+        except Exception:
+            traceback.print_exc()
+            ctx.check(f"section {name} raised", False)
+        print(f"# section {name}: {time.time() - t:.1f} s", flush=True)
+    ctx.bench.print_table()
+    failed = [c for c in ctx.checks if not c["ok"]] + ctx.bench.failures()
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(dict(device=ctx.bench.device_name, commit=ctx.bench.commit, torch=torch.__version__,
+                           seconds=time.time() - t0, sections=list(sections), summaries=summaries,
+                           checks=ctx.checks, bench=ctx.bench.rows, failed=len(failed)), f, indent=1, default=str)
+        print(f"# wrote {out}")
+    print(f"# {len(ctx.checks)} checks, {len(failed)} failed, {time.time() - t0:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="results JSON path (e.g. $OUT/gpu_check.json)")
+    parser.add_argument("--sections", default="kernels", help=f"comma-separated, from {list(SECTIONS)}")
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU through the interpreter")
+    args = parser.parse_args()
+    sys.exit(main(tuple(s for s in args.sections.split(",") if s), args.out, args.cpu_smoke))
