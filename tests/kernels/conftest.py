@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llm2vec_fast.kernels import attention, pooling
+from llm2vec_fast.kernels import attention, fused_linear_cross_entropy, pooling
 
 # Absolute floors on top of "2x the error of the same-precision PyTorch computation". fp32: ~8 ulp at the O(1)
 # magnitudes used, room for a different summation order (online softmax, blocked sums). fp16: a tenth of an ulp
@@ -17,6 +17,7 @@ def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN: an element no kernel writes fails the comparison."""
     monkeypatch.setattr(attention, "POISON_OUTPUTS", True)
     monkeypatch.setattr(pooling, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(fused_linear_cross_entropy, "POISON_OUTPUTS", True)
 
 
 def assert_close(name, out, ref64, ref_lowp, dtype):
