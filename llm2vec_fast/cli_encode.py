@@ -1,0 +1,234 @@
+"""`llm2vec-fast encode`: embed a corpus file into resumable shards, on one process or many (torchrun).
+
+The run: validate the arguments and the whole input (a bad line stops it before anything is encoded), check the
+output directory against the fingerprint of the arguments, then encode this rank's shards (shard k belongs to
+rank k % WORLD_SIZE), skipping those already done; finally rank 0 merges every rank's progress into one index.
+See shards.py for the output layout and `load_embeddings` to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+from .batching import POOLING_MODES
+from .corpus import FORMATS, InputSpec, bad_lines_error, check_input, describe_bad_lines, input_identity, \
+    resolve_format, scan
+from .distributed import ProcessGroup, Ranks, default_device
+from .errors import UserError
+from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHT_FILES, resolve_directory
+from .pipeline import ShardSource, Throughput, encode_shard, prefetched
+from .shards import OutputDir
+
+DTYPES = ("float32", "bfloat16", "float16")
+SHARD_DTYPES = ("float32", "float16")
+DEFAULT_SHARD_SIZE = 10_000
+FINGERPRINT_VERSION = 1
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "encode", help="embed a text or JSON-lines corpus into .npy shards (resumable, multi-process)",
+        description="Embed every line of a corpus into .npy shards plus an index of input line numbers. "
+                    "Re-running the same command resumes an interrupted run. Run it under torchrun to use "
+                    "several processes/GPUs/nodes.")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model directory, or 'smollm2-135m' for the embedded model (default)")
+    parser.add_argument("--input", required=True, help="a .txt (one text per line) or .jsonl file, or - for stdin")
+    parser.add_argument("--output", required=True, help="output directory (created; resumed if it exists)")
+    parser.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
+                        help="input format (default: from the file extension; stdin: txt)")
+    parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text (default: text)")
+    parser.add_argument("--instruction-field", default="instruction",
+                        help="jsonl: the field holding a line's own instruction (default: instruction)")
+    parser.add_argument("--instruction", default="",
+                        help="instruction for every line that has none of its own")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                        help="pooling mode (default: the model's llm2vec_config.json, else mean)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
+    parser.add_argument("--max-length", type=_positive, default=None,
+                        help="tokens per input, instruction included (default: the model's, else 512)")
+    parser.add_argument("--max-batch-tokens", type=_positive, default=None,
+                        help="tokens per batch (default: 4096 on CPU, 32768 on GPU)")
+    parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
+    parser.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE,
+                        help=f"input lines per shard (default: {DEFAULT_SHARD_SIZE})")
+    parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default="float32",
+                        help="dtype of the stored embeddings (default: float32)")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip lines that are not valid (reported, and listed in manifest.json) instead of "
+                             "stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard what --output holds instead of resuming it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def run(args) -> int:
+    ranks = Ranks.from_env()
+    check_input(args.input)
+    spec = InputSpec(args.input, resolve_format(args.input, args.format), args.text_field, args.instruction_field,
+                     args.instruction)
+    if spec.is_stdin and ranks.world_size > 1:
+        raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
+    model_dir = _resolve_model(args.model)
+    fingerprint = _fingerprint(args, spec, model_dir)
+    output = OutputDir(args.output, ranks.rank)
+    output.check(fingerprint, args.overwrite)
+    if not args.overwrite and output.is_complete():
+        _say(ranks, f"{args.output} is already complete; nothing to do (pass --overwrite to encode again).")
+        return 0
+
+    corpus = None if spec.is_stdin else scan(spec)
+    if corpus is not None and corpus.bad:
+        if not args.skip_bad_lines:
+            raise bad_lines_error(spec.name, corpus.bad)
+        _say(ranks, f"skipping {len(corpus.bad)} bad line(s) of {spec.name} (--skip-bad-lines):\n"
+                    + describe_bad_lines(spec.name, corpus.bad))
+
+    with ProcessGroup(ranks) as group:
+        if ranks.is_main:
+            output.prepare(fingerprint, args.overwrite)
+        group.barrier()
+        model = _load_model(args, model_dir)
+        source = ShardSource(model, spec, args.shard_size, ranks.rank, ranks.world_size, output.completed(),
+                             args.skip_bad_lines)
+        throughput = _encode_own_shards(args, model, source, output, corpus, ranks)
+        group.barrier()
+        if ranks.is_main:
+            manifest = output.merge(_ceil_div(source.num_lines, args.shard_size), _meta(args, model, spec))
+            _report(args, manifest, throughput, ranks)
+    return 0
+
+
+def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corpus, ranks: Ranks) -> Throughput:
+    """Encode and commit this rank's unfinished shards, the next one always being tokenized in the background."""
+    device = _device(args.device, ranks)
+    budget = args.max_batch_tokens or model.max_batch_tokens or _default_budget(device)
+    throughput = Throughput()
+    total = initial = None
+    if corpus is not None:  # a file: its scan tells how much work this rank has (stdin: unknown)
+        counts = corpus.valid_lines_per_shard(args.shard_size)
+        total = sum(n for k, n in enumerate(counts) if source.owns(k))
+        initial = sum(n for k, n in enumerate(counts) if source.owns(k) and k in source.done)
+    description = "encode" if ranks.world_size == 1 else f"encode (rank {ranks.rank})"
+    try:
+        with tqdm(total=total, initial=initial or 0, unit="text", desc=description, dynamic_ncols=True,
+                  disable=args.no_progress or not ranks.is_main) as progress:
+            for shard in prefetched(source):
+                embeddings = encode_shard(model, shard.rows, device=device, normalize=args.normalize,
+                                          max_batch_tokens=budget, progress=progress, throughput=throughput)
+                record = {"first_line": shard.first_line, "last_line": shard.last_line,
+                          "input_sha256": shard.parsed.sha256,
+                          "skipped": [[b.line, b.reason] for b in shard.parsed.bad]}
+                output.commit_shard(shard.index, embeddings.astype(args.shard_dtype, copy=False),
+                                    shard.parsed.line_numbers, record)
+    except KeyboardInterrupt:
+        print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
+              file=sys.stderr)
+        raise
+    return throughput
+
+
+def _resolve_model(name: str) -> str:
+    try:
+        return resolve_directory(name, "--model")
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
+        raise UserError(str(error)) from None
+
+
+def _load_model(args, model_dir: str):
+    import torch
+
+    from .encoder import LLM2Vec
+
+    # Unset options are left out so that the model's llm2vec_config.json supplies them.
+    encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
+    try:
+        return LLM2Vec.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), **encoder_args)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise UserError(f"cannot load --model {args.model!r}: {error}") from None
+
+
+def _device(requested: str | None, ranks: Ranks) -> str:
+    if requested is None:
+        return default_device(ranks)
+    if requested == "cuda" and ranks.world_size > 1:
+        return f"cuda:{ranks.local_rank}"  # one GPU per process, as torchrun intends
+    return requested
+
+
+def _default_budget(device: str) -> int:
+    from .encoder import DEFAULT_MAX_BATCH_TOKENS
+
+    return DEFAULT_MAX_BATCH_TOKENS.get(device.split(":")[0], 4096)
+
+
+def _fingerprint(args, spec: InputSpec, model_dir: str) -> dict:
+    """Everything that changes the stored embeddings. Device and batch budget are left out on purpose: resuming
+    with a smaller budget after an out-of-memory error must stay possible (their effect is float rounding)."""
+    return {"version": FINGERPRINT_VERSION, "model": _model_name(args.model), **_model_identity(model_dir),
+            "pooling": args.pooling, "dtype": args.dtype, "max_length": args.max_length,
+            "normalize": args.normalize, "shard_size": args.shard_size, "shard_dtype": args.shard_dtype,
+            "format": spec.format, "text_field": spec.text_field, "instruction_field": spec.instruction_field,
+            "instruction": spec.instruction, **input_identity(spec)}
+
+
+def _model_name(name: str) -> str:
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def _model_identity(model_dir: str) -> dict:
+    """The model directory's config and the size and head of each weight file: a changed model is noticed."""
+    identity = {}
+    for name in ("config.json", ADAPTER_CONFIG, *WEIGHT_FILES, *ADAPTER_WEIGHTS):
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+            identity[name] = f"{os.path.getsize(path)}:{head}"
+    return {"model_files": identity}
+
+
+def _meta(args, model, spec: InputSpec) -> dict:
+    return {"dim": model.config.hidden_size, "dtype": args.shard_dtype, "model": args.model,
+            "pooling": model.pooling_mode, "max_length": model.max_length, "model_dtype": args.dtype,
+            "normalized": args.normalize, "shard_size": args.shard_size, "input": spec.name,
+            "format": spec.format, "instruction": spec.instruction}
+
+
+def _report(args, manifest: dict, throughput: Throughput, ranks: Ranks) -> None:
+    skipped = manifest["skipped"]
+    who = "this run" if ranks.world_size == 1 else "rank 0"
+    print(f"llm2vec-fast: wrote {manifest['count']} embeddings (dim {manifest['dim']}, {manifest['dtype']}) in "
+          f"{len(manifest['shards'])} shard(s) to {args.output}; {who}: {throughput.texts} texts in "
+          f"{throughput.seconds:.1f} s ({throughput.rates()}).", file=sys.stderr)
+    if skipped:
+        lines = ", ".join(str(s["line"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"llm2vec-fast: skipped {len(skipped)} bad line(s) (lines {lines}); all are listed in "
+              f"{os.path.join(args.output, 'manifest.json')}.", file=sys.stderr)
+
+
+def _say(ranks: Ranks, message: str) -> None:
+    if ranks.is_main:
+        print(f"llm2vec-fast: {message}", file=sys.stderr)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,260 @@
+"""Reading an encode corpus: numbered input lines, grouped into shards, parsed and validated.
+
+Inputs: a text file (one text per line), a JSON-lines file (an object per line with a text field and an optional
+instruction field), or stdin in either format. Lines are numbered from 1, as editors number them. The input is read
+as bytes and split on b"\\n" only: `str.splitlines` would also split on \\x0b, \\x1c, \\u2028 and friends and shift
+every later line number. Whitespace-only lines at the very end of the input are not part of the corpus (editors
+leave them behind); anywhere else a blank line is a bad line.
+
+Shard k holds input lines k*S+1 .. (k+1)*S (S = the shard size). Shards are defined by line numbers, not by the
+valid lines before them, so a shard's content never depends on which rank reads it or on earlier bad lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+FORMATS = ("txt", "jsonl")
+_FORMAT_OF_EXTENSION = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# The fingerprint of an input file hashes this many leading bytes (plus the size): cheap, and changed by any edit
+# that matters in practice; every finished shard additionally records the hash of its own lines.
+IDENTITY_BYTES = 1 << 20
+STDIN = "-"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where the corpus is and how to read one line of it.
+
+    path: a file, or "-" for stdin. format: "txt" or "jsonl".
+    text_field, instruction_field: the JSON keys of a jsonl line.
+    instruction: used for every line that has no instruction of its own ("" = none).
+    """
+
+    path: str
+    format: str
+    text_field: str = "text"
+    instruction_field: str = "instruction"
+    instruction: str = ""
+
+    @property
+    def name(self) -> str:
+        return "<stdin>" if self.path == STDIN else self.path
+
+    @property
+    def is_stdin(self) -> bool:
+        return self.path == STDIN
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    reason: str
+
+
+@dataclass
+class RawShard:
+    """The raw lines of one shard. lines: (line number, bytes without the newline); sha256: of those lines."""
+
+    index: int
+    lines: list[tuple[int, bytes]] = field(default_factory=list)
+    sha256: str = ""
+
+
+@dataclass
+class ParsedShard:
+    """One shard's valid lines, in input order, and its bad lines."""
+
+    index: int
+    sha256: str
+    line_numbers: list[int]
+    pairs: list[tuple[str, str]]
+    bad: list[BadLine]
+
+
+@dataclass
+class Scan:
+    """A full pass over the input: how many lines it has and which of them are bad."""
+
+    num_lines: int
+    bad: list[BadLine]
+
+    def valid_lines_per_shard(self, shard_size: int) -> list[int]:
+        counts = [min(shard_size, self.num_lines - k * shard_size) for k in range(-(-self.num_lines // shard_size))]
+        for b in self.bad:
+            counts[(b.line - 1) // shard_size] -= 1
+        return counts
+
+
+def resolve_format(path: str, requested: str) -> str:
+    """The input format: `requested` unless it is "auto", then the file extension's (stdin: txt)."""
+    if requested != "auto":
+        return requested
+    if path == STDIN:
+        return "txt"
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in _FORMAT_OF_EXTENSION:
+        raise UserError(f"cannot tell the format of {path!r} from its extension; pass --format txt or --format jsonl.")
+    return _FORMAT_OF_EXTENSION[extension]
+
+
+def check_input(path: str) -> None:
+    if path == STDIN:
+        return
+    if not os.path.exists(path):
+        raise UserError(f"input file {path!r} does not exist.")
+    if os.path.isdir(path):
+        raise UserError(f"input {path!r} is a directory; pass a .txt or .jsonl file (or - for stdin).")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"input file {path!r} is not readable (check its permissions).")
+
+
+def input_identity(spec: InputSpec) -> dict:
+    """What identifies the input file in an output's fingerprint: its size and the hash of its first MiB."""
+    if spec.is_stdin:
+        return {"input": STDIN}
+    digest = hashlib.sha256()
+    with open(spec.path, "rb") as f:
+        digest.update(f.read(IDENTITY_BYTES))
+    return {"input": os.path.abspath(spec.path), "input_size": os.path.getsize(spec.path),
+            "input_head_sha256": digest.hexdigest()}
+
+
+@contextmanager
+def open_input(spec: InputSpec):
+    if spec.is_stdin:
+        yield sys.stdin.buffer
+    else:
+        with open(spec.path, "rb") as f:
+            yield f
+
+
+def numbered_lines(stream) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its line ending) for every line of the corpus; trailing blank lines dropped."""
+    pending_blank: list[tuple[int, bytes]] = []
+    for number, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the first text
+        if not raw.strip():
+            # Blank: a bad line if anything follows it, nothing at all if only blank lines follow it.
+            pending_blank.append((number, raw))
+            continue
+        yield from pending_blank
+        pending_blank.clear()
+        yield number, raw
+
+
+def read_shards(spec: InputSpec, shard_size: int, wanted: Callable[[int], bool],
+                on_end: Callable[[int], None] | None = None) -> Iterator[RawShard]:
+    """The raw shards whose index `wanted` accepts, in order; the other shards' lines are only counted.
+
+    on_end: called with the number of lines of the corpus once the input is exhausted.
+    """
+    with open_input(spec) as stream:
+        current: RawShard | None = None
+        digest = None
+        number = 0
+        for number, raw in numbered_lines(stream):
+            index = (number - 1) // shard_size
+            if current is None or current.index != index:
+                if current is not None and digest is not None:
+                    current.sha256 = digest.hexdigest()
+                    yield current
+                current = RawShard(index)
+                digest = hashlib.sha256() if wanted(index) else None
+            if digest is not None:
+                current.lines.append((number, raw))
+                digest.update(raw + b"\n")
+        if current is not None and digest is not None:
+            current.sha256 = digest.hexdigest()
+            yield current
+        if on_end is not None:
+            on_end(number)
+
+
+def parse_line(raw: bytes, spec: InputSpec) -> tuple[str, str]:
+    """(instruction, text) of one line; raises ValueError whose message says why the line is bad."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not valid UTF-8 (byte {error.start})") from None
+    if spec.format == "txt":
+        text, instruction = line, None
+    else:
+        if not line.strip():
+            raise ValueError("empty line (expected a JSON object)")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"a JSON {type(record).__name__}, expected an object with a {spec.text_field!r} field")
+        if spec.text_field not in record:
+            raise ValueError(f"no {spec.text_field!r} field (fields: {', '.join(map(repr, record)) or 'none'})")
+        text = record[spec.text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"field {spec.text_field!r} is {_json_kind(text)}, expected a string")
+        instruction = record.get(spec.instruction_field)
+        if instruction is not None and not isinstance(instruction, str):
+            raise ValueError(f"field {spec.instruction_field!r} is {_json_kind(instruction)}, expected a string")
+    if not text.strip():
+        raise ValueError("empty text" if not text else "whitespace-only text")
+    return (spec.instruction if instruction is None else instruction), text
+
+
+def parse_shard(raw: RawShard, spec: InputSpec) -> ParsedShard:
+    parsed = ParsedShard(raw.index, raw.sha256, [], [], [])
+    for number, line in raw.lines:
+        try:
+            pair = parse_line(line, spec)
+        except ValueError as error:
+            parsed.bad.append(BadLine(number, str(error)))
+            continue
+        parsed.line_numbers.append(number)
+        parsed.pairs.append(pair)
+    return parsed
+
+
+def scan(spec: InputSpec) -> Scan:
+    """Parse every line once, before any encoding, so a bad line at the end stops the run before it starts."""
+    num_lines, bad = 0, []
+    with open_input(spec) as stream:
+        for number, raw in numbered_lines(stream):
+            num_lines = number
+            try:
+                parse_line(raw, spec)
+            except ValueError as error:
+                bad.append(BadLine(number, str(error)))
+    return Scan(num_lines, bad)
+
+
+def describe_bad_lines(name: str, bad: list[BadLine], limit: int = 10) -> str:
+    """A readable list of the first `limit` bad lines, one per line, as ``file:line: reason``."""
+    shown = [f"  {name}:{b.line}: {b.reason}" for b in bad[:limit]]
+    if len(bad) > limit:
+        shown.append(f"  ... and {len(bad) - limit} more")
+    return "\n".join(shown)
+
+
+def bad_lines_error(name: str, bad: list[BadLine]) -> UserError:
+    first = bad[0]
+    return UserError(
+        f"{name}:{first.line}: {first.reason}; {len(bad)} bad line(s) in total, nothing was encoded from them. Fix "
+        f"them, or pass --skip-bad-lines to skip them (they are listed in the output's manifest).\n"
+        + describe_bad_lines(name, bad))
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)

@@ -1,0 +1,72 @@
+"""Rank, world size and barriers for commands started by torchrun (or any launcher that sets RANK/WORLD_SIZE).
+
+The ranks of an encode run exchange no tensors, only "wait until everyone got here", so the process group is
+always gloo, also on GPUs: a barrier needs no NCCL communicator, and gloo's works without picking a device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+# A rank that finishes its shards early waits at the final barrier for the slowest one, which on a large corpus
+# can take days; the default 30-minute collective timeout would kill healthy runs.
+BARRIER_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        if not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+        return cls(rank, world_size, local_rank)
+
+
+def default_device(ranks: Ranks) -> str:
+    """cuda:LOCAL_RANK when CUDA is present (one GPU per process on each node), else the CPU."""
+    return f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+class ProcessGroup:
+    """A gloo process group when there is more than one rank; every method is a no-op for a single process."""
+
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
+        self.active = False
+
+    def __enter__(self) -> "ProcessGroup":
+        if self.ranks.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("gloo", rank=self.ranks.rank, world_size=self.ranks.world_size,
+                                    timeout=BARRIER_TIMEOUT)
+            self.active = True
+        return self
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.active = False

@@ -1,0 +1,153 @@
+"""Encoding a corpus shard by shard, with reading, parsing and tokenizing of the next shard overlapped with the
+encoding of the current one.
+
+The next shard is prepared in a background thread: Hugging Face fast tokenizers release the GIL while they
+tokenize and torch releases it inside its kernels, so the two really run at the same time. Only one shard is
+prepared ahead, which bounds the memory to two shards of token ids.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .corpus import InputSpec, ParsedShard, bad_lines_error, parse_shard, read_shards
+from .errors import UserError
+from .tokenization import TokenizedRow
+
+# encode_rows is called on slices of about this many batches, so the progress bar moves during a shard. A slice's
+# rows are fixed by the shard's token lengths alone, so a shard is encoded identically in every run.
+BATCHES_PER_SLICE = 4
+_END = object()
+
+
+@dataclass
+class PreparedShard:
+    parsed: ParsedShard
+    rows: list[TokenizedRow]
+    first_line: int
+    last_line: int
+
+    @property
+    def index(self) -> int:
+        return self.parsed.index
+
+
+class ShardSource:
+    """The shards one rank must encode, parsed and tokenized, in order; finished shards are checked and skipped.
+
+    done: shard index -> its progress record (from `OutputDir.completed`); a finished shard whose input lines
+    no longer hash the same is an error rather than a silently stale result.
+    num_lines: the number of input lines, known once the whole input has been read.
+    """
+
+    def __init__(self, model, spec: InputSpec, shard_size: int, rank: int, world_size: int, done: dict[int, dict],
+                 skip_bad_lines: bool):
+        self.model, self.spec, self.shard_size = model, spec, shard_size
+        self.rank, self.world_size = rank, world_size
+        self.done, self.skip_bad_lines = done, skip_bad_lines
+        self.num_lines: int | None = None
+
+    def owns(self, index: int) -> bool:
+        # Round robin: every rank gets shards spread over the whole input, so the ranks finish together.
+        return index % self.world_size == self.rank
+
+    def _set_num_lines(self, n: int) -> None:
+        self.num_lines = n
+
+    def __iter__(self) -> Iterator[PreparedShard]:
+        for raw in read_shards(self.spec, self.shard_size, self.owns, on_end=self._set_num_lines):
+            first_line, last_line = raw.index * self.shard_size + 1, raw.lines[-1][0]
+            record = self.done.get(raw.index)
+            if record is not None:
+                if record["input_sha256"] != raw.sha256:
+                    raise UserError(
+                        f"{self.spec.name} lines {first_line}-{last_line} changed since shard {raw.index} was "
+                        f"written; pass --overwrite to start again, or choose a new --output directory.")
+                continue
+            parsed = parse_shard(raw, self.spec)
+            if parsed.bad and not self.skip_bad_lines:
+                raise bad_lines_error(self.spec.name, parsed.bad)
+            rows = self.model.tokenize_inputs(parsed.pairs) if parsed.pairs else []
+            yield PreparedShard(parsed, rows, first_line, last_line)
+
+
+def prefetched(iterator) -> Iterator:
+    """The items of `iterator`, each next one produced in a background thread while the caller uses the current.
+
+    A daemon thread per item rather than an executor: at Ctrl-C the interpreter must not wait for a thread that
+    is still tokenizing, or blocked reading stdin.
+    """
+    iterator = iter(iterator)
+
+    def start():
+        box = {}
+
+        def work():
+            try:
+                box["item"] = next(iterator, _END)
+            except BaseException as error:  # re-raised in the caller's thread
+                box["error"] = error
+
+        thread = threading.Thread(target=work, name="llm2vec-fast-prefetch", daemon=True)
+        thread.start()
+        return thread, box
+
+    pending = start()
+    while True:
+        thread, box = pending
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        item = box["item"]
+        if item is _END:
+            return
+        pending = start()
+        yield item
+
+
+def token_slices(lengths: list[int], tokens_per_slice: int) -> list[tuple[int, int]]:
+    """Consecutive [start, end) row ranges of about `tokens_per_slice` tokens each (at least one row)."""
+    slices, start, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if tokens and tokens + n > tokens_per_slice:
+            slices.append((start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(lengths):
+        slices.append((start, len(lengths)))
+    return slices
+
+
+@dataclass
+class Throughput:
+    texts: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
+
+    def rates(self) -> str:
+        return f"{self.texts / self.seconds:,.1f} texts/s, {self.tokens / self.seconds:,.0f} tokens/s"
+
+
+def encode_shard(model, rows: list[TokenizedRow], *, device: str, normalize: bool, max_batch_tokens: int,
+                 progress, throughput: Throughput) -> np.ndarray:
+    """Float32 embeddings [len(rows), hidden] of one shard's rows, in row order."""
+    output = np.empty((len(rows), model.config.hidden_size), dtype=np.float32)
+    lengths = [len(row) for row in rows]
+    for start, end in token_slices(lengths, BATCHES_PER_SLICE * max_batch_tokens):
+        embeddings = model.encode_rows(rows[start:end], device=device, normalize_embeddings=normalize,
+                                       max_batch_tokens=max_batch_tokens)
+        output[start:end] = embeddings.numpy()
+        throughput.texts += end - start
+        throughput.tokens += sum(lengths[start:end])
+        progress.update(end - start)
+        progress.set_postfix_str(f"{throughput.tokens / throughput.seconds:,.0f} tok/s", refresh=False)
+    return output

@@ -1,0 +1,272 @@
+"""`llm2vec-fast encode` end to end on a tiny Llama: round trips, stdin, resume after SIGKILL, argument mismatch,
+bad lines, user errors, and a 2-process torchrun run that must equal the single-process one."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from llm2vec_fast import LLM2Vec
+from llm2vec_fast.cli import main
+from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
+from tiny_models import corpus
+
+N_LINES, SHARD = 45, 10  # five shards, the last one partial
+FAST = ["--no-progress", "--shard-size", str(SHARD)]
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return corpus(N_LINES, seed=7)
+
+
+@pytest.fixture(scope="module")
+def txt_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("inputs") / "corpus.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(llama_dir):
+    return LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, txt_file, tmp_path_factory):
+    """An uninterrupted single-process run over txt_file: the output every other run must reproduce."""
+    out = str(tmp_path_factory.mktemp("reference") / "out")
+    assert main(["encode", "--model", llama_dir, "--input", txt_file, "--output", out, *FAST]) == 0
+    return load_embeddings(out)
+
+
+def encode_args(llama_dir, input_path, out, *extra):
+    return ["encode", "--model", llama_dir, "--input", input_path, "--output", str(out), *FAST, *extra]
+
+
+def subprocess_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def assert_same_output(out, reference):
+    embeddings, lines = load_embeddings(str(out))
+    ref_embeddings, ref_lines = reference
+    np.testing.assert_array_equal(lines, ref_lines)
+    assert len(np.unique(lines)) == len(lines)
+    np.testing.assert_array_equal(embeddings, ref_embeddings)  # bitwise: same shards, same batches
+
+
+def test_txt_round_trip(reference, model, texts, tmp_path):
+    embeddings, lines = reference
+    assert embeddings.shape == (N_LINES, model.config.hidden_size) and embeddings.dtype == np.float32
+    assert lines.tolist() == list(range(1, N_LINES + 1))
+    expected = model.encode([texts[n - 1] for n in lines], show_progress_bar=False).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5, rtol=0)
+
+
+def test_manifest_describes_shards(llama_dir, txt_file, reference, tmp_path):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["count"] == N_LINES and manifest["dim"] == 64 and manifest["pooling"] == "mean"
+    assert [s["rows"] for s in manifest["shards"]] == [10, 10, 10, 10, 5]
+    assert [s["row_start"] for s in manifest["shards"]] == [0, 10, 20, 30, 40]
+    assert manifest["shards"][4]["first_line"] == 41 and manifest["shards"][4]["last_line"] == 45
+    assert manifest["skipped"] == []
+    assert_same_output(out, reference)
+
+
+def test_jsonl_with_instructions_and_custom_fields(llama_dir, model, texts, tmp_path):
+    path = tmp_path / "in.jsonl"
+    records = [{"body": t, **({"query": f"topic {i}:"} if i % 3 == 0 else {})} for i, t in enumerate(texts[:30])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    args = encode_args(llama_dir, str(path), out, "--text-field", "body", "--instruction-field", "query",
+                       "--instruction", "represent the text:", "--pooling", "weighted_mean")
+    assert main(args) == 0
+    embeddings, lines = load_embeddings(str(out))
+    assert lines.tolist() == list(range(1, 31))
+    pairs = [[r.get("query", "represent the text:"), r["body"]] for r in records]
+    weighted = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32, pooling_mode="weighted_mean")
+    expected = weighted.encode(pairs, show_progress_bar=False).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5, rtol=0)
+    plain = model.encode([r["body"] for r in records], show_progress_bar=False).numpy()
+    assert not np.allclose(embeddings, plain, atol=1e-3)  # the instructions and pooling were applied
+
+
+def test_stdin_equals_file_input(llama_dir, txt_file, reference, tmp_path, monkeypatch):
+    with open(txt_file, "rb") as f:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f.read())))
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, "-", out)) == 0
+    assert_same_output(out, reference)
+
+
+def test_float16_shards_and_normalize(llama_dir, txt_file, reference, tmp_path):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out, "--shard-dtype", "float16", "--normalize")) == 0
+    embeddings, _ = load_embeddings(str(out))
+    assert embeddings.dtype == np.float16
+    expected = reference[0] / np.linalg.norm(reference[0], axis=1, keepdims=True)
+    np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kill", ["2", "2:temp", "2:unrecorded"], ids=["at-boundary", "mid-write", "unrecorded"])
+def test_resume_after_sigkill(llama_dir, txt_file, reference, tmp_path, kill):
+    out = tmp_path / "out"
+    args = encode_args(llama_dir, txt_file, out)
+    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{TEST_KILL_ENV: kill}),
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / MANIFEST).exists()
+    progress = json.loads((out / "progress" / "rank0.json").read_text())
+    assert [s["shard"] for s in progress["shards"]] == [0, 1]
+    if kill.endswith("temp"):
+        assert any(".tmp-" in name for name in os.listdir(out / "shards"))
+    assert main(args) == 0
+    assert not any(".tmp-" in name for name in os.listdir(out / "shards"))
+    assert_same_output(out, reference)
+
+
+def test_rerun_of_finished_output_does_nothing(llama_dir, txt_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    before = (out / MANIFEST).stat().st_mtime_ns
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert (out / MANIFEST).stat().st_mtime_ns == before
+
+
+def test_mismatched_arguments_are_refused(llama_dir, txt_file, texts, reference, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    capsys.readouterr()
+    assert main(encode_args(llama_dir, txt_file, out, "--pooling", "last_token")) == 1
+    err = capsys.readouterr().err
+    assert "pooling" in err and "--overwrite" in err and "Traceback" not in err
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(texts[:20]) + "\n")
+    assert main(encode_args(llama_dir, str(other), out)) == 1
+    assert "input" in capsys.readouterr().err
+    assert main(encode_args(llama_dir, str(other), out, "--overwrite")) == 0
+    assert load_embeddings(str(out))[0].shape[0] == 20
+    np.testing.assert_array_equal(load_embeddings(str(out))[0], reference[0][:20])
+
+
+BAD_JSONL = [
+    (1, '{"text": "the cat sat"}'), (2, '{"text": "a red car"}'), (3, '{"text": "broken'),
+    (4, '{"text": "sun and moon"}'), (5, '{"body": "no text field"}'), (6, '{"text": 42}'),
+    (7, '{"text": "   "}'), (8, ""), (9, '{"text": "the river", "instruction": "q:"}'), (10, '{"text": "tea"}'),
+]
+BAD = {3: "not valid JSON", 5: "no 'text' field", 6: "is a number", 7: "whitespace-only", 8: "empty line"}
+
+
+@pytest.fixture
+def bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(line for _, line in BAD_JSONL) + "\n\n")  # blank lines at EOF are not bad
+    return str(path)
+
+
+def test_bad_lines_stop_the_run_before_encoding(llama_dir, bad_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, bad_jsonl, out, "--shard-size", "4")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"llm2vec-fast: error: {bad_jsonl}:3: not valid JSON")
+    for line, reason in BAD.items():
+        assert f"{bad_jsonl}:{line}: " in err and reason in err
+    assert "--skip-bad-lines" in err and "Traceback" not in err
+    assert not (out / "shards").exists() or not os.listdir(out / "shards")
+
+
+def test_skip_bad_lines_skips_reports_and_records(llama_dir, model, bad_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, bad_jsonl, out, "--shard-size", "4", "--skip-bad-lines")) == 0
+    err = capsys.readouterr().err
+    assert "skipped 5 bad line(s) (lines 3, 5, 6, 7, 8)" in err
+    embeddings, lines = load_embeddings(str(out))
+    assert lines.tolist() == [1, 2, 4, 9, 10]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [s["line"] for s in manifest["skipped"]] == sorted(BAD)
+    assert all(reason in s["reason"] for s, reason in zip(manifest["skipped"], BAD.values()))
+    assert sum(s["rows"] for s in manifest["shards"]) + len(manifest["skipped"]) == 10
+    expected = model.encode(["the cat sat", "a red car", "sun and moon", ["q:", "the river"], "tea"],
+                            show_progress_bar=False).numpy()
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5, rtol=0)
+
+
+def test_bad_line_on_stdin_stops_at_its_shard(llama_dir, bad_jsonl, tmp_path, monkeypatch, capsys):
+    with open(bad_jsonl, "rb") as f:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f.read())))
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, "-", out, "--format", "jsonl", "--shard-size", "2")) == 1
+    assert "<stdin>:3: not valid JSON" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "shards")) == ["shard-000000.lines.npy", "shard-000000.npy"]
+
+
+def test_user_errors_are_one_line(llama_dir, txt_file, tmp_path, capsys):
+    cases = [
+        (["--input", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--input", txt_file, "--model", str(tmp_path / "no-model")], "no-model"),
+        (["--input", str(tmp_path)], "is a directory"),
+        (["--input", txt_file, "--output", txt_file], "is a file"),
+        (["--input", txt_file, "--output", os.path.join(txt_file, "sub")], "cannot write to --output"),
+    ]
+    for extra, message in cases:
+        argv = ["encode", "--model", llama_dir, "--output", str(tmp_path / "out"), "--no-progress", *extra]
+        assert main(argv) == 1, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", "--input", txt_file, "--output", str(tmp_path / "o"), "--pooling", "max"])
+    assert exit_info.value.code == 2 and "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_output_dir_of_something_else_is_refused(llama_dir, txt_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(encode_args(llama_dir, txt_file, out)) == 1
+    assert "not written by llm2vec-fast" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("start", ["fresh", "resume-single-process-run"])
+def test_torchrun_two_processes_equal_one(llama_dir, txt_file, reference, tmp_path, start):
+    out = tmp_path / "out"
+    expected_rank1 = [1, 3]
+    if start != "fresh":
+        # The state a single-process run leaves when killed after two shards (see test_resume_after_sigkill):
+        # the ranks of the new run must pick up where it stopped, whichever rank owns a finished shard.
+        assert main(encode_args(llama_dir, txt_file, out)) == 0
+        for name in ("manifest.json", "line_numbers.npy", *(f"shards/shard-00000{k}.npy" for k in (2, 3, 4))):
+            os.remove(out / name)
+        progress = json.loads((out / "progress" / "rank0.json").read_text())
+        progress["shards"] = progress["shards"][:2]
+        (out / "progress" / "rank0.json").write_text(json.dumps(progress))
+        expected_rank1 = [3]
+    # A loopback address and a free port: the default rendezvous resolves the host name, which a sandbox may lack.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "llm2vec_fast", *encode_args(llama_dir, txt_file, out)]
+    result = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(out / "progress")) == ["rank0.json", "rank1.json"]
+    rank1 = json.loads((out / "progress" / "rank1.json").read_text())
+    assert [s["shard"] for s in rank1["shards"]] == expected_rank1
+    embeddings, lines = load_embeddings(str(out))
+    np.testing.assert_array_equal(lines, reference[1])
+    np.testing.assert_allclose(embeddings, reference[0], atol=1e-5, rtol=0)
