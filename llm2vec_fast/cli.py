@@ -14,7 +14,7 @@ import sys
 from .errors import UserError
 
 PROG = "llm2vec-fast"
-COMMANDS = ("llm2vec_fast.cli_encode",)
+COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train")
 
 
 def build_parser() -> argparse.ArgumentParser:

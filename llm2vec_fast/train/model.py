@@ -1,0 +1,47 @@
+"""Models for training: the base decoder made bidirectional, with LoRA adapters through peft."""
+
+from __future__ import annotations
+
+import torch
+
+from ..loading import resolve_directory
+from ..modeling import patch
+from .config import TrainConfig
+
+
+def lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_targets), bias="none")
+
+
+def add_lora(base, config: TrainConfig):
+    """Wrap a base decoder (LlamaModel & co.) with trainable LoRA adapters; everything else is frozen.
+
+    The adapter is attached to the base decoder, not to a task model around it, so its saved keys load onto
+    `AutoModel` exactly like the released LLM2Vec adapters.
+    """
+    from peft import get_peft_model
+
+    if config.gradient_checkpointing:
+        # Renamed in transformers 5.2x (old name deprecated); the GPU machine's 5.17 only knows the old one.
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # peft keeps bf16/fp16 adapter weights in fp32 (autocast_adapter_dtype), so updates stay stable.
+    return get_peft_model(base, lora_config(config))
+
+
+def load_causal_lm(config: TrainConfig):
+    """(bidirectional causal-LM model, tokenizer, resolved base directory) for MNTP; weights in config.dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = resolve_directory(config.model, "model")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, config.dtype),
+                                                 attention_dropout=config.attention_dropout)
+    patch(model, bidirectional=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer, directory
