@@ -37,10 +37,14 @@ def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=3
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     texts = benchmark_texts(n_sentences, n_paragraphs)
     bench = Bench(device, warmup=0, repeats=1)
+    truth = None  # float32 embeddings of our engine, the yardstick for lower precisions
     for dtype_name in dtypes:
         encoder = LLM2Vec.from_pretrained(model_name, dtype=getattr(torch, dtype_name)).to(device)
         tokens = sum(len(r) for r in encoder.tokenize_inputs(texts))
         shape = dict(texts=len(texts), tokens=tokens, dtype=dtype_name)
+        if dtype_name != "float32" and truth is None:
+            truth = LLM2Vec.from_pretrained(model_name, dtype=torch.float32).to(device).encode(
+                texts, show_progress_bar=False, device=device)
         # Warm both paths (allocator, kernels' first launch) on a few texts.
         reference_encode(encoder, texts[:8], device=device)
         encoder.encode(texts[:8], show_progress_bar=False, device=device)
@@ -54,12 +58,14 @@ def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=3
             results["reference"] = reference_encode(encoder, texts, device=device)
 
         bench.run("encode", "llm2vec-0.2.3-algo", shape, reference, tokens=tokens, baseline=True)
-        bench.run("encode", "llm2vec-fast", shape, ours, tokens=tokens,
-                  check=lambda: _agree(results, dtype_name))
-        if bench.rows[-1]["correct"]:
-            # The check ran before the timed call; re-check what the timed call produced.
-            ok, message = _agree(results, dtype_name)
-            bench.rows[-1]["note"] = message if ok else f"CORRECTNESS FAILED {message}"
+        bench.run("encode", "llm2vec-fast", shape, ours, tokens=tokens)
+        ok, message = _agree(results, truth if dtype_name != "float32" else None)
+        row = bench.rows[-1]
+        row["correct"], row["note"] = ok, message if ok else f"CORRECTNESS FAILED {message}"
+        if not ok:
+            row["ms"] = row["rate"] = row["ratio"] = None  # no speed for an engine that is not right
+        if dtype_name == "float32":
+            truth = results["ours"]
     bench.print_table()
     if out:
         bench.save(out, extra=dict(model=model_name, texts=len(texts), threads=torch.get_num_threads(),
@@ -67,14 +73,19 @@ def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=3
     return bench
 
 
-def _agree(results, dtype_name):
-    if "reference" not in results or "ours" not in results:
-        return True, "not compared yet"
-    a, b = results["reference"], results["ours"]
-    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
-    # Left padding shifts the reference's rotary positions; rotary is relative, so only rounding differs.
-    bound = 0.9999 if dtype_name == "float32" else 0.99
-    return bool(cosine.min() > bound), f"min cosine(reference, ours) {cosine.min():.6f}"
+def _agree(results, truth):
+    """float32: ours must match the reference algorithm (rotary is relative, so only rounding differs).
+    Lower precision: our error against float32 must be at most twice the reference algorithm's (the project's
+    tolerance rule), both measured as 1 - cosine to the float32 embeddings."""
+    cosine = torch.nn.functional.cosine_similarity
+    ours, reference = results["ours"], results["reference"]
+    if truth is None:
+        worst = cosine(reference, ours, dim=-1).min()
+        return bool(worst > 0.9999), f"min cosine(reference, ours) {worst:.6f}"
+    ours_error = (1 - cosine(ours, truth, dim=-1)).max()
+    reference_error = (1 - cosine(reference, truth, dim=-1)).max()
+    return bool(ours_error <= 2 * reference_error + 1e-6), \
+        f"max 1-cosine to float32: ours {ours_error:.2e}, reference {reference_error:.2e}"
 
 
 def main(argv=None):

@@ -442,28 +442,64 @@ class VarlenAttentionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Padded tokens allowed per real token when sequences of different lengths share one SDPA call on CPU.
+CPU_PADDING_SLACK = 1.25
+
+
+def _length_groups(lengths, slack=CPU_PADDING_SLACK):
+    """Sequence indices grouped (longest first) so that each group's padded size, count x its longest length,
+    stays within `slack` x its real token count. Zero-length sequences are left out (nothing to compute)."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    groups, current, real = [], [], 0
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > slack * (real + lengths[i]):
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
 def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
-    """Re-pad to [B, H, S, D], one SDPA call with a key-padding mask (none when all lengths are equal), unpad.
-    On CPU this beats a per-sequence loop from a handful of sequences on (benchmarks/bench_kernels.py)."""
+    """CPU path: sequences of similar length are re-padded together into [G, H, S, D] and run through one SDPA
+    call with a key-padding mask (none when a group's lengths are equal); the outputs are scattered back.
+    Grouping bounds the padding, which a single re-pad to max_seqlen would make quadratic in the longest text
+    (benchmarks/bench_kernels.py, bench_encode.py). Differentiable; dropout from torch's CPU generator."""
     T, HQ, D = q.shape
-    HKV = k.shape[1]
-    B = cu_seqlens.numel() - 1
-    cu = cu_seqlens.to(device=q.device, dtype=torch.long)
-    lengths = cu[1:] - cu[:-1]
-    S = max(int(max_seqlen), 1)
-    seg = torch.repeat_interleave(torch.arange(B, device=q.device), lengths, output_size=T)
-    rows = seg * S + torch.arange(T, device=q.device) - cu[seg]  # row of each token in the padded [B*S] layout
+    bounds = cu_seqlens.tolist()
+    starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    outputs, rows_all = [], []
+    for group in _length_groups(lengths):
+        S = lengths[group[0]]
+        group_lengths = torch.tensor([lengths[i] for i in group], device=q.device)
+        group_starts = torch.tensor([starts[i] for i in group], device=q.device)
+        G = len(group)
+        # Token rows of the group in padded order, and where each lands in the [G * S] layout.
+        seg = torch.repeat_interleave(torch.arange(G, device=q.device), group_lengths)
+        within = torch.arange(seg.numel(), device=q.device) - (torch.cumsum(group_lengths, 0) - group_lengths)[seg]
+        rows = group_starts[seg] + within
+        slots = seg * S + within
 
-    def pad(x):
-        return x.new_zeros(B * S, x.shape[1], D).index_copy(0, rows, x).view(B, S, x.shape[1], D).transpose(1, 2)
+        def pad(x):
+            x = x.index_select(0, rows)
+            if slots.numel() != G * S:
+                x = x.new_zeros(G * S, x.shape[1], D).index_copy(0, slots, x)
+            return x.view(G, S, x.shape[1], D).transpose(1, 2)
 
-    mask = None
-    if B * S != T:
-        # An empty sequence keeps one (zero) key so its padding rows stay finite; they are never read back.
-        mask = (torch.arange(S, device=q.device)[None, :] < lengths.clamp(min=1)[:, None])[:, None, None, :]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p,
-                                         scale=softmax_scale, enable_gqa=HQ != HKV)  # [B, HQ, S, D]
-    return out.transpose(1, 2).reshape(B * S, HQ, D).index_select(0, rows)
+        mask = None
+        if slots.numel() != G * S:
+            mask = (torch.arange(S, device=q.device)[None, :] < group_lengths[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p,
+                                             scale=softmax_scale, enable_gqa=HQ != k.shape[1])  # [G, HQ, S, D]
+        out = out.transpose(1, 2).reshape(G * S, HQ, D)
+        outputs.append(out if slots.numel() == G * S else out.index_select(0, slots))
+        rows_all.append(rows)
+    if not outputs:  # T == 0: nothing to attend
+        return q * 0
+    # Every token belongs to a non-empty sequence, so each of the T rows is written exactly once.
+    return q.new_empty(T, HQ, D).index_copy(0, torch.cat(rows_all), torch.cat(outputs))
 
 
 # --------------------------------------------------------------------------------------------------------------

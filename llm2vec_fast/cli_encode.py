@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-length", type=_positive, default=None,
                         help="tokens per input, instruction included (default: the model's, else 512)")
     parser.add_argument("--max-batch-tokens", type=_positive, default=None,
-                        help="tokens per batch (default: 4096 on CPU, 32768 on GPU)")
+                        help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")

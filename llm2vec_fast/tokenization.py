@@ -80,15 +80,15 @@ class RowTokenizer:
 
     def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[TokenizedRow], TokenizationReport]:
         report = TokenizationReport()
-        rows = self.tokenize_prepared([self.prepare(i, t) for i, t in pairs], report)
+        encoded = self._encode([self.prepare(i, t) for i, t in pairs])
         # Texts over doc_max_length are shortened by words, as the reference does, and re-tokenized (rare).
-        long_rows = [k for k, row in enumerate(rows) if row.text_end - row.text_start > self.doc_max_length]
+        long_rows = [k for k, (_, (start, end)) in enumerate(encoded) if end - start > self.doc_max_length]
         if long_rows:
             report.doc_shortened = len(long_rows)
-            short_pairs = [(pairs[k][0], self._shorten_text(pairs[k][1])) for k in long_rows]
-            redone = self.tokenize_prepared([self.prepare(i, t) for i, t in short_pairs], report)
-            for k, row in zip(long_rows, redone):
-                rows[k] = row
+            redone = self._encode([self.prepare(pairs[k][0], self._shorten_text(pairs[k][1])) for k in long_rows])
+            for k, item in zip(long_rows, redone):
+                encoded[k] = item
+        rows = [self._fit(ids, span, report) for ids, span in encoded]
         report.empty_text = sum(1 for row in rows if row.text_end == row.text_start)
         return rows, report
 
@@ -107,9 +107,13 @@ class RowTokenizer:
     def tokenize_prepared(self, prepared: list[str], report: TokenizationReport | None = None) -> list[TokenizedRow]:
         """Tokenize reference-style prepared strings (with the separator) in one batched call."""
         report = report if report is not None else TokenizationReport()
-        strings, text_chars = zip(*(split_separator(p) for p in prepared)) if prepared else ((), ())
+        return [self._fit(ids, span, report) for ids, span in self._encode(prepared)]
+
+    def _encode(self, prepared: list[str]) -> list[tuple[list[int], tuple[int, int]]]:
+        """Token ids and the text's token range of each prepared string, untruncated."""
         if not prepared:
             return []
+        strings, text_chars = zip(*(split_separator(p) for p in prepared))
         if getattr(self.tokenizer, "is_fast", False):
             encoded = self.tokenizer(list(strings), add_special_tokens=True, return_offsets_mapping=True,
                                      return_attention_mask=False, return_token_type_ids=False)
@@ -119,7 +123,7 @@ class RowTokenizer:
                                      return_token_type_ids=False)
             spans = [self._text_span_slow(ids, s[start:]) for ids, s, start in
                      zip(encoded["input_ids"], strings, text_chars)]
-        return [self._fit(ids, span, report) for ids, span in zip(encoded["input_ids"], spans)]
+        return list(zip(encoded["input_ids"], spans))
 
     def _text_span_slow(self, ids: list[int], text: str) -> tuple[int, int]:
         # Without offsets, do what the reference does: the text is the last n tokens (before an EOS that the

@@ -110,6 +110,7 @@ def test_short_instruction_is_kept_whole_when_text_is_cut(tokenizer):
 
 def test_doc_max_length_shortens_by_words(tokenizer):
     text = " ".join(["banana"] * 50)
-    rows, report = row_tokenizer(tokenizer, doc_max_length=10).tokenize_pairs([("", text)])
+    rows, report = row_tokenizer(tokenizer, doc_max_length=10, max_length=20).tokenize_pairs([("", text)])
     assert report.doc_shortened == 1
+    assert report.truncated == 0  # shortened first, so never reported as truncated too
     assert rows[0].text_end - rows[0].text_start <= 10

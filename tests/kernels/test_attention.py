@@ -214,3 +214,14 @@ def test_property_tiny_shapes(lengths, group, d):
     ref = run(lambda q, k, v: naive_varlen_attention(q, k, v, cu), q.double(), k.double(), v.double(), do.double())
     for a, r in zip(got, ref):
         assert (a.double() - r).abs().max().item() < 1e-5 if a.numel() else True
+
+
+@pytest.mark.parametrize("lengths", [[5, 300, 7, 0, 299, 1, 64], [17] * 9, [0, 0], [1]],
+                         ids=["mixed-with-empty", "equal", "all-empty", "single"])
+def test_cpu_length_groups_cover_every_sequence_and_bound_padding(lengths):
+    groups = attention._length_groups(lengths)
+    members = sorted(i for g in groups for i in g)
+    assert members == [i for i, n in enumerate(lengths) if n > 0]
+    for g in groups:
+        padded, real = len(g) * max(lengths[i] for i in g), sum(lengths[i] for i in g)
+        assert len(g) == 1 or padded <= attention.CPU_PADDING_SLACK * real
