@@ -33,18 +33,30 @@ def benchmark_texts(n_sentences: int, n_paragraphs: int) -> list[str]:
 
 
 def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=300, n_paragraphs=20, device=None,
-        max_batch_tokens=None, out=None, engines=("reference", "ours")):
+        max_batch_tokens=None, out=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    texts = benchmark_texts(n_sentences, n_paragraphs)
     bench = Bench(device, warmup=0, repeats=1)
+    compare(bench, lambda dtype: LLM2Vec.from_pretrained(model_name, dtype=dtype), benchmark_texts(n_sentences,
+            n_paragraphs), dtypes, device, max_batch_tokens)
+    bench.print_table()
+    if out:
+        bench.save(out, extra=dict(model=model_name, threads=torch.get_num_threads(),
+                                   time=time.strftime("%Y-%m-%d %H:%M:%S")))
+    return bench
+
+
+def compare(bench, make_encoder, texts, dtypes, device, max_batch_tokens=None, label="", flops_per_token=None,
+            peak_flops=None):
+    """Time the reference algorithm and our engine on `texts` for each dtype; make_encoder(torch dtype) -> LLM2Vec.
+    With flops_per_token and peak_flops, our rows also carry the model FLOP utilisation (MFU)."""
     truth = None  # float32 embeddings of our engine, the yardstick for lower precisions
     for dtype_name in dtypes:
-        encoder = LLM2Vec.from_pretrained(model_name, dtype=getattr(torch, dtype_name)).to(device)
+        encoder = make_encoder(getattr(torch, dtype_name)).to(device)
         tokens = sum(len(r) for r in encoder.tokenize_inputs(texts))
-        shape = dict(texts=len(texts), tokens=tokens, dtype=dtype_name)
+        shape = dict(model=label, texts=len(texts), tokens=tokens, dtype=dtype_name) if label else \
+            dict(texts=len(texts), tokens=tokens, dtype=dtype_name)
         if dtype_name != "float32" and truth is None:
-            truth = LLM2Vec.from_pretrained(model_name, dtype=torch.float32).to(device).encode(
-                texts, show_progress_bar=False, device=device)
+            truth = make_encoder(torch.float32).to(device).encode(texts, show_progress_bar=False, device=device)
         # Warm both paths (allocator, kernels' first launch) on a few texts.
         reference_encode(encoder, texts[:8], device=device)
         encoder.encode(texts[:8], show_progress_bar=False, device=device)
@@ -64,13 +76,20 @@ def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=3
         row["correct"], row["note"] = ok, message if ok else f"CORRECTNESS FAILED {message}"
         if not ok:
             row["ms"] = row["rate"] = row["ratio"] = None  # no speed for an engine that is not right
+        elif flops_per_token and peak_flops and row["rate"]:
+            row["note"] += f"; MFU {row['rate'] * flops_per_token / peak_flops:.1%}"
         if dtype_name == "float32":
             truth = results["ours"]
-    bench.print_table()
-    if out:
-        bench.save(out, extra=dict(model=model_name, texts=len(texts), threads=torch.get_num_threads(),
-                                   time=time.strftime("%Y-%m-%d %H:%M:%S")))
+        del encoder
     return bench
+
+
+def flops_per_token(model, mean_length: float) -> float:
+    """Forward FLOPs per token: 2 x the decoder's matmul weights + attention's 4 x layers x heads x head_dim x L."""
+    config = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * linear + 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * mean_length
 
 
 def _agree(results, truth):

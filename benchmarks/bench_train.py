@@ -30,37 +30,49 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _mntp_setup(model_name, dtype, blocks, block_size, device):
-    from llm2vec_fast.offline_data import wikipedia_sentences
+def mntp_setup(model_name, dtype, blocks, block_size, device):
+    """(LoRA decoder in train mode, frozen LM head weight, one masked batch) on the embedded or a local model."""
     from llm2vec_fast.train.config import TrainConfig
-    from llm2vec_fast.train.mntp import MaskingCollator, make_blocks
-    from llm2vec_fast.train.model import add_lora, load_causal_lm
+    from llm2vec_fast.train.model import load_causal_lm
 
-    config = TrainConfig.for_stage("mntp", model=model_name, data="-", output="-", dtype=dtype,
-                                   gradient_checkpointing=True)
+    config = TrainConfig.for_stage("mntp", model=model_name, data="-", output="-", dtype=dtype)
     torch.manual_seed(0)
     causal_lm, tokenizer, _ = load_causal_lm(config)
-    causal_lm.to(device)
+    return prepare_mntp(causal_lm.to(device), tokenizer, blocks, block_size, device)
+
+
+def prepare_mntp(causal_lm, tokenizer, blocks, block_size, device, texts=None):
+    from llm2vec_fast.train.config import TrainConfig
+    from llm2vec_fast.train.mntp import MaskingCollator, make_blocks
+    from llm2vec_fast.train.model import add_lora
+
+    if texts is None:
+        from llm2vec_fast.offline_data import wikipedia_sentences
+
+        texts = list(wikipedia_sentences()[:4000])
+    config = TrainConfig.for_stage("mntp", data="-", output="-", gradient_checkpointing=True)
     decoder = add_lora(causal_lm.get_decoder(), config)
     decoder.train()
     weight = causal_lm.get_output_embeddings().weight.detach()
-    token_blocks = make_blocks(tokenizer, list(wikipedia_sentences()[:2000]), block_size)[:blocks]
+    token_blocks = make_blocks(tokenizer, texts, block_size)[:blocks]
+    if len(token_blocks) < blocks:
+        raise ValueError(f"only {len(token_blocks)} blocks of {block_size} tokens in the text; need {blocks}")
     batch = MaskingCollator(tokenizer)(token_blocks, [torch.Generator().manual_seed(i) for i in range(blocks)])
     return decoder, weight, batch.to(device)
 
 
-def mntp_side(side, model_name, dtype, blocks, block_size, device, repeats=3):
-    """One side of (a): returns dict(loss, ms, peak_mib)."""
+def mntp_side(side, setup, device, repeats=3):
+    """One side of (a) on setup() = (decoder, weight, batch): dict(loss, ms, peak_mib, tokens, scored)."""
     from llm2vec_fast.train.mntp import mntp_loss, reference_mntp_loss
 
-    decoder, weight, batch = _mntp_setup(model_name, dtype, blocks, block_size, device)
+    decoder, weight, batch = setup()
     fn = mntp_loss if side == "ours" else reference_mntp_loss
 
     def step():
         decoder.zero_grad(set_to_none=True)
         loss = fn(decoder, weight, batch)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     loss = step()  # warm-up
     cuda = torch.device(device).type == "cuda"
@@ -85,23 +97,42 @@ def mntp_side(side, model_name, dtype, blocks, block_size, device, repeats=3):
                 scored=int(batch.targets.numel()))
 
 
+def _cpu_mntp_side(side, model_name, dtype, blocks, block_size):
+    return mntp_side(side, lambda: mntp_setup(model_name, dtype, blocks, block_size, "cpu"), "cpu")
+
+
 def _in_fresh_process(fn, *args):
     # Peak RSS is a per-process high-water mark: each CPU side gets a process of its own.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
 
 
-def simcse_setup(model_name, dtype, batch_size, device):
-    from llm2vec_fast.offline_data import wikipedia_sentences
+def add_mntp_rows(bench, sides, label=""):
+    ref, ours = sides["reference"], sides["ours"]
+    agree = abs(ref["loss"] - ours["loss"]) <= 1e-3 * max(1.0, abs(ref["loss"]))
+    shape = dict(model=label, tokens=ours["tokens"], scored=ours["scored"])
+    for side, result in sides.items():
+        bench.rows.append(dict(
+            device=bench.device_name, commit=bench.commit, op="mntp_step",
+            backend="full-logits (reference)" if side == "reference" else "gathered+fused-CE", shape=shape,
+            ms=result["ms"] if agree else None, rate=result["tokens"] / result["ms"] * 1e3 if agree else None,
+            unit="tokens/s", ratio=ref["ms"] / result["ms"] if agree else None, peak_mib=result["peak_mib"],
+            correct=agree, baseline=side == "reference",
+            note=(f"loss {result['loss']:.5f}; step peak memory x{result['peak_mib'] / ref['peak_mib']:.2f} of "
+                  f"reference") if agree else f"CORRECTNESS FAILED losses {ref['loss']} vs {ours['loss']}"))
+
+
+def simcse_stage_for(encoder, texts, batch_size, device, dtype="float32"):
+    """A SimCSE stage (dropout 0.3, LoRA, gradient checkpointing) on `encoder` over `texts`."""
     from llm2vec_fast.train.config import TrainConfig
     from llm2vec_fast.train.simcse import SimCSEStage
 
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "llm2vec_fast_bench_simcse.txt")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"llm2vec_fast_bench_simcse_{os.getpid()}.txt")
     with open(path, "w") as f:
-        f.write("\n".join(wikipedia_sentences()[:batch_size * 4]) + "\n")
-    config = TrainConfig.for_stage("simcse", model=model_name, data=path, output="-", dtype=dtype,
-                                   batch_size=batch_size, device=str(device), gradient_checkpointing=True)
-    stage = SimCSEStage(config)
+        f.write("\n".join(texts) + "\n")
+    config = TrainConfig.for_stage("simcse", model="-", data=path, output="-", dtype=dtype, batch_size=batch_size,
+                                   device=str(device), gradient_checkpointing=True)
+    stage = SimCSEStage(config, encoder=encoder)
     stage.model.train()
     return stage
 
@@ -116,32 +147,12 @@ def simcse_two_forwards(stage, step):
     second = encoder.embed_batch(encoder.make_batch(rows).to(stage.device))
     loss = info_nce(first, second, stage.config.scale)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
-def run(model_name, dtype, blocks, block_size, simcse_batch, device, out):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bench = Bench(device, warmup=1, repeats=3)
-    # (a) MNTP
-    sides = {}
-    for side in ("reference", "ours"):
-        args = (side, model_name, dtype, blocks, block_size, str(device))
-        sides[side] = mntp_side(*args) if device.type == "cuda" else _in_fresh_process(mntp_side, *args)
-    ref, ours = sides["reference"], sides["ours"]
-    agree = abs(ref["loss"] - ours["loss"]) <= 1e-3 * max(1.0, abs(ref["loss"]))
-    shape = dict(blocks=blocks, block_size=block_size, tokens=ours["tokens"], scored=ours["scored"], dtype=dtype)
-    for side, result in sides.items():
-        bench.rows.append(dict(device=bench.device_name, commit=bench.commit, op="mntp_step",
-                               backend="full-logits (reference)" if side == "reference" else "gathered+fused-CE",
-                               shape=shape, ms=result["ms"], rate=result["tokens"] / result["ms"] * 1e3,
-                               unit="tokens/s", ratio=ref["ms"] / result["ms"], peak_mib=result["peak_mib"],
-                               correct=agree, baseline=side == "reference",
-                               note=f"loss {result['loss']:.5f}; peak memory x{result['peak_mib'] / ref['peak_mib']:.2f}"
-                                    f" of reference"))
-    # (b) SimCSE
-    stage = simcse_setup(model_name, dtype, simcse_batch, device)
+def add_simcse_rows(bench, stage, label=""):
     tokens = 2 * sum(len(stage.rows[i]) for i in stage.batch_for_step(0))
-    shape = dict(batch=simcse_batch, tokens=tokens, dtype=dtype)
+    shape = dict(model=label, batch=stage.config.batch_size, tokens=tokens)
 
     def ours_step():
         stage.model.zero_grad(set_to_none=True)
@@ -153,6 +164,24 @@ def run(model_name, dtype, blocks, block_size, simcse_batch, device, out):
 
     bench.run("simcse_step", "two-forwards (reference)", shape, reference_step, tokens=tokens, baseline=True)
     bench.run("simcse_step", "one-packed-forward", shape, ours_step, tokens=tokens)
+
+
+def run(model_name, dtype, blocks, block_size, simcse_batch, device, out):
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.offline_data import wikipedia_sentences
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bench = Bench(device, warmup=1, repeats=3)
+    if device.type == "cuda":
+        sides = {side: mntp_side(side, lambda: mntp_setup(model_name, dtype, blocks, block_size, device), device)
+                 for side in ("reference", "ours")}
+    else:
+        sides = {side: _in_fresh_process(_cpu_mntp_side, side, model_name, dtype, blocks, block_size)
+                 for side in ("reference", "ours")}
+    add_mntp_rows(bench, sides, f"{model_name} {dtype}")
+    encoder = LLM2Vec.from_pretrained(model_name, dtype=getattr(torch, dtype), attention_dropout=0.3, max_length=128)
+    stage = simcse_stage_for(encoder, list(wikipedia_sentences()[:simcse_batch * 4]), simcse_batch, device, dtype)
+    add_simcse_rows(bench, stage, f"{model_name} {dtype}")
     bench.print_table()
     if out:
         bench.save(out, extra=dict(model=model_name, threads=torch.get_num_threads()))

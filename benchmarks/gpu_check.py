@@ -242,13 +242,104 @@ def kernels_section(ctx):
     return report_targets(ctx)
 
 
-# Sections run in this order; the lead appends encode and train here: name -> function(ctx) -> dict.
+def _synthetic_texts(n, seed=0):
+    """Mixed lengths like a real corpus: sentences of 5-60 words and, every tenth text, a ~300-word paragraph."""
+    from llm2vec_fast.testing import corpus
+
+    sentences = corpus(n * 8, seed=seed, min_words=5, max_words=60)
+    return [" ".join(sentences[i * 8:(i + 1) * 8]) if i % 10 == 0 else sentences[i] for i in range(n)]
+
+
+def _tokenizer():
+    import tempfile
+
+    from llm2vec_fast.testing import build_tokenizer
+
+    return build_tokenizer(tempfile.mkdtemp(prefix="gpu_check_tokenizer_"))
+
+
+def encode_section(ctx):
+    """Encode throughput, reference algorithm vs our engine, bf16, on randomly initialised models of real shapes
+    (the embedded GGUF does not travel to the GPU machine): SmolLM2-135M and Mistral-7B. MFU against 790 TFLOP/s
+    (H200 bf16 matmul, NOTES.md 3)."""
+    import copy
+
+    import bench_encode
+
+    from llm2vec_fast import LLM2Vec, patch
+    from llm2vec_fast.testing import MISTRAL_7B, SMOLLM2_135M, random_model
+
+    tokenizer = _tokenizer()
+    shapes = {"smollm2-135m-shape": ("llama", SMOLLM2_135M, 2000), "mistral-7b-shape": ("mistral", MISTRAL_7B, 600)}
+    if ctx.smoke:
+        shapes = {"tiny-llama": ("llama", dict(num_hidden_layers=2), 24)}
+    summary = {}
+    for label, (family, shape, n_texts) in shapes.items():
+        texts = _synthetic_texts(n_texts)
+        fp32 = random_model(family, len(tokenizer), spread=None, device=ctx.device, **shape)
+
+        def make_encoder(dtype, fp32=fp32):
+            model = fp32 if dtype == torch.float32 else copy.deepcopy(fp32).to(dtype)
+            return LLM2Vec(patch(model), tokenizer)
+
+        rows = LLM2Vec(patch(fp32), tokenizer).tokenize_inputs(texts)
+        per_token = bench_encode.flops_per_token(fp32, sum(len(r) ** 2 for r in rows) / sum(len(r) for r in rows))
+        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
+        bench_encode.compare(ctx.bench, make_encoder, texts, (dtype,), ctx.device, label=label,
+                             flops_per_token=per_token, peak_flops=790e12 if ctx.device.type == "cuda" else None)
+        ours = ctx.bench.rows[-1]
+        ctx.check(f"encode {label} {dtype} agrees with the reference algorithm", ours["correct"], note=ours["note"])
+        summary[label] = dict(tokens_per_s=ours["rate"], ratio_vs_reference=ours["ratio"], note=ours["note"])
+        del fp32, make_encoder
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return summary
+
+
+def train_section(ctx):
+    """(a) MNTP step, full-vocabulary logits vs gathered rows + fused CE, on a Mistral-7B-wide decoder (4 of its
+    32 layers, to fit the time budget) with a 128k vocabulary and 16k tokens per batch; (b) SimCSE step, two
+    forwards vs one packed forward, on the SmolLM2-135M shape. bf16 weights, LoRA, gradient checkpointing."""
+    import bench_train
+
+    from llm2vec_fast import LLM2Vec, patch
+    from llm2vec_fast.testing import MISTRAL_7B, SMOLLM2_135M, random_model
+
+    tokenizer = _tokenizer()
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    if ctx.smoke:
+        wide, vocab, blocks, block_size, small, batch = dict(num_hidden_layers=2), len(tokenizer), 2, 32, {}, 8
+    else:
+        wide, vocab, blocks, block_size = dict(MISTRAL_7B, num_hidden_layers=4), 128256, 32, 512
+        small, batch = SMOLLM2_135M, 128
+    causal_lm = random_model("mistral", vocab, spread=None, causal_lm=True, dtype=dtype, device=ctx.device, **wide)
+    patch(causal_lm)
+    texts = _synthetic_texts(blocks * block_size // 8 + 50)
+    prepared = bench_train.prepare_mntp(causal_lm, tokenizer, blocks, block_size, ctx.device, texts=texts)
+    sides = {side: bench_train.mntp_side(side, lambda: prepared, ctx.device) for side in ("reference", "ours")}
+    bench_train.add_mntp_rows(ctx.bench, sides, f"mistral-7b-wide-{wide['num_hidden_layers']}L-V{vocab}")
+    mntp = [r for r in ctx.bench.rows if r["op"] == "mntp_step"][-2:]
+    ctx.check("mntp fused loss equals full-logits loss", all(r["correct"] for r in mntp))
+    del causal_lm, prepared
+    encoder = LLM2Vec(patch(random_model("llama", len(tokenizer), spread=None, dtype=dtype, device=ctx.device,
+                                         attention_dropout=0.3, **small)), tokenizer, max_length=128)
+    stage = bench_train.simcse_stage_for(encoder, _synthetic_texts(batch * 4), batch, ctx.device,
+                                         str(dtype).split(".")[1])
+    bench_train.add_simcse_rows(ctx.bench, stage, "smollm2-135m-shape")
+    simcse = [r for r in ctx.bench.rows if r["op"] == "simcse_step"][-2:]
+    return dict(mntp_peak_memory_ratio=mntp[1]["peak_mib"] / mntp[0]["peak_mib"],
+                mntp_step_time_ratio=mntp[1]["ratio"], simcse_speedup=simcse[1]["ratio"])
+
+
+# Sections run in this order: name -> function(ctx) -> dict.
 SECTIONS = {
     "kernels": kernels_section,
+    "encode": encode_section,
+    "train": train_section,
 }
 
 
-def main(sections=("kernels",), out=None, cpu_smoke=False):
+def main(sections=tuple(SECTIONS), out=None, cpu_smoke=False):
     if not torch.cuda.is_available() and not cpu_smoke:
         print("no GPU: run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
@@ -279,7 +370,7 @@ def main(sections=("kernels",), out=None, cpu_smoke=False):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results JSON path (e.g. $OUT/gpu_check.json)")
-    parser.add_argument("--sections", default="kernels", help=f"comma-separated, from {list(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU through the interpreter")
     args = parser.parse_args()
     sys.exit(main(tuple(s for s in args.sections.split(",") if s), args.out, args.cpu_smoke))
