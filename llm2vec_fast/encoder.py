@@ -23,7 +23,8 @@ from .inputs import normalize_inputs
 from .kernels.pooling import segment_pool
 from .loading import (ENCODER_ARGS, LLM2VEC_CONFIG, adapter_base_name, apply_adapter, check_model_directory,
                       has_weights, is_adapter_directory, read_llm2vec_config, resolve_directory, weights_only_view)
-from .modeling import base_model, check_supported, is_bidirectional, patch, run_packed, run_padded
+from .modeling import (base_model, check_supported, is_bidirectional, native_cpu_ops, patch, run_packed, run_padded,
+                       use_native_cpu_ops)
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
@@ -124,9 +125,16 @@ class LLM2Vec(nn.Module):
 
     @property
     def row_tokenizer(self) -> RowTokenizer:
-        return RowTokenizer(self.tokenizer, max_length=self.max_length, doc_max_length=self.doc_max_length,
-                            pooling_mode=self.pooling_mode, name_or_path=self.config._name_or_path,
-                            model_type=self.config.model_type)
+        """The tokenizer front end for the current settings (rebuilt only when a setting changes)."""
+        settings = (id(self.tokenizer), self.max_length, self.doc_max_length, self.pooling_mode,
+                    self.config._name_or_path)
+        if getattr(self, "_row_tokenizer_settings", None) != settings:
+            self._row_tokenizer = RowTokenizer(
+                self.tokenizer, max_length=self.max_length, doc_max_length=self.doc_max_length,
+                pooling_mode=self.pooling_mode, name_or_path=self.config._name_or_path,
+                model_type=self.config.model_type)
+            self._row_tokenizer_settings = settings
+        return self._row_tokenizer
 
     def prepare_for_tokenization(self, text: str) -> str:
         """The reference's template step, applied to an already joined string."""
@@ -229,6 +237,8 @@ class LLM2Vec(nn.Module):
         was_training = self.training
         self.eval()
         self.to(device)
+        if device.type == "cpu" and native_cpu_ops(self.model) is None:
+            use_native_cpu_ops(self.model)  # once per model; an explicit use_native_cpu_ops(..., enable=False) stays
         batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
         try:
             with torch.inference_mode(), tqdm(total=len(rows), desc="Encoding", unit="text",
