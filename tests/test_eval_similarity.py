@@ -1,0 +1,137 @@
+"""Similarity evaluation: correlations against scipy, the pair-file and Lee readers, and `eval similarity`."""
+
+import json
+import importlib.util
+
+import numpy as np
+import pytest
+
+from llm2vec_fast.cli import main as cli_main
+from llm2vec_fast.evaluation.similarity import (PairsDataError, ScoredPairs, evaluate_pairs, lee_pairs, pearson,
+                                                rankdata, read_pairs, spearman)
+
+HAS_GENSIM = importlib.util.find_spec("gensim") is not None
+
+
+@pytest.mark.parametrize("n, ties", [(2, False), (17, False), (200, True), (1225, True)])
+def test_correlations_match_scipy(n, ties):
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n)
+    y = 0.6 * x + rng.normal(size=n)
+    if ties:  # human scores are coarse: many equal values on both sides
+        x, y = np.round(x, 1), np.round(y * 2) / 2
+    np.testing.assert_allclose(rankdata(y), stats.rankdata(y))
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+def test_correlation_edge_cases():
+    assert np.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="different lengths"):
+        spearman([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="at least 2"):
+        pearson([1], [1])
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_read_stsb_tsv_with_header(tmp_path):
+    # The GLUE STS-B layout: extra columns, quotes that belong to the text.
+    path = write(tmp_path / "dev.tsv",
+                 "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                 "0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\tA man with a hard hat is dancing.\t"
+                 "A man wearing a hard hat is dancing.\t5.000\n"
+                 "1\tmain-news\theadlines\t2013\t0001\tnone\tnone\t\"Quoted\" text here.\tSomething else.\t0.4\n")
+    pairs = read_pairs(path)
+    assert pairs.sentences1 == ["A man with a hard hat is dancing.", "\"Quoted\" text here."]
+    assert pairs.sentences2[1] == "Something else."
+    np.testing.assert_allclose(pairs.scores, [5.0, 0.4])
+
+
+def test_read_plain_tsv_either_score_position(tmp_path):
+    pairs = read_pairs(write(tmp_path / "a.tsv", "a cat\ta dog\t3.5\nsun\tmoon\t1\n\n"))
+    assert (pairs.sentences1, pairs.sentences2, pairs.scores.tolist()) == (["a cat", "sun"], ["a dog", "moon"],
+                                                                           [3.5, 1.0])
+    pairs = read_pairs(write(tmp_path / "b.txt", "4\ta cat\ta dog\n2.5\tsun\tmoon\n"))
+    assert pairs.sentences1 == ["a cat", "sun"] and pairs.scores.tolist() == [4.0, 2.5]
+
+
+def test_read_jsonl(tmp_path):
+    path = write(tmp_path / "p.jsonl", "\n".join(json.dumps(d) for d in [
+        {"sentence1": "a", "sentence2": "b", "score": 1}, {"sentence1": "c", "sentence2": "d", "score": "2.5"}]))
+    pairs = read_pairs(path)
+    assert pairs.sentences1 == ["a", "c"] and pairs.scores.tolist() == [1.0, 2.5]
+    assert read_pairs(write(tmp_path / "q.jsonl", "\n".join(json.dumps(d) for d in [
+        {"sentence1": "a", "sentence2": "b", "label": 1}, {"sentence1": "c", "sentence2": "d", "label": 0}])),
+        score_field="label").scores.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad_score.tsv", "a\tb\t1\nc\td\t2\ne\tf\thigh\n", r"bad_score.tsv:3: score 'high' is not a number"),
+    ("short.tsv", "a\tb\t1\nc\td\n", r"short.tsv:2: 2 tab-separated column\(s\), expected 3"),
+    ("noscore.tsv", "a\tb\tc\n", r"noscore.tsv:1: no numeric score"),
+    ("header.tsv", "sentence1\tsentence2\tlabel\na\tb\t1\n", r"header.tsv:1: the header has no 'score' column"),
+    ("nan.tsv", "a\tb\t1\nc\td\tnan\n", r"nan.tsv:2: score 'nan' is not a finite number"),
+    ("bad.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 1}\n{"sentence1": "a"\n',
+     r"bad.jsonl:2: invalid JSON"),
+    ("missing.jsonl", '{"sentence1": "a", "sentence2": "b", "score": 1}\n\n{"sentence1": "a", "score": 1}\n',
+     r"missing.jsonl:3: missing or non-string field 'sentence2'"),
+    ("noscore.jsonl", '{"sentence1": "a", "sentence2": "b"}\n', r"noscore.jsonl:1: missing or invalid score"),
+    ("one.tsv", "a\tb\t1\n", r"one.tsv: 1 scored pair\(s\)"),
+])
+def test_bad_pair_files_name_the_line(tmp_path, name, text, message):
+    with pytest.raises(PairsDataError, match=message):
+        read_pairs(write(tmp_path / name, text))
+
+
+def test_missing_pair_file(tmp_path):
+    with pytest.raises(PairsDataError, match="no such file"):
+        read_pairs(str(tmp_path / "nope.tsv"))
+
+
+@pytest.mark.skipif(not HAS_GENSIM, reason="the Lee et al. (2005) data ships in gensim's test data; gensim is not "
+                                           "installed (pip install gensim)")
+def test_lee_pairs():
+    pairs = lee_pairs()
+    assert len(pairs) == 1225 and len(pairs.texts()) == 50
+    assert pairs.scores.min() >= 0 and pairs.scores.max() <= 1
+    assert all(a != b for a, b in zip(pairs.sentences1, pairs.sentences2))
+    assert pairs.sentences1[0] == pairs.sentences1[48] and pairs.sentences2[0] != pairs.sentences2[48]
+
+
+def test_evaluate_pairs_embeds_each_text_once():
+    calls = []
+    angle = {"a": 0.0, "b": 0.3, "c": 1.0, "d": 1.5}
+
+    def embed(texts):
+        calls.append(list(texts))
+        return np.array([[np.cos(angle[t]), np.sin(angle[t])] for t in texts])
+
+    pairs = ScoredPairs("toy", ["a", "a", "a", "b"], ["b", "c", "d", "d"], np.array([0.9, 0.5, 0.1, 0.2]))
+    result = evaluate_pairs(embed, pairs)
+    assert calls == [["a", "b", "c", "d"]]
+    assert result["spearman"] == pytest.approx(1.0) and result["pairs"] == 4 and result["name"] == "toy"
+    assert 0.9 < result["pearson"] <= 1.0
+
+
+def test_eval_similarity_cli(llama_dir, tmp_path, capsys):
+    data = write(tmp_path / "pairs.tsv", "sentence1\tsentence2\tscore\nthe cat sat\ta cat sat\t4.5\n"
+                                         "the dog ran\tmusic and song\t0.5\nred car\tblue car\t3\n")
+    output = tmp_path / "out" / "sim.json"
+    status = cli_main(["eval", "similarity", "--model", llama_dir, "--data", data, "--instruction", "compare",
+                       "--max-batch-tokens", "64", "--output", str(output), "--no-progress"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "pairs.tsv" in printed and "spearman" in printed
+    saved = json.loads(output.read_text())
+    assert saved["instruction"] == "compare" and saved["bidirectional"] is True
+    assert [r["name"] for r in saved["results"]] == ["pairs.tsv"] and saved["results"][0]["pairs"] == 3
+    assert -1 <= saved["results"][0]["spearman"] <= 1
+
+    bad = write(tmp_path / "bad.tsv", "a\tb\t1\nc\td\tx\n")
+    assert cli_main(["eval", "similarity", "--model", llama_dir, "--data", bad]) == 1
+    assert "bad.tsv:2: score 'x' is not a number" in capsys.readouterr().err
