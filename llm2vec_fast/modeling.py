@@ -5,15 +5,23 @@ through `llm2vec_fast` attention: packed calls (cu_seqlens passed down by `run_p
 (Triton on GPU, the PyTorch path on CPU); ordinary calls with a mask go to PyTorch SDPA with that mask. The
 decoder blocks themselves are untouched: norms, rotary embeddings and MLPs are per token, so a batch of texts
 concatenated into one row, with position ids restarting at 0 per text, gives each text its own hidden states.
+
+`use_native_cpu_ops(model)` additionally swaps, per module instance, the RMSNorm / MLP / decoder-layer forwards
+(and the family's `apply_rotary_pos_emb`) for the C++ CPU ops of `csrc/` (loaded by `llm2vec_fast.native`). Each
+swapped forward takes the native op only for CPU float32 / bfloat16 inputs with no gradient to track and otherwise
+calls the forward it replaced, so training and GPU runs are untouched; `LLM2Vec.encode` turns it on for CPU.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import cpu_ops, native
 from .kernels.attention import varlen_attention
 
 ATTENTION_NAME = "llm2vec_fast"
@@ -36,6 +44,8 @@ def llm2vec_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(f"packed attention expects all sequences in one row, got batch size {query.shape[0]}")
     # [1, H, T, D] -> [T, H, D]; the kernel reads strided inputs, so no copies beyond what transpose needs.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    if getattr(module, "_llm2vec_native_attention", False) and dropout == 0.0 and _native_eligible(q, k, v):
+        return cpu_ops.varlen_attention(q, k, v, cu_seqlens, scaling).unsqueeze(0), None
     out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], softmax_scale=scaling, dropout_p=dropout)
     return out.unsqueeze(0), None
 
@@ -115,3 +125,171 @@ def run_padded(model, input_ids, attention_mask, bidirectional: bool):
     position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=input_ids, attention_mask=allowed, position_ids=position_ids, use_cache=False)
     return output.last_hidden_state
+
+
+# ------------------------------------------------------------------------------------------------ C++ CPU ops
+
+# Native ops `use_native_cpu_ops` can swap in. "add_rms_norm" is the decoder layer's residual add fused into its
+# post-attention RMSNorm (a swapped decoder-layer forward).
+NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention")
+# The ones that beat their PyTorch counterpart in benchmarks/bench_native.py (results/native_cpu.json): the
+# default set. An op that does not win there is not wired in.
+SHIPPED_NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention")
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_SILU_NAMES = ("SiLU", "SiLUActivation")
+_rotary_users: dict = {}  # python module of a model family -> (original apply_rotary_pos_emb, number of models)
+
+
+def _native_eligible(x, *others) -> bool:
+    """CPU, a supported dtype, and nothing that autograd would have to differentiate."""
+    if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
+        return False
+    if any(o.dtype != x.dtype for o in others):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
+
+
+def _eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _native_rms_norm_forward(self, hidden_states):
+    if not _native_eligible(hidden_states, self.weight):
+        return self._llm2vec_native_original(hidden_states)
+    return cpu_ops.rms_norm(hidden_states, self.weight, _eps(self), gemma=self._llm2vec_native_gemma)
+
+
+def _native_mlp_forward(self, x):
+    if not _native_eligible(x, self.gate_proj.weight):
+        return self._llm2vec_native_original(x)
+    return self.down_proj(cpu_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _native_decoder_layer_forward(self, hidden_states, *args, **kwargs):
+    """The decoder layer of Llama / Mistral / Qwen2 / Gemma with the residual add fused into the post-attention
+    RMSNorm; everything but the hidden states goes to the attention by keyword, as in the original."""
+    norm = self.post_attention_layernorm
+    if args or not _native_eligible(hidden_states, norm.weight):
+        return self._llm2vec_native_original(hidden_states, *args, **kwargs)
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
+    hidden_states, residual = cpu_ops.rms_norm(hidden_states, norm.weight, _eps(norm), residual=residual,
+                                               gemma=norm._llm2vec_native_gemma)
+    return residual + self.mlp(hidden_states)
+
+
+def _native_rotary(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        # Packed encode layout: q [1, Hq, T, D] and k [1, Hkv, T, D] (views of [1, T, H, D]), cos / sin [1, T, D].
+        if (unsqueeze_dim != 1 or q.dim() != 4 or q.shape[0] != 1 or cos.dim() != 3 or cos.shape[0] != 1
+                or not _native_eligible(q, k, cos, sin)):
+            return original(q, k, cos, sin, unsqueeze_dim)
+        q_out, k_out = cpu_ops.rotary(q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0])
+        return q_out.transpose(0, 1).unsqueeze(0), k_out.transpose(0, 1).unsqueeze(0)
+
+    apply_rotary_pos_emb._llm2vec_native_original = original
+    return apply_rotary_pos_emb
+
+
+def _swap_forward(module, forward, **attributes) -> None:
+    if "_llm2vec_native_original" in module.__dict__:
+        return
+    module._llm2vec_native_original = module.forward  # bound; may itself be an instance override
+    module._llm2vec_native_had_instance_forward = "forward" in module.__dict__
+    for name, value in attributes.items():
+        setattr(module, name, value)
+    module.forward = forward.__get__(module)
+
+
+def _restore_forward(module) -> None:
+    if "_llm2vec_native_original" not in module.__dict__:
+        return
+    original = module.__dict__.pop("_llm2vec_native_original")
+    if module.__dict__.pop("_llm2vec_native_had_instance_forward"):
+        module.forward = original
+    else:
+        del module.forward
+
+
+def _family_module(model):
+    """The python module of the model's family (where its apply_rotary_pos_emb lives), or None."""
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "layer_idx"):
+            family = sys.modules.get(type(module).__module__)
+            return family if family is not None and hasattr(family, "apply_rotary_pos_emb") else None
+    return None
+
+
+def use_native_cpu_ops(model, enable: bool = True, ops=None) -> tuple:
+    """Route `model`'s CPU inference through the C++ ops of csrc/ (or undo that with enable=False), in place.
+
+    ops: which of NATIVE_OPS to use (default SHIPPED_NATIVE_OPS). Returns the ops now in use: empty when disabled,
+    when the native library cannot be loaded (`llm2vec_fast.native` warns once why) or LLM2VEC_FAST_NATIVE=0.
+    Gemma keeps its GELU-tanh MLP in PyTorch (silu_mul does not apply); its (1 + weight) RMSNorm is handled.
+    Calling it again with another `ops` replaces the previous choice.
+    """
+    check_supported(model.config)
+    target = base_model(model)
+    _disable_native(target)
+    if not enable:
+        target._llm2vec_fast_native = False
+        return ()
+    wanted = tuple(SHIPPED_NATIVE_OPS if ops is None else ops)
+    unknown = set(wanted) - set(NATIVE_OPS)
+    if unknown:
+        raise ValueError(f"unknown native ops {sorted(unknown)}; choose from {', '.join(NATIVE_OPS)}")
+    if native.load() is None:
+        target._llm2vec_fast_native = False
+        return ()
+    gemma = target.config.model_type == "gemma"
+    applied = set()
+    for module in target.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module._llm2vec_native_gemma = gemma
+            if "rms_norm" in wanted:
+                _swap_forward(module, _native_rms_norm_forward)
+                applied.add("rms_norm")
+        elif name.endswith("MLP") and "silu_mul" in wanted and not gemma and \
+                type(getattr(module, "act_fn", None)).__name__ in _SILU_NAMES and hasattr(module, "gate_proj"):
+            _swap_forward(module, _native_mlp_forward)
+            applied.add("silu_mul")
+        elif name.endswith("DecoderLayer") and "add_rms_norm" in wanted and \
+                all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
+            _swap_forward(module, _native_decoder_layer_forward)
+            applied.add("add_rms_norm")
+        if hasattr(module, "is_causal") and hasattr(module, "layer_idx") and "varlen_attention" in wanted:
+            module._llm2vec_native_attention = True
+            applied.add("varlen_attention")
+    family = _family_module(target)
+    if "rotary" in wanted and family is not None:
+        original, users = _rotary_users.get(family.__name__, (family.apply_rotary_pos_emb, 0))
+        if users == 0:
+            family.apply_rotary_pos_emb = _native_rotary(original)
+        _rotary_users[family.__name__] = (original, users + 1)
+        target._llm2vec_native_rotary_family = family.__name__
+        applied.add("rotary")
+    result = tuple(op for op in NATIVE_OPS if op in applied)
+    target._llm2vec_fast_native = result
+    return result
+
+
+def native_cpu_ops(model) -> tuple:
+    """The native ops `model` uses (empty if none); None when `use_native_cpu_ops` was never called on it."""
+    state = getattr(base_model(model), "_llm2vec_fast_native", None)
+    return state if state is None else tuple(state or ())
+
+
+def _disable_native(target) -> None:
+    for module in target.modules():
+        _restore_forward(module)
+        module.__dict__.pop("_llm2vec_native_attention", None)
+    family_name = target.__dict__.pop("_llm2vec_native_rotary_family", None)
+    if family_name is not None and family_name in _rotary_users:
+        original, users = _rotary_users[family_name]
+        if users <= 1:
+            sys.modules[family_name].apply_rotary_pos_emb = original
+            del _rotary_users[family_name]
+        else:
+            _rotary_users[family_name] = (original, users - 1)

@@ -1,0 +1,469 @@
+// Native CPU ops for the packed encode path (inference only): RMSNorm (+ residual add), rotary embedding of q and
+// k, SwiGLU's silu(gate) * up, and bidirectional varlen attention with GQA. Registered as torch.ops.llm2vec_fast.*
+// for CPU tensors; the host functions and PyTorch references live in llm2vec_fast/cpu_ops.py.
+//
+// Every op writes into outputs the caller allocates (so tests can hand in NaN-filled ones) and reproduces the
+// rounding of the Hugging Face modules it replaces: fp32 math, results rounded to the storage dtype at the same
+// points as the PyTorch expression (this file is compiled with -ffp-contract=off so that a*b + c*d stays two
+// roundings, as in PyTorch). Work is split over rows (or over sequence x KV head x query block for attention), so
+// every output element is computed by one thread in a fixed order: results do not depend on the thread count.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#ifndef CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#ifndef CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VS = Vec::size();
+
+// One vector of VS floats from VS elements of T, and back (rounding to nearest even for bf16); round_f rounds a
+// float vector to T's precision and back (identity for float): the point where PyTorch materialises a T tensor
+// between two ops. AVX-512 converts in registers; other targets go through at::vec's portable conversions.
+inline Vec load_f(const float* p) { return Vec::loadu(p); }
+inline void store_f(float* p, const Vec& v) { v.store(p); }
+inline Vec round_f(const Vec& v, const float*) { return v; }
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec load_f(const BFloat16* p) {
+  __m512 out;
+  at::vec::cvtbf16_fp32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), out);
+  return out;
+}
+inline void store_f(BFloat16* p, const Vec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(v));
+}
+inline Vec round_f(const Vec& v, const BFloat16*) {
+  __m512 out;
+  at::vec::cvtbf16_fp32(at::vec::cvtfp32_bf16(v), out);
+  return out;
+}
+#else
+inline Vec load_f(const BFloat16* p) {
+  Vec out;
+  at::vec::load_to_float<BFloat16>(p, out);
+  return out;
+}
+inline void store_f(BFloat16* p, const Vec& v) { at::vec::convert_from_float<BFloat16>(v, v).store(p, VS); }
+inline Vec round_f(const Vec& v, const BFloat16*) {
+  BFloat16 tmp[VS];
+  store_f(tmp, v);
+  return load_f(tmp);
+}
+#endif
+inline float round_s(float v, const float*) { return v; }
+inline float round_s(float v, const BFloat16*) { return static_cast<float>(static_cast<BFloat16>(v)); }
+
+void check_cpu_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), name, " must have dtype ", a.scalar_type(), ", got ",
+              b.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------- RMSNorm
+
+// Llama:  out = w * T(x * rsqrt(mean(x^2) + eps))        (normalised value rounded to T before the weight)
+// Gemma:  out = T(x * rsqrt(mean(x^2) + eps) * (1 + w))  (all in fp32, one rounding)
+// With residual: x := T(x + residual) is written to sum_out first (the decoder layer's residual add).
+template <typename T>
+void rms_norm_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                     double eps, bool gemma, at::Tensor& out, const c10::optional<at::Tensor>& sum_out) {
+  const int64_t rows = x.size(0), H = x.size(1);
+  const T* px = x.data_ptr<T>();
+  const T* pr = residual ? residual->data_ptr<T>() : nullptr;
+  const T* pw = weight.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  T* ps = sum_out ? sum_out->data_ptr<T>() : nullptr;
+  const int64_t sx = x.stride(0), sr = residual ? residual->stride(0) : 0, so = out.stride(0),
+                ss = sum_out ? sum_out->stride(0) : 0;
+  const int64_t Hv = H - H % VS;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(H);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* xi = px + i * sx;
+      Vec acc(0.f);
+      float acc_s = 0.f;
+      int64_t d = 0;
+      for (; d < Hv; d += VS) {
+        Vec v = load_f(xi + d);
+        if (pr) {
+          v = round_f(v + load_f(pr + i * sr + d), xi);
+          store_f(ps + i * ss + d, v);
+        }
+        v.store(row.data() + d);
+        acc = at::vec::fmadd(v, v, acc);
+      }
+      for (; d < H; ++d) {
+        float v = static_cast<float>(xi[d]);
+        if (pr) {
+          v = round_s(v + static_cast<float>(pr[i * sr + d]), xi);
+          ps[i * ss + d] = static_cast<T>(v);
+        }
+        row[d] = v;
+        acc_s += v * v;
+      }
+      const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc) + acc_s;
+      const float r = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
+      const Vec rv(r), one(1.f);
+      T* oi = po + i * so;
+      for (d = 0; d < Hv; d += VS) {
+        Vec n = Vec::loadu(row.data() + d) * rv;
+        Vec w = load_f(pw + d);
+        store_f(oi + d, gemma ? n * (w + one) : w * round_f(n, xi));
+      }
+      for (; d < H; ++d) {
+        float n = row[d] * r, w = static_cast<float>(pw[d]);
+        oi[d] = static_cast<T>(gemma ? n * (w + 1.f) : w * round_s(n, xi));
+      }
+    }
+  });
+}
+
+void rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, double eps,
+              bool gemma, at::Tensor out, c10::optional<at::Tensor> sum_out) {
+  check_cpu_float(x, "x");
+  check_same(x, weight, "weight");
+  check_same(x, out, "out");
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "x and out must be [rows, hidden] of one shape");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), "weight must be [hidden]");
+  TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "x and out need a contiguous last dim");
+  TORCH_CHECK(residual.has_value() == sum_out.has_value(), "residual and sum_out go together");
+  if (residual) {
+    check_same(x, *residual, "residual");
+    check_same(x, *sum_out, "sum_out");
+    TORCH_CHECK(residual->sizes() == x.sizes() && sum_out->sizes() == x.sizes(), "residual/sum_out shape mismatch");
+    TORCH_CHECK(residual->stride(1) == 1 && sum_out->stride(1) == 1, "residual/sum_out need a contiguous last dim");
+  }
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_kernel<float>(x, residual, weight, eps, gemma, out, sum_out);
+  } else {
+    rms_norm_kernel<BFloat16>(x, residual, weight, eps, gemma, out, sum_out);
+  }
+}
+
+// -------------------------------------------------------------------------------------------------- rotary
+
+// out = T(x * cos) + T(rotate_half(x) * sin), rounded again after the add, exactly as apply_rotary_pos_emb.
+// x: [T, H, D] (any token / head strides, contiguous last dim), cos / sin: [T, D], out: [T, H, D].
+template <typename T>
+void rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
+  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  const T* px = x.data_ptr<T>();
+  const T* pc = cos.data_ptr<T>();
+  const T* psn = sin.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  const int64_t sxt = x.stride(0), sxh = x.stride(1), sot = out.stride(0), soh = out.stride(1),
+                sct = cos.stride(0), sst = sin.stride(0);
+  const int64_t hv = half - half % VS;
+  at::parallel_for(0, Tn * H, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx / H, h = idx % H;
+      const T* xi = px + t * sxt + h * sxh;
+      const T* c = pc + t * sct;
+      const T* s = psn + t * sst;
+      T* oi = po + t * sot + h * soh;
+      int64_t d = 0;
+      for (; d < hv; d += VS) {
+        Vec x1 = load_f(xi + d), x2 = load_f(xi + half + d);
+        Vec lo = round_f(x1 * load_f(c + d), xi) + round_f(x2.neg() * load_f(s + d), xi);
+        Vec hi = round_f(x2 * load_f(c + half + d), xi) + round_f(x1 * load_f(s + half + d), xi);
+        store_f(oi + d, lo);
+        store_f(oi + half + d, hi);
+      }
+      for (; d < half; ++d) {
+        float x1 = static_cast<float>(xi[d]), x2 = static_cast<float>(xi[half + d]);
+        oi[d] = static_cast<T>(round_s(x1 * static_cast<float>(c[d]), xi) +
+                               round_s(-x2 * static_cast<float>(s[d]), xi));
+        oi[half + d] = static_cast<T>(round_s(x2 * static_cast<float>(c[half + d]), xi) +
+                                      round_s(x1 * static_cast<float>(s[half + d]), xi));
+      }
+    }
+  });
+}
+
+void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, at::Tensor q_out,
+            at::Tensor k_out) {
+  for (const at::Tensor* t : {&q, &k}) {
+    check_cpu_float(*t, "q/k");
+    check_same(q, *t, "k");
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->size(2) % 2 == 0,
+                "q and k must be [tokens, heads, even head_dim] with a contiguous last dim");
+  }
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin, &q_out, &k_out}) check_same(q, *t, "cos/sin/outputs");
+  const int64_t Tn = q.size(0), D = q.size(2);
+  TORCH_CHECK(k.size(0) == Tn && k.size(2) == D, "q and k disagree in tokens or head_dim");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == Tn && cos.size(1) == D && cos.stride(1) == 1 &&
+                  sin.sizes() == cos.sizes() && sin.stride(1) == 1,
+              "cos and sin must be [tokens, head_dim] with a contiguous last dim");
+  TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes() && q_out.stride(2) == 1 && k_out.stride(2) == 1,
+              "outputs must match q and k");
+  if (q.scalar_type() == at::kFloat) {
+    rotary_one<float>(q, cos, sin, q_out);
+    rotary_one<float>(k, cos, sin, k_out);
+  } else {
+    rotary_one<BFloat16>(q, cos, sin, q_out);
+    rotary_one<BFloat16>(k, cos, sin, k_out);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ SwiGLU
+
+// out = T(T(silu(gate)) * up), as act_fn(gate_proj(x)) * up_proj(x). gate / up / out: [rows, I], any row stride
+// (gate and up may be the two halves of one fused projection).
+template <typename T>
+void silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
+  const int64_t rows = gate.size(0), I = gate.size(1);
+  const T* pg = gate.data_ptr<T>();
+  const T* pu = up.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  const int64_t sg = gate.stride(0), su = up.stride(0), so = out.stride(0);
+  const int64_t Iv = I - I % VS;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    const Vec one(1.f);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* g = pg + i * sg;
+      const T* u = pu + i * su;
+      T* o = po + i * so;
+      int64_t d = 0;
+      for (; d < Iv; d += VS) {
+        Vec gv = load_f(g + d);
+        Vec act = round_f(gv / (one + gv.neg().exp_u20()), g);
+        store_f(o + d, act * load_f(u + d));
+      }
+      for (; d < I; ++d) {
+        float gv = static_cast<float>(g[d]);
+        float act = round_s(gv / (1.f + std::exp(-gv)), g);
+        o[d] = static_cast<T>(act * static_cast<float>(u[d]));
+      }
+    }
+  });
+}
+
+void silu_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor out) {
+  check_cpu_float(gate, "gate");
+  check_same(gate, up, "up");
+  check_same(gate, out, "out");
+  TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && out.sizes() == gate.sizes(),
+              "gate, up and out must be [rows, intermediate] of one shape");
+  TORCH_CHECK(gate.stride(1) == 1 && up.stride(1) == 1 && out.stride(1) == 1, "need a contiguous last dim");
+  if (gate.scalar_type() == at::kFloat) {
+    silu_mul_kernel<float>(gate, up, out);
+  } else {
+    silu_mul_kernel<BFloat16>(gate, up, out);
+  }
+}
+
+// --------------------------------------------------------------------------------------- varlen attention
+
+// Bidirectional attention inside each packed sequence, no padding: q [T, HQ, D], k / v [T, HKV, D], out
+// [T, HQ, D]. One work item = (sequence, KV head, block of QB query rows); it converts that sequence's K (transposed,
+// [D, Lp]) and V ([L, Dp]) to fp32 once and runs every query head of the GQA group against them. Scores of a
+// query block are held whole ([QB, Lp] floats), so the softmax is exact, not online; the fp32 buffers grow with the
+// sequence length (L <= a few thousand tokens is the encode regime).
+constexpr int64_t QB = 32;  // query rows per work item
+constexpr int64_t RB = 4;   // query rows per micro-kernel call
+constexpr int64_t KB = 2 * VS;  // keys per score micro-kernel call
+
+// s[r, j0 : j0 + KB] = q[r, :] . KT[:, j0 : j0 + KB] for RB rows (rows past `nr` repeat the last valid one).
+inline void score_block(const float* q, int64_t ldq, int64_t nr, const float* kt, int64_t Lp, int64_t D, int64_t j0,
+                        float* s, int64_t lds) {
+  Vec acc[RB][2];
+  for (int r = 0; r < RB; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+  const float* qr[RB];
+  for (int r = 0; r < RB; ++r) qr[r] = q + std::min<int64_t>(r, nr - 1) * ldq;
+  for (int64_t d = 0; d < D; ++d) {
+    Vec k0 = Vec::loadu(kt + d * Lp + j0), k1 = Vec::loadu(kt + d * Lp + j0 + VS);
+    for (int r = 0; r < RB; ++r) {
+      Vec qv(qr[r][d]);
+      acc[r][0] = at::vec::fmadd(qv, k0, acc[r][0]);
+      acc[r][1] = at::vec::fmadd(qv, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    acc[r][0].store(s + r * lds + j0);
+    acc[r][1].store(s + r * lds + j0 + VS);
+  }
+}
+
+// o[r, c0 : c0 + NV*VS] = sum_j p[r, j] * v[j, c0 : ...] for RB rows.
+template <int NV>
+inline void pv_block(const float* p, int64_t ldp, int64_t nr, const float* v, int64_t Dp, int64_t L, int64_t c0,
+                     float* o, int64_t ldo) {
+  Vec acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec(0.f);
+  const float* pr[RB];
+  for (int r = 0; r < RB; ++r) pr[r] = p + std::min<int64_t>(r, nr - 1) * ldp;
+  for (int64_t j = 0; j < L; ++j) {
+    Vec vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = Vec::loadu(v + j * Dp + c0 + c * VS);
+    for (int r = 0; r < RB; ++r) {
+      Vec pb(pr[r][j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = at::vec::fmadd(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c].store(o + r * ldo + c0 + c * VS);
+}
+
+template <typename T>
+void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::vector<int64_t>& cu, double scale, at::Tensor& out) {
+  const int64_t HQ = q.size(1), HKV = k.size(1), D = q.size(2), G = HQ / HKV;
+  const int64_t Dp = (D + VS - 1) / VS * VS;
+  const T* pq = q.data_ptr<T>();
+  const T* pk = k.data_ptr<T>();
+  const T* pv = v.data_ptr<T>();
+  T* po = out.data_ptr<T>();
+  const int64_t sqt = q.stride(0), sqh = q.stride(1), skt = k.stride(0), skh = k.stride(1), svt = v.stride(0),
+                svh = v.stride(1), sot = out.stride(0), soh = out.stride(1);
+  // Work items, longest sequences first so that the big ones do not end the parallel region alone.
+  struct Item { int64_t b, h, m0; };
+  std::vector<int64_t> order(cu.size() - 1);
+  for (size_t b = 0; b < order.size(); ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cu[a + 1] - cu[a] > cu[b + 1] - cu[b]; });
+  std::vector<Item> items;
+  for (int64_t b : order)
+    for (int64_t m0 = 0; m0 < cu[b + 1] - cu[b]; m0 += QB)
+      for (int64_t h = 0; h < HKV; ++h) items.push_back({b, h, m0});
+  const float fscale = static_cast<float>(scale);
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt, vb, qb, sb, ob;
+    for (int64_t it = begin; it < end; ++it) {
+      const Item item = items[it];
+      const int64_t start = cu[item.b], L = cu[item.b + 1] - start;
+      const int64_t Lp = (L + KB - 1) / KB * KB;
+      const int64_t M = std::min(QB, L - item.m0);
+      kt.assign(D * Lp, 0.f);
+      vb.assign(L * Dp, 0.f);
+      for (int64_t j = 0; j < L; ++j) {
+        const T* kj = pk + (start + j) * skt + item.h * skh;
+        const T* vj = pv + (start + j) * svt + item.h * svh;
+        for (int64_t d = 0; d < D; ++d) {
+          kt[d * Lp + j] = static_cast<float>(kj[d]);
+          vb[j * Dp + d] = static_cast<float>(vj[d]);
+        }
+      }
+      qb.resize(M * D);
+      sb.resize(M * Lp);
+      ob.resize(M * Dp);
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t hq = item.h * G + g;
+        for (int64_t r = 0; r < M; ++r) {
+          const T* qr = pq + (start + item.m0 + r) * sqt + hq * sqh;
+          for (int64_t d = 0; d < D; ++d) qb[r * D + d] = static_cast<float>(qr[d]);
+        }
+        for (int64_t r0 = 0; r0 < M; r0 += RB) {
+          const int64_t nr = std::min(RB, M - r0);
+          for (int64_t j0 = 0; j0 < Lp; j0 += KB)
+            score_block(qb.data() + r0 * D, D, nr, kt.data(), Lp, D, j0, sb.data() + r0 * Lp, Lp);
+        }
+        for (int64_t r = 0; r < M; ++r) {
+          float* s = sb.data() + r * Lp;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t j = 0; j < L; ++j) mx = std::max(mx, s[j]);
+          // exp(scale * (s - max)), vectorised over keys; the padded keys [L, Lp) are never read afterwards.
+          const Vec vs(fscale), vm(mx);
+          Vec vsum(0.f);
+          int64_t j = 0;
+          for (; j + VS <= L; j += VS) {
+            Vec e = ((Vec::loadu(s + j) - vm) * vs).exp_u20();
+            e.store(s + j);
+            vsum = vsum + e;
+          }
+          float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+          for (; j < L; ++j) {
+            s[j] = std::exp((s[j] - mx) * fscale);
+            sum += s[j];
+          }
+          const float inv = 1.f / sum;
+          for (j = 0; j < L; ++j) s[j] *= inv;
+        }
+        for (int64_t r0 = 0; r0 < M; r0 += RB) {
+          const int64_t nr = std::min(RB, M - r0);
+          int64_t c0 = 0;
+          for (; c0 + 4 * VS <= Dp; c0 += 4 * VS)
+            pv_block<4>(sb.data() + r0 * Lp, Lp, nr, vb.data(), Dp, L, c0, ob.data() + r0 * Dp, Dp);
+          for (; c0 < Dp; c0 += VS)
+            pv_block<1>(sb.data() + r0 * Lp, Lp, nr, vb.data(), Dp, L, c0, ob.data() + r0 * Dp, Dp);
+        }
+        for (int64_t r = 0; r < M; ++r) {
+          T* orow = po + (start + item.m0 + r) * sot + hq * soh;
+          for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(ob[r * Dp + d]);
+        }
+      }
+    }
+  });
+}
+
+void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+                      double scale, at::Tensor out) {
+  check_cpu_float(q, "q");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &out}) check_same(q, *t, "k/v/out");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
+              "q / out [T, HQ, D], k / v [T, HKV, D]");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k disagree in tokens or head_dim");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1 && cu_seqlens.device().is_cpu(),
+              "cu_seqlens must be a 1-D CPU tensor");
+  const auto cu_long = cu_seqlens.to(at::kLong).contiguous();
+  std::vector<int64_t> cu(cu_long.data_ptr<int64_t>(), cu_long.data_ptr<int64_t>() + cu_long.numel());
+  TORCH_CHECK(cu.front() == 0 && cu.back() == q.size(0), "cu_seqlens must run from 0 to T");
+  for (size_t i = 1; i < cu.size(); ++i) TORCH_CHECK(cu[i] >= cu[i - 1], "cu_seqlens must be non-decreasing");
+  if (q.scalar_type() == at::kFloat) {
+    varlen_attention_kernel<float>(q, k, v, cu, scale, out);
+  } else {
+    varlen_attention_kernel<BFloat16>(q, k, v, cu, scale, out);
+  }
+}
+
+int64_t vector_width() { return VS; }
+
+}  // namespace
+
+TORCH_LIBRARY(llm2vec_fast, m) {
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool gemma, Tensor(a!) out, "
+        "Tensor(b!)? sum_out) -> ()");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
+  m.def("silu_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor(a!) out) -> ()");
+  m.def("vector_width() -> int", &vector_width);
+}
+
+TORCH_LIBRARY_IMPL(llm2vec_fast, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rotary", &rotary);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("varlen_attention", &varlen_attention);
+}
+
+#ifdef LLM2VEC_FAST_PYTHON_MODULE
+// setup.py builds this file as the Python module llm2vec_fast._C: importing it registers the ops above.
+#include <Python.h>
+static struct PyModuleDef llm2vec_fast_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&llm2vec_fast_c_module); }
+#endif

@@ -1,0 +1,125 @@
+"""Host functions of the C++ CPU ops (csrc/cpu_ops.cpp), each next to its PyTorch reference.
+
+Inference only: the ops have no backward, so callers (modeling.use_native_cpu_ops) use them only when no input
+needs a gradient. Each host function allocates its outputs (NaN-filled when POISON_OUTPUTS is set, as tests do)
+and calls ``torch.ops.llm2vec_fast.<op>``; `native.load()` must have returned a library first. Inputs are CPU
+float32 / bfloat16 tensors with a contiguous last dim; the references run in any dtype (tests use float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Tests set this to True: outputs are then allocated NaN-filled, so an element an op never writes fails loudly.
+POISON_OUTPUTS = False
+
+
+def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., H] -> [rows, H] without a copy when the layout allows it."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------ RMSNorm
+
+
+def rms_norm(x, weight, eps: float, residual=None, gemma: bool = False):
+    """RMSNorm of x [..., H] with weight [H] (same dtype). gemma: scale by (1 + weight) in fp32 (GemmaRMSNorm).
+    With residual (same shape as x): returns (norm(x + residual), x + residual), the decoder layer's add fused in;
+    else norm(x). Outputs have x's shape and dtype."""
+    shape = x.shape
+    x2 = _rows(x)
+    out = _alloc(x2.shape, x)
+    total = None
+    if residual is not None:
+        total = _alloc(x2.shape, x)
+        torch.ops.llm2vec_fast.rms_norm(x2, _rows(residual), weight, float(eps), gemma, out, total)
+        return out.view(shape), total.view(shape)
+    torch.ops.llm2vec_fast.rms_norm(x2, None, weight, float(eps), gemma, out, None)
+    return out.view(shape)
+
+
+def rms_norm_reference(x, weight, eps: float, residual=None, gemma: bool = False):
+    """LlamaRMSNorm / GemmaRMSNorm (and the residual add before them), computed in float32 or wider."""
+    if residual is not None:
+        total = x + residual
+        return rms_norm_reference(total, weight, eps, gemma=gemma), total
+    dtype = x.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    h = x.to(compute)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if gemma:
+        return (h * (1.0 + weight.to(compute))).to(dtype)
+    return weight * h.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- rotary
+
+
+def rotary(q, k, cos, sin):
+    """Rotary embedding of q [T, Hq, D] and k [T, Hkv, D] with cos / sin [T, D] (already gathered at each token's
+    position): returns new (q, k), contiguous [T, H, D]."""
+    q_out, k_out = _alloc(q.shape, q), _alloc(k.shape, k)
+    torch.ops.llm2vec_fast.rotary(q, k, cos, sin, q_out, k_out)
+    return q_out, k_out
+
+
+def rotary_reference(q, k, cos, sin):
+    """apply_rotary_pos_emb of Hugging Face Llama, in the [T, H, D] layout."""
+    def rotate_half(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+# ------------------------------------------------------------------------------------------------------- SwiGLU
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up for gate / up [..., I] (row strides may differ: halves of one fused projection)."""
+    shape = gate.shape
+    g2, u2 = _rows(gate), _rows(up)
+    out = _alloc(g2.shape, gate)
+    torch.ops.llm2vec_fast.silu_mul(g2, u2, out)
+    return out.view(shape)
+
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
+
+
+# ------------------------------------------------------------------------------------------- varlen attention
+
+
+def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None):
+    """Bidirectional attention within each packed sequence: q [T, Hq, D], k / v [T, Hkv, D] (GQA: Hq a multiple
+    of Hkv), cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out = _alloc(q.shape, q)
+    torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out)
+    return out
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens, softmax_scale=None):
+    """Per-sequence softmax(q k^T * scale) v, one sequence at a time (the plain ground truth)."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
+        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+        p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)
+        out[start:end] = (p @ vs).transpose(0, 1)
+    return out

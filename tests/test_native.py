@@ -1,0 +1,212 @@
+"""The C++ CPU ops (csrc/cpu_ops.cpp via llm2vec_fast.native / cpu_ops) against their PyTorch references.
+
+Each op: float32 and bfloat16 inputs, odd shapes, error vs a float64 reference at most twice the error of the same
+PyTorch computation in the input precision, NaN-poisoned outputs, the same bits with 1 and 2 threads and on a
+re-run. Then the patch layer: a tiny model of each family encodes the same with and without the native ops, and
+the fallbacks (gradients, LLM2VEC_FAST_NATIVE=0, no build possible) keep the PyTorch path.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from llm2vec_fast import LLM2Vec, cpu_ops, native
+from llm2vec_fast.modeling import NATIVE_OPS, native_cpu_ops, use_native_cpu_ops
+
+DTYPES = [torch.float32, torch.bfloat16]
+ROWS = [1, 63, 111, 257]
+HIDDEN = [64, 576, 100]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    if native.load() is None:
+        pytest.skip("the C++ ops cannot be built here (no compiler / ninja); llm2vec_fast.native warned why")
+    cpu_ops.POISON_OUTPUTS = True
+    yield
+    cpu_ops.POISON_OUTPUTS = False
+
+
+def _close(ours, reference_same_precision, truth, what):
+    """The project's tolerance rule: |ours - truth| <= 2 |pytorch_same_precision - truth| + a small floor."""
+    assert not torch.isnan(ours).any(), f"{what}: NaN (an output element was never written)"
+    ours_err = (ours.double() - truth).abs().max().item()
+    ref_err = (reference_same_precision.double() - truth).abs().max().item()
+    floor = 1e-6 * max(1.0, truth.abs().max().item())
+    assert ours_err <= 2 * ref_err + floor, f"{what}: error {ours_err:.3e} vs PyTorch's {ref_err:.3e}"
+
+
+def _threads_and_rerun(fn):
+    """fn() gives the same bits with 1 and 2 threads and on a second run."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        two, again = fn(), fn()
+    finally:
+        torch.set_num_threads(previous)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b), "result depends on the thread count"
+        assert torch.equal(b, c), "re-run differs"
+
+
+def _ids(values, prefix):
+    return [f"{prefix}{v}" for v in values]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hidden", HIDDEN, ids=_ids(HIDDEN, "H"))
+@pytest.mark.parametrize("rows", ROWS, ids=_ids(ROWS, "R"))
+@pytest.mark.parametrize("variant", ["llama", "llama+residual", "gemma", "gemma+residual"])
+def test_rms_norm(rows, hidden, dtype, variant):
+    gemma, with_residual = variant.startswith("gemma"), variant.endswith("residual")
+    g = torch.Generator().manual_seed(rows * 1000 + hidden)
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(dtype)
+    weight = (torch.randn(hidden, generator=g) * 0.5 + (0 if gemma else 1)).to(dtype)
+    residual = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
+
+    def run(fn, *args, **kw):
+        out = fn(*args, residual=residual, gemma=gemma, **kw) if with_residual else fn(*args, gemma=gemma, **kw)
+        return out if isinstance(out, tuple) else (out,)
+
+    ours = run(cpu_ops.rms_norm, x, weight, 1e-6)
+    same = run(cpu_ops.rms_norm_reference, x, weight, 1e-6)
+    if with_residual:  # the residual sum is rounded to the input dtype, then normalised
+        assert torch.equal(ours[1], same[1])
+        truth = cpu_ops.rms_norm_reference(ours[1].double(), weight.double(), 1e-6, gemma=gemma)
+    else:
+        truth = cpu_ops.rms_norm_reference(x.double(), weight.double(), 1e-6, gemma=gemma)
+    assert ours[0].dtype == dtype and ours[0].shape == x.shape
+    _close(ours[0], same[0], truth, "rms_norm")
+    _threads_and_rerun(lambda: run(cpu_ops.rms_norm, x, weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64), (63, 9, 3, 64), (111, 4, 4, 100), (257, 8, 2, 128)],
+                         ids=lambda s: f"T{s[0]}-HQ{s[1]}-HKV{s[2]}-D{s[3]}")
+def test_rotary(shape, dtype):
+    T, HQ, HKV, D = shape
+    g = torch.Generator().manual_seed(T)
+    # q, k as the attention module hands them over: [T, H, D] views of one [T, H * D] projection each.
+    q = torch.randn(T, HQ * D, generator=g).to(dtype).view(T, HQ, D)
+    k = torch.randn(T, HKV * D, generator=g).to(dtype).view(T, HKV, D)
+    angles = torch.arange(T)[:, None] * torch.rand(D // 2, generator=g)[None, :]
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    ours = cpu_ops.rotary(q, k, cos, sin)
+    same = cpu_ops.rotary_reference(q, k, cos, sin)
+    for a, b in zip(ours, same):  # same rounding points as PyTorch: bit for bit
+        assert torch.equal(a, b)
+    truth = cpu_ops.rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+    for a, b, t in zip(ours, same, truth):
+        _close(a, b, t, "rotary")
+    _threads_and_rerun(lambda: cpu_ops.rotary(q, k, cos, sin))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hidden", HIDDEN, ids=_ids(HIDDEN, "I"))
+@pytest.mark.parametrize("rows", ROWS, ids=_ids(ROWS, "R"))
+def test_silu_mul(rows, hidden, dtype):
+    g = torch.Generator().manual_seed(rows + hidden)
+    fused = (torch.randn(rows, 2 * hidden, generator=g) * 4).to(dtype)
+    gate, up = fused[:, :hidden], fused[:, hidden:]  # strided halves, as a fused gate/up projection gives
+    ours = cpu_ops.silu_mul(gate, up)
+    same = cpu_ops.silu_mul_reference(gate, up)
+    truth = cpu_ops.silu_mul_reference(gate.double(), up.double())
+    assert ours.dtype == dtype
+    _close(ours, same, truth, "silu_mul")
+    _threads_and_rerun(lambda: (cpu_ops.silu_mul(gate, up),))
+
+
+ATTENTION_CASES = [([1], 9, 3, 64), ([63], 9, 3, 64), ([5, 0, 111, 1], 9, 3, 64), ([257, 3, 40], 4, 4, 100),
+                   ([33, 17], 8, 2, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ATTENTION_CASES,
+                         ids=lambda c: f"L{'_'.join(map(str, c[0]))}-HQ{c[1]}-HKV{c[2]}-D{c[3]}")
+def test_varlen_attention(case, dtype):
+    lengths, HQ, HKV, D = case
+    T = sum(lengths)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    g = torch.Generator().manual_seed(T + D)
+    q = (torch.randn(T, HQ, D, generator=g) * 2).to(dtype)
+    k = (torch.randn(T, HKV, D, generator=g) * 2).to(dtype)
+    v = torch.randn(T, HKV, D, generator=g).to(dtype)
+    ours = cpu_ops.varlen_attention(q, k, v, cu)
+    same = cpu_ops.varlen_attention_reference(q, k, v, cu)
+    truth = cpu_ops.varlen_attention_reference(q.double(), k.double(), v.double(), cu)
+    assert ours.dtype == dtype and ours.shape == q.shape
+    _close(ours, same, truth, "varlen_attention")
+    _threads_and_rerun(lambda: (cpu_ops.varlen_attention(q, k, v, cu),))
+
+
+# ---------------------------------------------------------------------------------------------- patch layer
+
+
+TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today, as investors sold off bank shares.",
+         "x", ["Represent the question:", "How do plants make food?"]] * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
+def test_encode_same_with_and_without_native_ops(tiny_model_dirs, family):
+    encoder = LLM2Vec.from_pretrained(tiny_model_dirs[family], dtype=torch.float32, max_batch_tokens=64)
+    assert use_native_cpu_ops(encoder.model, enable=False) == ()
+    plain = encoder.encode(TEXTS, show_progress_bar=False)
+    applied = use_native_cpu_ops(encoder.model)
+    expected = set(NATIVE_OPS) - ({"silu_mul"} if family == "gemma" else set())
+    assert set(applied) == expected
+    fast = encoder.encode(TEXTS, show_progress_bar=False)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    use_native_cpu_ops(encoder.model, enable=False)
+    torch.testing.assert_close(encoder.encode(TEXTS, show_progress_bar=False), plain, atol=0, rtol=0)
+
+
+def test_encode_turns_native_ops_on_and_keeps_an_explicit_off(llama_dir):
+    encoder = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
+    assert native_cpu_ops(encoder.model) is None
+    encoder.encode(["hello"], show_progress_bar=False)
+    assert native_cpu_ops(encoder.model)
+    use_native_cpu_ops(encoder.model, enable=False)
+    encoder.encode(["hello"], show_progress_bar=False)
+    assert native_cpu_ops(encoder.model) == ()
+
+
+def test_gradients_take_the_pytorch_path(llama_dir):
+    encoder = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
+    use_native_cpu_ops(encoder.model)
+    features = encoder.tokenize(["a short text", "another text, a little longer"])
+    loss = encoder(features).square().sum()
+    loss.backward()
+    grads = [p.grad for p in encoder.model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_encode_close_to_fp32(llama_dir):
+    encoder = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
+    truth = encoder.encode(TEXTS, show_progress_bar=False)
+    encoder.model.to(torch.bfloat16)
+    use_native_cpu_ops(encoder.model, enable=False)
+    plain = encoder.encode(TEXTS, show_progress_bar=False)
+    use_native_cpu_ops(encoder.model)
+    fast = encoder.encode(TEXTS, show_progress_bar=False)
+    cosine = torch.nn.functional.cosine_similarity
+    assert (1 - cosine(fast, truth)).max() <= 2 * (1 - cosine(plain, truth)).max() + 1e-4
+
+
+def test_env_switch_disables(monkeypatch, llama_dir):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.load() is None
+    encoder = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
+    assert use_native_cpu_ops(encoder.model) == ()
+
+
+def test_unbuildable_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "CSRC", str(tmp_path))  # no sources: nothing to build
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.load() is None
+        assert native.load() is None
+    assert len([w for w in caught if "C++ CPU ops unavailable" in str(w.message)]) == 1
