@@ -17,6 +17,17 @@ PROG = "llm2vec-fast"
 COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train", "llm2vec_fast.cli_eval")
 
 
+def positive_int(value: str) -> int:
+    """argparse type for counts and sizes: a clear message instead of a traceback or a silent zero."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Decoder LLMs as text encoders (LLM2Vec), fast.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -16,6 +16,7 @@ import sys
 from tqdm.auto import tqdm
 
 from .batching import POOLING_MODES
+from .cli import positive_int
 from .corpus import FORMATS, InputSpec, bad_lines_error, check_input, describe_bad_lines, input_identity, \
     resolve_format, scan
 from .distributed import ProcessGroup, Ranks, default_device
@@ -50,14 +51,14 @@ def register(subparsers) -> None:
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
-    parser.add_argument("--max-length", type=_positive, default=None,
+    parser.add_argument("--max-length", type=positive_int, default=None,
                         help="tokens per input, instruction included (default: the model's, else 512)")
-    parser.add_argument("--max-batch-tokens", type=_positive, default=None,
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
                         help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
-    parser.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE,
+    parser.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
                         help=f"input lines per shard (default: {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default="float32",
                         help="dtype of the stored embeddings (default: float32)")
@@ -68,16 +69,6 @@ def register(subparsers) -> None:
                         help="discard what --output holds instead of resuming it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def run(args) -> int:

@@ -14,6 +14,7 @@ import os
 import time
 
 from .batching import POOLING_MODES
+from .cli import positive_int
 from .errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
                                  "gensim)")
     similarity.add_argument("--score-field", default="score", help="the score field/column name (default: score)")
     similarity.add_argument("--instruction", default="", help="instruction applied to both texts of every pair")
-    similarity.add_argument("--batch-size", type=_positive, default=None, help="at most this many texts per batch")
+    similarity.add_argument("--batch-size", type=positive_int, default=None, help="at most this many texts per batch")
     similarity.set_defaults(func=run_similarity)
 
     probe = commands.add_parser(
@@ -57,9 +58,9 @@ def register(subparsers) -> None:
                        help="a word's vector: its first sub-word token or the mean of its tokens (default: first)")
     probe.add_argument("--next-token", action="store_true",
                        help="MNTP alignment: represent a word by the states one token to its left")
-    probe.add_argument("--epochs", type=_positive, default=5, help="probe training epochs (default: 5)")
+    probe.add_argument("--epochs", type=positive_int, default=5, help="probe training epochs (default: 5)")
     probe.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    probe.add_argument("--probe-batch-size", type=_positive, default=64, help="words per probe step (default: 64)")
+    probe.add_argument("--probe-batch-size", type=positive_int, default=64, help="words per probe step (default: 64)")
     probe.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling seed")
     probe.set_defaults(func=run_probe)
 
@@ -72,22 +73,12 @@ def _model_arguments(parser) -> None:
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
-    parser.add_argument("--max-length", type=_positive, default=None, help="tokens per input (default: the model's)")
-    parser.add_argument("--max-batch-tokens", type=_positive, default=None,
+    parser.add_argument("--max-length", type=positive_int, default=None, help="tokens per input (default: the model's)")
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
                         help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def load_encoder(args):
