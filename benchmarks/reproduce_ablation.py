@@ -7,6 +7,11 @@ Variants, each scored by Spearman and Pearson of cosine similarity vs human scor
   Bi + MNTP                            + masked next token prediction (LoRA) on Wikipedia sentences
   Bi + MNTP + SimCSE                   + unsupervised SimCSE (LoRA, dropout 0.3) on the same sentences
   all-MiniLM-L6-v2                     a trained sentence encoder (mean pooling), for scale
+Secondary sets: SimLex-999 and WordSim-353 word pairs (gensim's test data), each word embedded alone.
+
+With 50 documents, Lee's correlations move by several hundredths with the choice of documents, so every number
+comes with a 95% bootstrap interval (documents resampled), and every variant's difference from Uni + mean with a
+paired interval: an ordering counts only where that interval excludes 0.
 
 Training text: the gensim Wikipedia excerpt (`offline_data.wikipedia_sentences()`); training uses the project's
 stages (llm2vec_fast.train) with LoRA r=16 on every projection, like the reference recipe, but with far fewer
@@ -61,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-max-length", type=int, default=512, help="tokens per Lee document when encoding")
     parser.add_argument("--work-dir", default=None, help="where adapters and training logs go (default: "
                                                           "ablation[_quick] in the llm2vec-fast cache directory)")
+    parser.add_argument("--bootstrap-resamples", type=int, default=1000,
+                        help="resamples of the Lee documents for the 95%% intervals (default 1000)")
     parser.add_argument("--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 baseline")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -86,16 +93,41 @@ def commit() -> str:
         return "unknown"
 
 
-def score(name: str, embed, pairs, extra: dict) -> dict:
+WORD_SETS = ("simlex999", "wordsim353")  # secondary sets: word pairs, each word embedded alone
+COSINES: dict = {}  # (set, variant) -> cosine of every pair, for the paired bootstrap intervals
+REFERENCE = "Uni + mean"  # the variant every difference is measured against: the causal decoder as it ships
+
+
+def score(name: str, embed, datasets: dict, extra: dict) -> dict:
+    """Scores on every set; the Lee result is the row's headline (spearman, pearson), the word sets go under
+    row["word_sets"]."""
     from llm2vec_fast.evaluation.similarity import evaluate_pairs
 
     started = time.perf_counter()
-    result = evaluate_pairs(embed, pairs)
-    row = {"variant": name, "spearman": result["spearman"], "pearson": result["pearson"],
-           "encode_seconds": round(time.perf_counter() - started, 1), **extra}
-    print(f"  {name:<28} spearman {result['spearman']:.3f}  pearson {result['pearson']:.3f}  "
+    results = {}
+    for set_name, pairs in datasets.items():
+        result = evaluate_pairs(embed, pairs, keep_cosines=True)
+        COSINES[set_name, name] = result.pop("cosines")
+        results[set_name] = {"spearman": result["spearman"], "pearson": result["pearson"]}
+    row = {"variant": name, **results["lee"], "encode_seconds": round(time.perf_counter() - started, 1),
+           "word_sets": {k: v for k, v in results.items() if k != "lee"}, **extra}
+    words = "  ".join(f"{k} {v['spearman']:.3f}" for k, v in row["word_sets"].items())
+    print(f"  {name:<28} lee spearman {row['spearman']:.3f}  pearson {row['pearson']:.3f}  {words}  "
           f"({row['encode_seconds']} s)", flush=True)
     return row
+
+
+def add_intervals(rows: list[dict], datasets: dict, resamples: int) -> None:
+    """95% intervals, paired against REFERENCE (see similarity.bootstrap_correlations): Lee resamples its 50
+    documents (each is in 49 pairs), the word sets resample their pairs."""
+    from llm2vec_fast.evaluation.similarity import bootstrap_correlations
+
+    for set_name, pairs in datasets.items():
+        intervals = bootstrap_correlations({row["variant"]: COSINES[set_name, row["variant"]] for row in rows}, pairs,
+                                           reference=REFERENCE, resamples=resamples,
+                                           unit="text" if set_name == "lee" else "pair")
+        for row in rows:
+            (row if set_name == "lee" else row["word_sets"][set_name]).update(intervals[row["variant"]])
 
 
 def llm2vec_embed(encoder):
@@ -154,9 +186,37 @@ def markdown(report: dict) -> str:
              f"{', QUICK MODE: tiny step counts, not a result' if report['quick'] else ''})", "",
              f"Lee et al. (2005): {report['pairs']} document pairs, correlation of cosine similarity with human "
              f"scores.", "",
-             "| variant | Spearman | Pearson | training |", "| --- | ---: | ---: | --- |"]
+             f"95% intervals from {report['bootstrap_resamples']} bootstrap resamples of the 50 documents; the "
+             f"differences are paired (every variant scored on the same resamples) and taken against {REFERENCE}.",
+             "", "| variant | Spearman | Pearson | Spearman - Uni | Pearson - Uni | training |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+
+    reference = next(r for r in report["rows"] if r["variant"] == REFERENCE)
+
+    def cell(result, metric):
+        low, high = result[f"{metric}_ci"]
+        return f"{result[metric]:.3f} [{low:.3f}, {high:.3f}]"
+
+    def diff(result, base, metric):
+        if result is base:
+            return ""
+        low, high = result[f"{metric}_diff_ci"]
+        return f"{result[metric] - base[metric]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
     for row in report["rows"]:
-        lines.append(f"| {row['variant']} | {row['spearman']:.3f} | {row['pearson']:.3f} | {row.get('training', '')} |")
+        lines.append(f"| {row['variant']} | {cell(row, 'spearman')} | {cell(row, 'pearson')} | "
+                     f"{diff(row, reference, 'spearman')} | {diff(row, reference, 'pearson')} | "
+                     f"{row.get('training', '')} |")
+    word_sets = list(reference.get("word_sets", {}))
+    if word_sets:
+        lines += ["", "Word pairs (each word embedded alone; Spearman, 95% intervals from resampled pairs, "
+                      "differences paired against Uni + mean):", "",
+                  "| variant | " + " | ".join(f"{name} | {name} - Uni" for name in word_sets) + " |",
+                  "| --- |" + " ---: | ---: |" * len(word_sets)]
+        for row in report["rows"]:
+            cells = [f"{cell(row['word_sets'][n], 'spearman')} | "
+                     f"{diff(row['word_sets'][n], reference['word_sets'][n], 'spearman')}" for n in word_sets]
+            lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     sizes = report["sizes"]
     lines += ["", f"MNTP: {sizes['mntp_steps']} steps x {sizes['mntp_batch_size']} blocks of {sizes['block_size']} "
               f"tokens, lr {sizes['mntp_learning_rate']}; SimCSE: {sizes['simcse_steps']} steps x "
@@ -169,12 +229,13 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from llm2vec_fast import LLM2Vec
-    from llm2vec_fast.evaluation.similarity import lee_pairs
+    from llm2vec_fast.evaluation.similarity import lee_pairs, word_pairs
     from llm2vec_fast.offline_data import wikipedia_sentences
 
     started = time.perf_counter()
     os.makedirs(args.work_dir, exist_ok=True)
     pairs = lee_pairs()
+    datasets = {"lee": pairs, **{name: word_pairs(name) for name in WORD_SETS}}
     sentences = wikipedia_sentences()[:args.train_sentences]
     data = os.path.join(args.work_dir, "wiki.txt")
     with open(data, "w", encoding="utf-8") as f:
@@ -186,13 +247,13 @@ def main(argv=None) -> int:
     print("untrained variants", flush=True)
     uni = LLM2Vec.from_pretrained(MODEL, enable_bidirectional=False, pooling_mode="mean",
                                   max_length=args.eval_max_length)
-    rows.append(score("Uni + mean", llm2vec_embed(uni), pairs, {"bidirectional": False, "pooling": "mean"}))
+    rows.append(score("Uni + mean", llm2vec_embed(uni), datasets, {"bidirectional": False, "pooling": "mean"}))
     uni.pooling_mode = "weighted_mean"
-    rows.append(score("Uni + weighted mean", llm2vec_embed(uni), pairs,
+    rows.append(score("Uni + weighted mean", llm2vec_embed(uni), datasets,
                       {"bidirectional": False, "pooling": "weighted_mean"}))
     del uni
     bi = LLM2Vec.from_pretrained(MODEL, pooling_mode="mean", max_length=args.eval_max_length)
-    rows.append(score("Bi", llm2vec_embed(bi), pairs, {"bidirectional": True, "pooling": "mean"}))
+    rows.append(score("Bi", llm2vec_embed(bi), datasets, {"bidirectional": True, "pooling": "mean"}))
     del bi
 
     print("MNTP training", flush=True)
@@ -201,7 +262,7 @@ def main(argv=None) -> int:
                        batch_size=args.mntp_batch_size, block_size=args.block_size,
                        learning_rate=args.mntp_learning_rate)
     encoder = LLM2Vec.from_pretrained(mntp_dir, pooling_mode="mean", max_length=args.eval_max_length)
-    rows.append(score("Bi + MNTP", llm2vec_embed(encoder), pairs,
+    rows.append(score("Bi + MNTP", llm2vec_embed(encoder), datasets,
                       {"bidirectional": True, "pooling": "mean", "train": {"mntp": mntp},
                        "training": f"MNTP {mntp['steps']} steps"}))
     del encoder
@@ -213,7 +274,7 @@ def main(argv=None) -> int:
                          learning_rate=args.simcse_learning_rate)
     encoder = LLM2Vec.from_pretrained(mntp_dir, peft_model_name_or_path=simcse_dir, merge_peft=True,
                                       pooling_mode="mean", max_length=args.eval_max_length)
-    rows.append(score("Bi + MNTP + SimCSE", llm2vec_embed(encoder), pairs,
+    rows.append(score("Bi + MNTP + SimCSE", llm2vec_embed(encoder), datasets,
                       {"bidirectional": True, "pooling": "mean", "train": {"mntp": mntp, "simcse": simcse},
                        "training": f"MNTP {mntp['steps']} + SimCSE {simcse['steps']} steps"}))
     del encoder
@@ -221,13 +282,14 @@ def main(argv=None) -> int:
     if not args.skip_minilm:
         print("encoder baseline", flush=True)
         embed, limit = minilm_embed()
-        rows.append(score("all-MiniLM-L6-v2 (baseline)", embed, pairs,
+        rows.append(score("all-MiniLM-L6-v2 (baseline)", embed, datasets,
                           {"pooling": "mean", "max_length": limit, "training": "trained sentence encoder"}))
 
+    add_intervals(rows, datasets, args.bootstrap_resamples)
     report = {"model": MODEL, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
               "commit": commit(), "quick": args.quick, "dtype": args.dtype, "pairs": len(pairs),
               "sizes": {name: getattr(args, name) for name in FULL}, "eval_max_length": args.eval_max_length,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - started, 1),
+              "bootstrap_resamples": args.bootstrap_resamples, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - started, 1),
               "rows": rows}
     os.makedirs(RESULTS, exist_ok=True)
     with open(args.stem + ".json", "w") as f:

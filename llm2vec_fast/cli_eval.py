@@ -29,14 +29,17 @@ def register(subparsers) -> None:
         "similarity", help="Pearson/Spearman of cosine similarity vs human scores",
         description="Correlation of embedding cosine similarity with human similarity scores. Pair files: an "
                     "STS-B style TSV (header with sentence1, sentence2, score), a 3-column TSV (sentence1, "
-                    "sentence2, score) or JSONL with sentence1/sentence2/score. Without --data, the Lee et al. "
-                    "(2005) pairs from gensim's test data are used.")
+                    "sentence2, score) or JSONL with sentence1/sentence2/score. Without --data or --builtin, the "
+                    "Lee et al. (2005) pairs from gensim's test data are used.")
     _model_arguments(similarity)
     similarity.add_argument("--data", action="append", default=[], metavar="FILE",
                             help="a scored pair file (.tsv / .txt / .jsonl); repeat for several")
     similarity.add_argument("--lee", action="store_true",
                             help="also evaluate on the Lee et al. (2005) pairs (the default without --data; needs "
-                                 "gensim)")
+                                 "gensim); the same as --builtin lee")
+    similarity.add_argument("--builtin", action="append", default=[], choices=("lee", "simlex999", "wordsim353"),
+                            help="a scored set from gensim's test data: lee (50 news documents, 1,225 pairs), "
+                                 "simlex999 or wordsim353 (word pairs); repeat for several")
     similarity.add_argument("--score-field", default="score", help="the score field/column name (default: score)")
     similarity.add_argument("--instruction", default="", help="instruction applied to both texts of every pair")
     similarity.add_argument("--batch-size", type=positive_int, default=None, help="at most this many texts per batch")
@@ -112,15 +115,16 @@ def _write(path: str | None, payload: dict) -> None:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    from .evaluation.similarity import PairsDataError, encoder_embed, evaluate_pairs, format_table, lee_pairs, \
+    from .evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
         read_pairs
 
+    builtin = list(dict.fromkeys((["lee"] if args.lee or not (args.data or args.builtin) else []) + args.builtin))
     datasets = []
     try:
         for path in args.data:
             datasets.append(read_pairs(path, args.score_field))
-        if args.lee or not args.data:
-            datasets.append(lee_pairs())
+        for name in builtin:
+            datasets.append(BUILTIN_PAIRS[name]())
     except (PairsDataError, RuntimeError, OSError) as error:
         raise UserError(str(error)) from None
     encoder = load_encoder(args)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from llm2vec_fast.cli import main as cli_main
-from llm2vec_fast.evaluation.similarity import (PairsDataError, ScoredPairs, evaluate_pairs, lee_pairs, pearson,
-                                                rankdata, read_pairs, spearman)
+from llm2vec_fast.evaluation.similarity import (PairsDataError, ScoredPairs, bootstrap_correlations, evaluate_pairs,
+                                                lee_pairs, pearson, rankdata, read_pairs, spearman,
+                                                text_bootstrap_indices, word_pairs)
 
 HAS_GENSIM = importlib.util.find_spec("gensim") is not None
 
@@ -103,6 +104,20 @@ def test_lee_pairs():
     assert pairs.sentences1[0] == pairs.sentences1[48] and pairs.sentences2[0] != pairs.sentences2[48]
 
 
+@pytest.mark.skipif(not HAS_GENSIM, reason="SimLex-999 and WordSim-353 ship in gensim's test data; gensim is not "
+                                           "installed (pip install gensim)")
+@pytest.mark.parametrize("name, count, first", [("simlex999", 999, ("old", "new", 1.58)),
+                                                ("wordsim353", 353, ("love", "sex", 6.77))])
+def test_word_pairs(name, count, first):
+    pairs = word_pairs(name)
+    assert len(pairs) == count and pairs.name == name
+    assert (pairs.sentences1[0], pairs.sentences2[0], pairs.scores[0]) == first
+    assert all(" " not in w and "\t" not in w for w in pairs.sentences1 + pairs.sentences2)
+    assert 0 <= pairs.scores.min() and pairs.scores.max() <= 10
+    with pytest.raises(ValueError, match="unknown word-pair set 'men'"):
+        word_pairs("men")
+
+
 def test_evaluate_pairs_embeds_each_text_once():
     calls = []
     angle = {"a": 0.0, "b": 0.3, "c": 1.0, "d": 1.5}
@@ -132,6 +147,62 @@ def test_eval_similarity_cli(llama_dir, tmp_path, capsys):
     assert [r["name"] for r in saved["results"]] == ["pairs.tsv"] and saved["results"][0]["pairs"] == 3
     assert -1 <= saved["results"][0]["spearman"] <= 1
 
+    if HAS_GENSIM:  # built-in sets by name, each listed once even when asked for twice
+        assert cli_main(["eval", "similarity", "--model", llama_dir, "--builtin", "wordsim353", "--lee",
+                         "--builtin", "lee", "--output", str(output), "--no-progress"]) == 0
+        saved = json.loads(output.read_text())
+        assert [(r["name"], r["pairs"]) for r in saved["results"]] == [("lee", 1225), ("wordsim353", 353)]
+        capsys.readouterr()
+
     bad = write(tmp_path / "bad.tsv", "a\tb\t1\nc\td\tx\n")
     assert cli_main(["eval", "similarity", "--model", llama_dir, "--data", bad]) == 1
     assert "bad.tsv:2: score 'x' is not a number" in capsys.readouterr().err
+
+
+def all_pairs_of(n_texts: int, seed: int = 0) -> ScoredPairs:
+    """Every pair of n synthetic texts with a score, laid out like the Lee pairs (upper triangle)."""
+    rows, cols = np.triu_indices(n_texts, k=1)
+    scores = np.random.default_rng(seed).uniform(1, 5, len(rows))
+    return ScoredPairs("synthetic", [f"text {i}" for i in rows], [f"text {j}" for j in cols], scores)
+
+
+def test_text_bootstrap_keeps_pairs_between_drawn_texts():
+    pairs = all_pairs_of(6)
+    first = np.array([int(t.split()[1]) for t in pairs.sentences1])
+    second = np.array([int(t.split()[1]) for t in pairs.sentences2])
+    rng = np.random.default_rng(1)  # the same draws as the function's: 6 texts drawn with replacement per resample
+    for rows in text_bootstrap_indices(pairs, resamples=20, seed=1):
+        copies = np.bincount(rng.integers(0, 6, 6), minlength=6)
+        # Every pair between drawn texts, once per combination of copies; no pair with an undrawn text.
+        np.testing.assert_array_equal(np.bincount(rows, minlength=len(pairs)), copies[first] * copies[second])
+
+
+def test_bootstrap_intervals_bracket_the_estimate_and_separate_a_clear_ordering():
+    pairs = all_pairs_of(30)
+    rng = np.random.default_rng(3)
+    cosines = {"good": pairs.scores + rng.normal(0, 0.5, len(pairs)),
+               "poor": pairs.scores + rng.normal(0, 3.0, len(pairs))}
+    cosines["good copy"] = cosines["good"].copy()
+    for unit in ("text", "pair"):
+        out = bootstrap_correlations(cosines, pairs, reference="good", resamples=200, unit=unit)
+        for name, values in cosines.items():
+            low, high = out[name]["spearman_ci"]
+            assert low < spearman(values, pairs.scores) < high
+            low, high = out[name]["pearson_ci"]
+            assert low < pearson(values, pairs.scores) < high
+        assert out["good copy"]["spearman_diff_ci"] == [0.0, 0.0]  # paired: the same resamples for every variant
+        assert out["poor"]["spearman_diff_ci"][1] < 0 and out["poor"]["pearson_diff_ci"][1] < 0
+    with pytest.raises(ValueError, match="unit must be"):
+        bootstrap_correlations(cosines, pairs, unit="word")
+    with pytest.raises(ValueError, match="reference 'best'"):
+        bootstrap_correlations(cosines, pairs, reference="best", resamples=2)
+    with pytest.raises(ValueError, match="3 cosines for 435 pairs"):
+        bootstrap_correlations({"short": np.ones(3)}, pairs, resamples=2)
+
+
+def test_evaluate_pairs_keeps_cosines_on_request():
+    pairs = all_pairs_of(5)
+    vectors = {f"text {i}": np.array([1.0, i]) for i in range(5)}
+    result = evaluate_pairs(lambda texts: np.stack([vectors[t] for t in texts]), pairs, keep_cosines=True)
+    assert result["cosines"].shape == (len(pairs),)
+    assert spearman(result["cosines"], pairs.scores) == pytest.approx(result["spearman"])

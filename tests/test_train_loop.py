@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.cli import main as cli_main
 from llm2vec_fast.train.config import TrainConfig
-from llm2vec_fast.train.loop import train
+from llm2vec_fast.train.loop import seed_dropout_per_rank, train
 from llm2vec_fast.train.mntp import MNTPStage
 from llm2vec_fast.train.simcse import SimCSEStage
 from tiny_models import corpus
@@ -148,3 +148,20 @@ def test_ddp_two_processes_match_one(llama_dir, text_file, tmp_path):
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_each_rank_draws_its_own_dropout_masks():
+    """Ranks seed alike (identical LoRA init), then each gets its own dropout stream; one process is untouched."""
+    with torch.random.fork_rng():
+        draws = []
+        for rank in (0, 1):
+            seed_dropout_per_rank(seed=42, start=0, rank=rank, world=2)
+            draws.append(torch.rand(16))
+        assert not torch.equal(draws[0], draws[1])
+        seed_dropout_per_rank(seed=42, start=0, rank=1, world=2)
+        assert torch.equal(torch.rand(16), draws[1])  # reproducible
+        seed_dropout_per_rank(seed=42, start=5, rank=1, world=2)
+        assert not torch.equal(torch.rand(16), draws[1])  # a resumed run continues on a fresh stream
+        state = torch.get_rng_state()
+        seed_dropout_per_rank(seed=42, start=0, rank=0, world=1)
+        assert torch.equal(torch.get_rng_state(), state)

@@ -5,7 +5,9 @@ Pair sources:
   columns, any other columns ignored), a plain 3-column TSV (`sentence1<TAB>sentence2<TAB>score`, or the score
   first), or JSONL objects with `sentence1`, `sentence2` and `score`;
 - the Lee et al. (2005) corpus from gensim's test data: 50 news documents and the mean human similarity of every
-  pair (the upper triangle of a 50x50 matrix: 1,225 pairs).
+  pair (the upper triangle of a 50x50 matrix: 1,225 pairs);
+- the word-pair sets in gensim's test data: SimLex-999 (999 pairs rated for similarity, not relatedness: "old" /
+  "new" is low) and WordSim-353 (353 pairs rated for relatedness), each word embedded alone.
 
 Every distinct text is embedded once (the Lee pairs need 50 embeddings, not 2,450).
 """
@@ -58,15 +60,10 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 def rankdata(values: Sequence[float]) -> np.ndarray:
     """1-based ranks with ties given their average rank (scipy.stats.rankdata's default)."""
     values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    # Boundaries of runs of equal values; each run gets the mean of the ranks it spans.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values), dtype=np.float64)
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
+    # Runs of equal values span ranks start+1 .. start+count; each member gets their mean.
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts + 1) / 2.0)[inverse.ravel()]
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -203,13 +200,42 @@ def lee_pairs() -> ScoredPairs:
     return ScoredPairs("lee", [documents[i] for i in rows], [documents[j] for j in cols], matrix[rows, cols])
 
 
+def word_pairs(name: str) -> ScoredPairs:
+    """SimLex-999 (`simlex999`) or WordSim-353 (`wordsim353`) from gensim's test data: word TAB word TAB score,
+    with `#` comment lines. Raises RuntimeError naming the fix when gensim is not installed."""
+    from ..offline_data import gensim_test_data_dir
+
+    files = {"simlex999": "simlex999.txt", "wordsim353": "wordsim353.tsv"}
+    if name not in files:
+        raise ValueError(f"unknown word-pair set {name!r}: use one of {sorted(files)}")
+    path = os.path.join(gensim_test_data_dir(), files[name])
+    first, second, scores = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            cells = line.rstrip("\n").split("\t")
+            if len(cells) != 3:
+                raise PairsDataError(f"{path}:{number}: expected word<TAB>word<TAB>score, got {len(cells)} fields")
+            first.append(cells[0])
+            second.append(cells[1])
+            scores.append(_score(cells[2], path, number, "score"))
+    return ScoredPairs(name, first, second, np.asarray(scores, dtype=np.float64))
+
+
+# The sets `eval similarity --builtin` knows: all read from gensim's test data, nothing downloaded.
+BUILTIN_PAIRS = {"lee": lee_pairs, "simlex999": lambda: word_pairs("simlex999"),
+                 "wordsim353": lambda: word_pairs("wordsim353")}
+
+
 # ---------------------------------------------------------------------------------------------------- evaluation
 
-def evaluate_pairs(embed: Callable[[list[str]], np.ndarray], pairs: ScoredPairs) -> dict:
+def evaluate_pairs(embed: Callable[[list[str]], np.ndarray], pairs: ScoredPairs, keep_cosines: bool = False) -> dict:
     """Correlations of cos(embed(sentence1), embed(sentence2)) with the human scores.
 
     embed: texts -> embeddings [len(texts), H] (any encoder; see `encoder_embed` for an LLM2Vec).
-    Returns {name, pairs, pearson, spearman, mean_cosine}.
+    Returns {name, pairs, pearson, spearman, mean_cosine}, plus `cosines` [N] when keep_cosines (for
+    `bootstrap_correlations`).
     """
     texts = pairs.texts()
     embeddings = np.asarray(embed(texts), dtype=np.float32)
@@ -219,8 +245,78 @@ def evaluate_pairs(embed: Callable[[list[str]], np.ndarray], pairs: ScoredPairs)
     a = embeddings[[index[t] for t in pairs.sentences1]]
     b = embeddings[[index[t] for t in pairs.sentences2]]
     cosines = cosine_rows(a, b)
-    return {"name": pairs.name, "pairs": len(pairs), "pearson": pearson(cosines, pairs.scores),
-            "spearman": spearman(cosines, pairs.scores), "mean_cosine": float(cosines.mean())}
+    result = {"name": pairs.name, "pairs": len(pairs), "pearson": pearson(cosines, pairs.scores),
+              "spearman": spearman(cosines, pairs.scores), "mean_cosine": float(cosines.mean())}
+    if keep_cosines:
+        result["cosines"] = cosines
+    return result
+
+
+# ------------------------------------------------------------------------------------------- confidence intervals
+
+def text_bootstrap_indices(pairs: ScoredPairs, resamples: int, seed: int = 0):
+    """Bootstrap resamples of `pairs` drawn over their texts, as index arrays into the pairs (with repeats).
+
+    The Lee pairs share texts (each document is in 49 pairs), so resampling pairs as if they were independent
+    understates the spread. Here each resample draws the texts with replacement and keeps every pair between
+    drawn texts, once per combination of copies: a cluster bootstrap whose unit is the text.
+    """
+    index = {text: i for i, text in enumerate(pairs.texts())}
+    first = np.array([index[t] for t in pairs.sentences1])
+    second = np.array([index[t] for t in pairs.sentences2])
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        copies = np.bincount(rng.integers(0, len(index), len(index)), minlength=len(index))  # [T]
+        yield np.repeat(np.arange(len(pairs)), copies[first] * copies[second])
+
+
+def pair_bootstrap_indices(pairs: ScoredPairs, resamples: int, seed: int = 0):
+    """Plain bootstrap resamples of the pairs (index arrays): for sets whose pairs rarely share a text."""
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield rng.integers(0, len(pairs), len(pairs))
+
+
+def bootstrap_correlations(cosines: dict[str, np.ndarray], pairs: ScoredPairs, reference: str | None = None,
+                           resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                           unit: str = "text") -> dict[str, dict]:
+    """Percentile intervals of each variant's Spearman and Pearson and, paired, of its difference from `reference`.
+
+    cosines: variant name -> its cosine of every pair ([N], aligned with `pairs`; `evaluate_pairs(...,
+    keep_cosines=True)` gives them). All variants are scored on the same resamples, so a difference interval
+    that excludes 0 means the ordering holds beyond the choice of documents. unit: "text" resamples the texts
+    (`text_bootstrap_indices`, for sets like Lee where every text is in many pairs), "pair" the pairs.
+    Returns name -> {"spearman_ci": [lo, hi], "pearson_ci": [lo, hi]} plus "spearman_diff_ci" and
+    "pearson_diff_ci" (variant minus reference) when a reference is given.
+    """
+    if unit not in ("text", "pair"):
+        raise ValueError(f"unit must be 'text' or 'pair', got {unit!r}")
+    if reference is not None and reference not in cosines:
+        raise ValueError(f"reference {reference!r} is not one of the variants {sorted(cosines)}")
+    for name, values in cosines.items():
+        if len(values) != len(pairs):
+            raise ValueError(f"{name}: {len(values)} cosines for {len(pairs)} pairs")
+    metrics = {"spearman": spearman, "pearson": pearson}
+    draws = {name: {metric: [] for metric in metrics} for name in cosines}
+    resampler = text_bootstrap_indices if unit == "text" else pair_bootstrap_indices
+    for rows in resampler(pairs, resamples, seed):
+        scores = pairs.scores[rows]
+        for name, values in cosines.items():
+            for metric, function in metrics.items():
+                draws[name][metric].append(function(np.asarray(values)[rows], scores))
+    tail = 100 * (1 - level) / 2
+
+    def interval(values) -> list[float]:
+        return [float(v) for v in np.nanpercentile(values, [tail, 100 - tail])]
+
+    out = {}
+    for name in cosines:
+        out[name] = {f"{metric}_ci": interval(draws[name][metric]) for metric in metrics}
+        if reference is not None:
+            for metric in metrics:
+                difference = np.subtract(draws[name][metric], draws[reference][metric])
+                out[name][f"{metric}_diff_ci"] = interval(difference)
+    return out
 
 
 def encoder_embed(encoder, instruction: str = "", batch_size: int | None = None,

@@ -74,6 +74,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_dropout_per_rank(seed: int, start: int, rank: int, world: int) -> None:
+    """Give each rank of a multi-process run its own dropout stream (LoRA and attention dropout draw from the torch
+    RNG). Every rank seeds alike to build identical LoRA weights; left so, the ranks would draw identical dropout
+    masks, and SimCSE's two views would repeat the same noise pattern across the global batch. Mixing in the start
+    step keeps a resumed run reproducible. A single process keeps its RNG untouched (its resume is exact)."""
+    if world > 1:
+        torch.manual_seed(((seed * 1_000_003 + start) * 1_009 + rank) % 2**63)
+
+
 def _schedule(config: TrainConfig):
     warmup, total = config.warmup_steps, config.steps
 
@@ -130,6 +139,7 @@ def train(stage: Stage, config: TrainConfig, resume: bool = False, show_progress
         _truncate_log(log_path, start)
     elif os.path.exists(log_path) and rank == 0:
         os.remove(log_path)
+    seed_dropout_per_rank(config.seed, start, rank, world)
 
     losses = []
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {stage.name}",
