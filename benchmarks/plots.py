@@ -3,7 +3,8 @@
     python benchmarks/plots.py                      # reads benchmarks/results/*.json, writes PNGs beside them
     python benchmarks/plots.py --results DIR --out DIR
 
-- ablation.json (and ablation_quick.json): Spearman and Pearson per variant, as grouped bars.
+- ablation.json (and ablation_quick.json): Spearman and Pearson per variant, as grouped bars with their 95%
+  bootstrap intervals; the word-pair sets in a second panel.
 - Bench files (encode_cpu.json, kernels/train results: {device, commit, meta, rows: [{op, backend, shape, ms, rate,
   unit, ratio, ...}]}): one chart per file, one panel per op, bars of the rate per shape and backend, each bar
   labelled with its ratio to the baseline of the same run. Rows whose correctness check failed are drawn hatched.
@@ -39,27 +40,44 @@ def shape_label(shape) -> str:
 
 
 def plot_ablation(report: dict, path: str) -> str:
+    """Grouped bars per variant with 95% bootstrap intervals when the report has them: Lee (Spearman, Pearson)
+    on the left, the word-pair sets (Spearman) on the right when present."""
     plt = _pyplot()
     rows = report["rows"]
     names = [r["variant"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.2))
-    width = 0.38
-    xs = range(len(rows))
-    for offset, metric, color in ((-width / 2, "spearman", "#4C72B0"), (width / 2, "pearson", "#DD8452")):
-        values = [r[metric] for r in rows]
-        bars = ax.bar([x + offset for x in xs], values, width, label=metric.capitalize(), color=color)
-        for bar, value in zip(bars, values):
-            ax.annotate(f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7)
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("correlation with human scores")
-    title = f"LLM2Vec ablation, {report['model']}: Lee et al. (2005), {report['pairs']} pairs"
+    word_sets = list(rows[0].get("word_sets", {}))
+    panels = [("Lee et al. (2005), " + f"{report['pairs']} document pairs",
+               [(m.capitalize(), [r for r in rows], m) for m in ("spearman", "pearson")])]
+    if word_sets:
+        panels.append(("word pairs (Spearman)", [(n, [r["word_sets"][n] for r in rows], "spearman") for n in word_sets]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.3 * len(rows)) * len(panels), 4.6), squeeze=False)
+    for ax, (panel_title, series) in zip(axes[0], panels):
+        width = 0.8 / len(series)
+        xs = range(len(rows))
+        for k, (label, results, metric) in enumerate(series):
+            values = [r[metric] for r in results]
+            offset = (k - (len(series) - 1) / 2) * width
+            errors = None
+            if all(f"{metric}_ci" in r for r in results):  # asymmetric bars: [value - low, high - value]
+                errors = [[v - r[f"{metric}_ci"][0] for v, r in zip(values, results)],
+                          [r[f"{metric}_ci"][1] - v for v, r in zip(values, results)]]
+            bars = ax.bar([x + offset for x in xs], values, width, label=label, color=f"C{k}", yerr=errors,
+                          capsize=2, error_kw={"linewidth": 0.8})
+            for bar, value in zip(bars, values):
+                ax.annotate(f"{value:.3f}", (bar.get_x() + bar.get_width() / 2, max(value, 0)), ha="center",
+                            va="bottom", fontsize=6)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("correlation with human scores")
+        ax.set_title(panel_title, fontsize=9)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.legend(fontsize=7)
+    title = f"LLM2Vec ablation, {report['model']}"
+    if any("spearman_ci" in r for r in rows):
+        title += " (bars: 95% bootstrap intervals)"
     if report.get("quick"):
         title += "  [QUICK MODE: not a result]"
-    ax.set_title(title, fontsize=9)
-    ax.axhline(0, color="black", linewidth=0.5)
-    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
                 continue
         if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or not data["rows"]:
             continue
-        if "variant" in data["rows"][0]:
+        if "variant" in data["rows"][0] and "pairs" in data:  # an ablation report (not a sweep's rows)
             written.append(plot_ablation(data, os.path.join(out, f"{stem}.png")))
         elif {"op", "backend", "rate"} <= set(data["rows"][0]):
             written.append(plot_bench(data, os.path.join(out, f"{stem}.png"), stem))

@@ -68,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "ablation[_quick] in the llm2vec-fast cache directory)")
     parser.add_argument("--bootstrap-resamples", type=int, default=1000,
                         help="resamples of the Lee documents for the 95%% intervals (default 1000)")
+    parser.add_argument("--instruction", default="",
+                        help="an instruction on every text for the LLM2Vec variants (pooling skips it); the MiniLM "
+                             "baseline gets none")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the adapters already in --work-dir when they were trained with these exact "
+                             "settings and data (their logs give the training rows); train otherwise")
+    parser.add_argument("--tag", default="", help="results go to ablation[_quick][_TAG].json/.md")
     parser.add_argument("--skip-minilm", action="store_true", help="leave out the all-MiniLM-L6-v2 baseline")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -79,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from llm2vec_fast.default_model import cache_root
 
         args.work_dir = os.path.join(cache_root(), f"ablation{suffix}")
-    args.stem = os.path.join(RESULTS, f"ablation{suffix}")
+    args.stem = os.path.join(RESULTS, f"ablation{suffix}{'_' + args.tag if args.tag else ''}")
     return args
 
 
@@ -130,10 +137,13 @@ def add_intervals(rows: list[dict], datasets: dict, resamples: int) -> None:
             (row if set_name == "lee" else row["word_sets"][set_name]).update(intervals[row["variant"]])
 
 
+INSTRUCTION = ""  # set from --instruction: goes on every text the LLM2Vec variants embed
+
+
 def llm2vec_embed(encoder):
     from llm2vec_fast.evaluation.similarity import encoder_embed
 
-    return encoder_embed(encoder, show_progress_bar=False, device="cpu")
+    return encoder_embed(encoder, instruction=INSTRUCTION, show_progress_bar=False, device="cpu")
 
 
 def minilm_embed(max_length: int | None = None):
@@ -163,7 +173,9 @@ def minilm_embed(max_length: int | None = None):
     return embed, limit
 
 
-def train_stage(stage_name: str, args, **overrides) -> dict:
+def train_stage(stage_name: str, args, reuse: bool = False, **overrides) -> dict:
+    """Train one stage into overrides["output"] and summarise its losses. With reuse, an adapter already there
+    that was trained with the same configuration is kept and summarised from its log instead."""
     from llm2vec_fast.train.config import TrainConfig
     from llm2vec_fast.train.loop import train
     from llm2vec_fast.train.mntp import MNTPStage
@@ -171,10 +183,32 @@ def train_stage(stage_name: str, args, **overrides) -> dict:
 
     config = TrainConfig.for_stage(stage_name, dtype=args.dtype, gradient_checkpointing=False, save_steps=10**9,
                                    device="cpu", **overrides)
+    if reuse:
+        losses, seconds = _trained_before(config)
+        if losses is not None:
+            print(f"  {stage_name}: reusing {config.output} (same settings and data)", flush=True)
+            return {**_summary(stage_name, losses, seconds), "reused": True}
     started = time.perf_counter()
     stage = (MNTPStage if stage_name == "mntp" else SimCSEStage)(config)
     losses = train(stage, config, show_progress=True)
-    seconds = time.perf_counter() - started
+    return _summary(stage_name, losses, time.perf_counter() - started)
+
+
+def _trained_before(config) -> tuple[list | None, float]:
+    """(losses, seconds) from the log of a finished run in config.output with this configuration, else (None, 0)."""
+    try:
+        with open(os.path.join(config.output, "train_config.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(config.output, config.log_file)) as f:
+            log = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return None, 0.0
+    if saved != json.loads(json.dumps(config.to_dict())) or len(log) != config.steps:
+        return None, 0.0
+    return [r["loss"] for r in log], sum(r["seconds"] for r in log)
+
+
+def _summary(stage_name: str, losses: list, seconds: float) -> dict:
     print(f"  {stage_name}: {len(losses)} steps in {seconds:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f} "
           f"(mean of last 10: {np.mean(losses[-10:]):.3f})", flush=True)
     return {"steps": len(losses), "seconds": round(seconds, 1), "first_loss": losses[0], "last_loss": losses[-1],
@@ -223,11 +257,21 @@ def markdown(report: dict) -> str:
               f"{sizes['simcse_batch_size']} sentences (max {sizes['simcse_max_length']} tokens), lr "
               f"{sizes['simcse_learning_rate']}; LoRA r=16 on every projection; {sizes['train_sentences']} Wikipedia "
               f"sentences; weights {report['dtype']}. Total {report['seconds'] / 60:.1f} min."]
+    trained = [row["train"] for row in report["rows"] if "train" in row]
+    if trained and any(stage.get("reused") for stage in trained[-1].values()):
+        lines.append(f"Adapters reused from an earlier run with identical settings and data (--reuse); its "
+                     f"training took " + ", ".join(f"{name} {stage['seconds'] / 60:.1f} min"
+                                                   for name, stage in trained[-1].items()) + ".")
+    if report.get("instruction"):
+        lines.append(f"Every text the LLM2Vec variants embedded carried the instruction "
+                     f"{report['instruction']!r} (pooling skips it); MiniLM got none.")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
+    global INSTRUCTION
     args = parse_args(argv)
+    INSTRUCTION = args.instruction
     from llm2vec_fast import LLM2Vec
     from llm2vec_fast.evaluation.similarity import lee_pairs, word_pairs
     from llm2vec_fast.offline_data import wikipedia_sentences
@@ -238,8 +282,16 @@ def main(argv=None) -> int:
     datasets = {"lee": pairs, **{name: word_pairs(name) for name in WORD_SETS}}
     sentences = wikipedia_sentences()[:args.train_sentences]
     data = os.path.join(args.work_dir, "wiki.txt")
-    with open(data, "w", encoding="utf-8") as f:
-        f.write("\n".join(sentences) + "\n")
+    text = "\n".join(sentences) + "\n"
+    try:
+        with open(data, encoding="utf-8") as f:
+            same_data = f.read() == text
+    except OSError:
+        same_data = False
+    if not same_data:
+        with open(data, "w", encoding="utf-8") as f:
+            f.write(text)
+    reuse = args.reuse and same_data  # the adapters' configs name this file; its content must be what they saw
     print(f"ablation on {MODEL}: {len(pairs)} Lee pairs, {len(sentences)} training sentences, work dir "
           f"{args.work_dir}{' (QUICK MODE)' if args.quick else ''}", flush=True)
 
@@ -258,7 +310,7 @@ def main(argv=None) -> int:
 
     print("MNTP training", flush=True)
     mntp_dir = os.path.join(args.work_dir, "mntp")
-    mntp = train_stage("mntp", args, model=MODEL, data=data, output=mntp_dir, steps=args.mntp_steps,
+    mntp = train_stage("mntp", args, reuse=reuse, model=MODEL, data=data, output=mntp_dir, steps=args.mntp_steps,
                        batch_size=args.mntp_batch_size, block_size=args.block_size,
                        learning_rate=args.mntp_learning_rate)
     encoder = LLM2Vec.from_pretrained(mntp_dir, pooling_mode="mean", max_length=args.eval_max_length)
@@ -267,9 +319,10 @@ def main(argv=None) -> int:
                        "training": f"MNTP {mntp['steps']} steps"}))
     del encoder
 
+    mntp_reused = mntp.get("reused", False)
     print("SimCSE training", flush=True)
     simcse_dir = os.path.join(args.work_dir, "simcse")
-    simcse = train_stage("simcse", args, model=mntp_dir, data=data, output=simcse_dir, steps=args.simcse_steps,
+    simcse = train_stage("simcse", args, reuse=reuse and mntp_reused, model=mntp_dir, data=data, output=simcse_dir, steps=args.simcse_steps,
                          batch_size=args.simcse_batch_size, max_length=args.simcse_max_length,
                          learning_rate=args.simcse_learning_rate)
     encoder = LLM2Vec.from_pretrained(mntp_dir, peft_model_name_or_path=simcse_dir, merge_peft=True,
@@ -289,7 +342,8 @@ def main(argv=None) -> int:
     report = {"model": MODEL, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
               "commit": commit(), "quick": args.quick, "dtype": args.dtype, "pairs": len(pairs),
               "sizes": {name: getattr(args, name) for name in FULL}, "eval_max_length": args.eval_max_length,
-              "bootstrap_resamples": args.bootstrap_resamples, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - started, 1),
+              "bootstrap_resamples": args.bootstrap_resamples, "instruction": args.instruction,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.perf_counter() - started, 1),
               "rows": rows}
     os.makedirs(RESULTS, exist_ok=True)
     with open(args.stem + ".json", "w") as f:
