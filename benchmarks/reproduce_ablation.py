@@ -135,6 +135,14 @@ def add_intervals(rows: list[dict], datasets: dict, resamples: int) -> None:
                                            unit="text" if set_name == "lee" else "pair")
         for row in rows:
             (row if set_name == "lee" else row["word_sets"][set_name]).update(intervals[row["variant"]])
+    # The goal also asks "above Bi": the trained variants' Lee Spearman difference from Bi, paired the same way.
+    names = [row["variant"] for row in rows]
+    if "Bi" in names:
+        against_bi = bootstrap_correlations({name: COSINES["lee", name] for name in names}, datasets["lee"],
+                                            reference="Bi", resamples=resamples, unit="text")
+        for row in rows:
+            if row["variant"].startswith("Bi +"):
+                row["spearman_diff_bi_ci"] = against_bi[row["variant"]]["spearman_diff_ci"]
 
 
 INSTRUCTION = ""  # set from --instruction: goes on every text the LLM2Vec variants embed
@@ -241,6 +249,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| {row['variant']} | {cell(row, 'spearman')} | {cell(row, 'pearson')} | "
                      f"{diff(row, reference, 'spearman')} | {diff(row, reference, 'pearson')} | "
                      f"{row.get('training', '')} |")
+    bi = next((r for r in report["rows"] if r["variant"] == "Bi"), None)
+    trained = [r for r in report["rows"] if "spearman_diff_bi_ci" in r]
+    if bi and trained:
+        lines += ["", "Lee Spearman difference from Bi (paired): " + "; ".join(
+            f"{r['variant']} {r['spearman'] - bi['spearman']:+.3f} [{r['spearman_diff_bi_ci'][0]:+.3f}, "
+            f"{r['spearman_diff_bi_ci'][1]:+.3f}]" for r in trained) + "."]
     word_sets = list(reference.get("word_sets", {}))
     if word_sets:
         lines += ["", "Word pairs (each word embedded alone; Spearman, 95% intervals from resampled pairs, "

@@ -24,6 +24,7 @@ def synthetic_report(reused: bool, instruction: str = "") -> dict:
             row["train"] = {"mntp": {"steps": 120, "seconds": 650.0, "reused": reused},
                             "simcse": {"steps": 80, "seconds": 860.0, "reused": reused}}
             row["training"] = "MNTP 120 + SimCSE 80 steps"
+            row["spearman_diff_bi_ci"] = [-0.01, 0.06]
         rows.append(row)
     sizes = dict(reproduce_ablation.FULL)
     return {"model": "smollm2-135m", "device": "cpu", "commit": "abc1234", "quick": False, "dtype": "float32",
@@ -37,6 +38,7 @@ def test_markdown_lists_every_variant_with_intervals_and_paired_differences():
     assert "| Bi | 0.530 [0.430, 0.630] | 0.520 [0.420, 0.620] | -0.030 [-0.050, +0.040] |" in text
     assert "| variant | simlex999 | simlex999 - Uni | wordsim353 | wordsim353 - Uni |" in text
     assert "MNTP 120 + SimCSE 80 steps" in text
+    assert "difference from Bi (paired): Bi + MNTP + SimCSE +0.027 [-0.010, +0.060]." in text
     assert "reused" not in text and "instruction" not in text
 
 
