@@ -66,6 +66,18 @@ def test_mteb_instruction_priority(encoder):
     np.testing.assert_allclose(out, reference(encoder, TEXTS[:2], "Retrieve semantically similar text:"), atol=1e-5)
 
 
+def test_mteb_honours_batch_size_and_progress_bar(encoder, monkeypatch):
+    seen = []
+    monkeypatch.setattr(encoder, "encode", lambda sentences, **kw: seen.append(kw) or
+                        np.zeros((len(sentences), encoder.config.hidden_size), dtype=np.float32))
+    task = fake_task()
+    MTEBEncoder(encoder, batch_size=8).encode(loader(TEXTS), task_metadata=task, hf_split="t", hf_subset="d",
+                                              batch_size=2, show_progress_bar=True)
+    MTEBEncoder(encoder, batch_size=8).encode(loader(TEXTS), task_metadata=task, hf_split="t", hf_subset="d")
+    assert (seen[0]["batch_size"], seen[0]["show_progress_bar"]) == (2, True)
+    assert (seen[1]["batch_size"], seen[1]["show_progress_bar"]) == (8, False)
+
+
 def test_mteb_similarity_and_bad_inputs(encoder):
     model = MTEBEncoder(encoder)
     a, b = np.random.default_rng(0).normal(size=(3, 8)), np.random.default_rng(1).normal(size=(2, 8))
@@ -109,6 +121,58 @@ def test_sentence_transformer_matches_encode(encoder, tmp_path):
     model.save(str(tmp_path / "st"))
     reloaded = load_sentence_transformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
     np.testing.assert_allclose(reloaded.encode(TEXTS, convert_to_numpy=True), out, atol=1e-5)
+
+
+@needs_st
+def test_sentence_transformer_reload_needs_no_trust_remote_code(encoder, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import misc
+
+    from llm2vec_fast.evaluation.st_adapter import load_sentence_transformer, to_sentence_transformer
+
+    path = str(tmp_path / "st")
+    to_sentence_transformer(encoder, device="cpu").save(path)
+    expected = reference(encoder, TEXTS)
+    # load_sentence_transformer resolves the module without sentence-transformers importing anything by name.
+    imported = []
+    original = misc.import_module_class
+    monkeypatch.setattr(misc, "import_module_class", lambda ref, *a, **k: imported.append(ref) or original(ref, *a, **k))
+    reloaded = load_sentence_transformer(path, device="cpu")
+    assert not [ref for ref in imported if not ref.startswith("sentence_transformers.")]
+    np.testing.assert_allclose(reloaded.encode(TEXTS, convert_to_numpy=True), expected, atol=1e-5)
+    # Plain SentenceTransformer(path) follows sentence-transformers' own rule for classes outside its package.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        SentenceTransformer(path, device="cpu")
+    trusted = SentenceTransformer(path, device="cpu", trust_remote_code=True)
+    np.testing.assert_allclose(trusted.encode(TEXTS, convert_to_numpy=True), expected, atol=1e-5)
+
+
+@needs_st
+def test_sentence_transformer_refuses_foreign_modules(tmp_path):
+    from llm2vec_fast.evaluation.st_adapter import load_sentence_transformer
+
+    with pytest.raises(FileNotFoundError, match="modules.json"):
+        load_sentence_transformer(str(tmp_path))
+    (tmp_path / "modules.json").write_text('[{"idx": 0, "name": "0", "path": "", "type": "evil.Module"}]')
+    with pytest.raises(ValueError, match="evil.Module"):
+        load_sentence_transformer(str(tmp_path))
+
+
+@needs_st
+def test_sentence_transformer_token_embeddings(encoder):
+    from llm2vec_fast.evaluation.st_adapter import to_sentence_transformer
+
+    model = to_sentence_transformer(encoder, device="cpu")
+    texts = TEXTS + [""]
+    tokens = model.encode(texts, output_value="token_embeddings", prompt="find the animal")
+    sentences = model.encode(texts, convert_to_numpy=True, prompt="find the animal")
+    rows = encoder.tokenize_inputs([["find the animal", t] for t in texts])
+    for t, (states, row) in enumerate(zip(tokens, rows)):
+        # The pooled tokens: the text's own (no instruction, no BOS), or for the empty text what the model saw.
+        # Their mean is the sentence embedding.
+        if texts[t]:
+            assert states.shape == (row.text_end - row.text_start, encoder.config.hidden_size)
+        np.testing.assert_allclose(states.mean(0).numpy(), sentences[t], atol=1e-5)
 
 
 @needs_st

@@ -41,7 +41,9 @@ class MTEBEncoder:
     instructions: task name or task type -> instruction (overrides the task's own prompt); {} to use only the
         tasks' prompts.
     use_task_prompts: fall back to the instruction in the task metadata when `instructions` has none.
-    batch_size / max_batch_tokens: passed to `encode` (token-budget batches by default).
+    batch_size / max_batch_tokens: passed to `encode`. mteb's own `batch_size` (in its `encode_kwargs`) overrides
+        batch_size; without either, batches are filled up to max_batch_tokens.
+    show_progress_bar: the default when mteb's `encode_kwargs` do not say.
     name, revision: what results are filed under.
     """
 
@@ -83,9 +85,16 @@ class MTEBEncoder:
         sentences = [[instruction, t] for t in texts] if instruction else texts
         if not sentences:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        return self.model.encode(sentences, batch_size=kwargs.get("batch_size", self.batch_size),
+        return self.model.encode(sentences, batch_size=self._batch_size(kwargs),
                                  max_batch_tokens=self.max_batch_tokens, device=self.device,
-                                 show_progress_bar=self.show_progress_bar, convert_to_numpy=True)
+                                 show_progress_bar=bool(kwargs.get("show_progress_bar", self.show_progress_bar)),
+                                 convert_to_numpy=True)
+
+    def _batch_size(self, kwargs) -> int | None:
+        """mteb's `encode_kwargs["batch_size"]` when given, else ours: at most that many texts per batch (None
+        fills batches up to max_batch_tokens; the DataLoader's own batching only groups what mteb reads)."""
+        size = kwargs.get("batch_size")
+        return self.batch_size if size is None else size
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """Cosine similarity matrix [N1, N2]."""

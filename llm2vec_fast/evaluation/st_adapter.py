@@ -6,14 +6,20 @@
     model = SentenceTransformer(modules=[LLM2VecModule.from_pretrained("smollm2-135m")], device="cpu")
     model.encode(["a text"], prompt="Retrieve relevant passages:")   # the prompt becomes the LLM2Vec instruction
     model.save("my-st-model")
-    model = load_sentence_transformer("my-st-model")                  # = SentenceTransformer(path, trust_remote_code=True)
+    model = load_sentence_transformer("my-st-model")                  # no trust_remote_code needed
 
 The module does its own tokenization, packing and pooling (the llm2vec-fast engine), so a SentenceTransformer built
 from it embeds exactly like `LLM2Vec.encode`, batch by batch. A `prompt` is not prepended to the text as
 sentence-transformers does for plain transformers: it becomes the instruction of an [instruction, text] input, so
 it is attended to but not pooled (LLM2Vec's rule). The forward pass is differentiable, so sentence-transformers
-training works too. A saved model's modules.json names this class; sentence-transformers imports any class outside
-its own package only with `trust_remote_code=True` (here: code of the installed llm2vec-fast, nothing downloaded).
+training works too. `output_value="token_embeddings"` gives the hidden states of each text's pooled tokens (the
+text without its instruction and BOS).
+
+Reloading: a saved model's modules.json names this class. sentence-transformers (>= 6) imports a class outside its
+own package only with `trust_remote_code=True`, whatever the class: `SentenceTransformer(path)` alone refuses it,
+and `SentenceTransformer(path, trust_remote_code=True)` imports it from the installed llm2vec-fast.
+`load_sentence_transformer(path)` needs neither: it hands sentence-transformers this class directly (its own
+mechanism for modules already imported), so nothing named by the directory is imported at all.
 """
 
 from __future__ import annotations
@@ -94,7 +100,10 @@ class LLM2VecModule(InputModule):
         else:
             batch = PaddedBatch(features["input_ids"], features["attention_mask"], features["pool_starts"],
                                 features["pool_ends"])
-        features["sentence_embedding"] = self.encoder.embed_batch(batch).float()
+        hidden = self.encoder.hidden_states(batch)
+        features["sentence_embedding"] = self.encoder.pool(hidden, batch).float()
+        features["token_embeddings"], features["attention_mask"] = _pooled_tokens(hidden, batch.pool_starts,
+                                                                                  batch.pool_ends)
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
@@ -123,6 +132,21 @@ class LLM2VecModule(InputModule):
         return cls(encoder, enable_bidirectional=options.get("enable_bidirectional", True))
 
 
+def _pooled_tokens(hidden, starts, ends) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each text's pooled rows of `hidden` [T, H], right-padded: ([B, L, H] states, [B, L] mask).
+
+    sentence-transformers reads `token_embeddings` with `attention_mask` for output_value="token_embeddings"; the
+    mask here marks the pooled tokens (the model's own attention mask was consumed by the forward pass).
+    """
+    lengths = (ends - starts).clamp(min=0)
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    offsets = torch.arange(width, device=hidden.device)
+    mask = offsets[None, :] < lengths[:, None]  # [B, L]
+    rows = (starts[:, None] + offsets[None, :]).clamp(max=hidden.shape[0] - 1)  # [B, L]
+    tokens = hidden[rows] * mask[..., None].to(hidden.dtype)  # [B, L, H]
+    return tokens.float(), mask.long()
+
+
 def to_sentence_transformer(encoder, device: str | None = None, **kwargs):
     """A `SentenceTransformer` around an `LLM2Vec` (kwargs go to the SentenceTransformer constructor)."""
     from sentence_transformers import SentenceTransformer
@@ -131,14 +155,24 @@ def to_sentence_transformer(encoder, device: str | None = None, **kwargs):
 
 
 def load_sentence_transformer(path: str, device: str | None = None, **kwargs):
-    """Reload a SentenceTransformer saved with an `LLM2VecModule` (a local directory)."""
+    """Reload a SentenceTransformer saved with an `LLM2VecModule` (a local directory), without
+    `trust_remote_code`: this module's class is handed to sentence-transformers, and any other class outside
+    sentence-transformers is refused."""
     from sentence_transformers import SentenceTransformer
 
-    with open(os.path.join(path, "modules.json"), encoding="utf-8") as f:
+    modules_file = os.path.join(path, "modules.json")
+    if not os.path.isfile(modules_file):
+        raise FileNotFoundError(f"{path!r} has no modules.json: it is not a saved SentenceTransformer. Save one with "
+                                f"to_sentence_transformer(encoder).save(path).")
+    with open(modules_file, encoding="utf-8") as f:
         types = {m["type"] for m in json.load(f)}
-    foreign = {t for t in types if not t.startswith(("sentence_transformers.", f"{__name__}."))}
+    ours = f"{__name__}.{LLM2VecModule.__name__}"
+    foreign = {t for t in types if not t.startswith("sentence_transformers.") and t != ours}
     if foreign:
         raise ValueError(f"{path}: modules.json names classes outside sentence-transformers and llm2vec-fast "
                          f"({sorted(foreign)}); load it with SentenceTransformer(..., trust_remote_code=True) "
                          f"if you trust them")
-    return SentenceTransformer(path, device=device, trust_remote_code=True, **kwargs)
+    if hasattr(SentenceTransformer, "_load_with_module_classes"):
+        return SentenceTransformer._load_with_module_classes(path, {ours: LLM2VecModule}, device=device, **kwargs)
+    # sentence-transformers before 6.x: it imports installed classes without asking.
+    return SentenceTransformer(path, device=device, **kwargs)
