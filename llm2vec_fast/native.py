@@ -2,10 +2,11 @@
 
 `load()` returns the loaded library (its ops are then ``torch.ops.llm2vec_fast.*``) or None. It takes, in order:
 the extension that ``setup.py`` built (``LLM2VEC_FAST_BUILD_CPP=1``, module ``llm2vec_fast._C``), else a JIT build
-of ``csrc/*.cpp`` with ninja into a cached build directory (``<cache>/build/<torch>-<cpu>``, cache as for the
-default model: ``$LLM2VEC_FAST_CACHE`` or ``~/.cache/llm2vec_fast``; ~30 s cold, instant afterwards, rebuilt when a
-source changes). Without a compiler, ninja or the sources, or on a build error, it warns once and returns None, and
-every caller keeps the PyTorch path. ``LLM2VEC_FAST_NATIVE=0`` disables the native ops without a warning.
+of ``csrc/*.cpp`` (from the installed package or the checkout, see `CSRC`) with ninja into a cached build
+directory (``<cache>/build/<torch>-<cpu>``, cache as for the default model: ``$LLM2VEC_FAST_CACHE`` or
+``~/.cache/llm2vec_fast``; ~30 s cold, instant afterwards, rebuilt when a source changes). Without a compiler,
+ninja or the sources, or on a build error, it warns once and returns None, and every caller keeps the PyTorch path.
+``LLM2VEC_FAST_NATIVE=0`` disables the native ops without a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +22,20 @@ import warnings
 import torch
 
 ENV_SWITCH = "LLM2VEC_FAST_NATIVE"
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+
+def _source_directory() -> str:
+    """The folder of the C++ sources: ``llm2vec_fast/csrc`` in an installed package (the wheel ships the
+    repository's ``csrc/`` there as package data), else the checkout's ``csrc/`` next to the package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "csrc")
+    if glob.glob(os.path.join(installed, "*.cpp")):
+        return installed
+    return os.path.join(os.path.dirname(package), "csrc")
+
+
+CSRC = _source_directory()
+
 # -ffp-contract=off keeps a*b + c*d two roundings, as in PyTorch (see csrc/cpu_ops.cpp); -march=native is why the
 # build directory is keyed on the CPU.
 CFLAGS = ["-O3", "-fopenmp", "-march=native", "-ffp-contract=off"]
@@ -69,7 +83,7 @@ def _load():
         pass
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     if not sources:
-        return _unavailable(f"no C++ sources found in {CSRC} (installed without the repository)")
+        return _unavailable(f"no C++ sources found in {CSRC}")
     try:
         from torch.utils.cpp_extension import load as load_extension, verify_ninja_availability
 
