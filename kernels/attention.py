@@ -15,8 +15,8 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+from ._triton import HAS_TRITON, require_triton, tl, triton
 
 # Tests set this to True: outputs are then allocated NaN-filled, so an element a kernel never writes fails loudly.
 POISON_OUTPUTS = False
@@ -39,252 +39,261 @@ def _alloc(shape, dtype, device):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _dropout_keep(seed, offset, i_h, b_tok, b_col, dropout_p):
-    """Keep-mask of attention dropout for query tokens ``b_tok`` (packed row index) and keys ``b_col`` (index
-    within the sequence), both int32 blocks of one shape, for query head ``i_h``. One Philox draw per element,
-    keyed by the 64-bit seed, counters (col, token, head, offset): the forward, both backward kernels and the
-    debug mask kernel regenerate bit-identical masks whatever their tiling."""
-    b_r, _, _, _ = tl.philox(seed, b_col, b_tok, b_col * 0 + i_h, b_col * 0 + offset)
-    return tl.uint_to_uniform_float(b_r) > dropout_p
+# The kernels exist only where Triton is installed (the gpu extra); the CPU paths below never need them.
+if HAS_TRITON:
+
+    @triton.jit
+    def _dropout_keep(seed, offset, i_h, b_tok, b_col, dropout_p):
+        """Keep-mask of attention dropout for query tokens ``b_tok`` (packed row index) and keys ``b_col`` (index
+        within the sequence), both int32 blocks of one shape, for query head ``i_h``. One Philox draw per element,
+        keyed by the 64-bit seed, counters (col, token, head, offset): the forward, both backward kernels and the
+        debug mask kernel regenerate bit-identical masks whatever their tiling."""
+        b_r, _, _, _ = tl.philox(seed, b_col, b_tok, b_col * 0 + i_h, b_col * 0 + offset)
+        return tl.uint_to_uniform_float(b_r) > dropout_p
 
 
-@triton.jit(do_not_specialize=["T", "NM"])
-def _attn_fwd_kernel(
-    q, k, v, o, lse, cu_seqlens, rng,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    T, NM, scale_log2, dropout_p, inv_keep,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # One program: BM query rows of one (sequence, query head); grid = NM * B * HQ, query block fastest so that
-    # programs running together share the K/V of one head in L2.
-    pid = tl.program_id(0).to(tl.int64)
-    i_m = pid % NM
-    i_bh = pid // NM
-    i_b = i_bh // HQ
-    i_h = i_bh % HQ
-    i_kh = i_h // GROUP
-    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-    L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
-    if i_m * BM >= L:
-        return
+    @triton.jit(do_not_specialize=["T", "NM"])
+    def _attn_fwd_kernel(
+        q, k, v, o, lse, cu_seqlens, rng,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        T, NM, scale_log2, dropout_p, inv_keep,
+        HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program: BM query rows of one (sequence, query head); grid = NM * B * HQ, query block fastest so that
+        # programs running together share the K/V of one head in L2.
+        pid = tl.program_id(0).to(tl.int64)
+        i_m = pid % NM
+        i_bh = pid // NM
+        i_b = i_bh // HQ
+        i_h = i_bh % HQ
+        i_kh = i_h // GROUP
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        if i_m * BM >= L:
+            return
 
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, BD)
-    m_m = o_m < L
-    m_d = o_d < D
-    p_q = q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-    p_k = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
-    p_v = v + bos * stride_vt + i_kh * stride_vh + o_n[:, None] * stride_vt + o_d[None, :]
-    if HAS_DROPOUT:
-        seed = tl.load(rng)
-        offset = tl.load(rng + 1).to(tl.int32)
-        b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
-
-    b_m = tl.full([BM], float("-inf"), tl.float32)
-    b_l = tl.zeros([BM], tl.float32)
-    b_acc = tl.zeros([BM, BD], tl.float32)
-    for start_n in range(0, L, BN):
-        m_n = (start_n + o_n) < L
-        b_k = tl.load(p_k + start_n * stride_kt, mask=m_n[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
-        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale_log2  # [BM, BN]
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        # A row whose keys are all masked keeps m = -inf; exponentiate against 0 instead so it stays 0, not NaN.
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN]
-        b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        if HAS_DROPOUT:
-            b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
-            b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-            b_p = tl.where(b_keep, b_p * inv_keep, 0.0)
-        b_v = tl.load(p_v + start_n * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        b_m = b_m_new
-
-    b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
-    b_l = tl.where(b_l == 0.0, 1.0, b_l)
-    b_o = b_acc / b_l[:, None]  # [BM, BD]
-    p_o = o + (bos + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
-    # Log-sum-exp in base 2 of the scaled logits: p = exp2(s * scale_log2 - lse) in the backward.
-    tl.store(lse + i_h * T + bos + o_m, b_m + tl.log2(b_l), mask=m_m)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _attn_bwd_preprocess_kernel(
-    o, do, delta, stride_ot, stride_oh, stride_dot, stride_doh, T,
-    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-):
-    i_t = tl.program_id(0).to(tl.int64)
-    i_h = tl.program_id(1).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m_t = o_t < T
-    m_td = m_t[:, None] & (o_d < D)[None, :]
-    b_o = tl.load(o + o_t[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], mask=m_td, other=0.0)  # [BT, BD]
-    b_do = tl.load(do + o_t[:, None] * stride_dot + i_h * stride_doh + o_d[None, :], mask=m_td, other=0.0)  # [BT, BD]
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BT]
-    tl.store(delta + i_h * T + o_t, b_delta, mask=m_t)
-
-
-@triton.jit(do_not_specialize=["T", "NN"])
-def _attn_bwd_dkdv_kernel(
-    q, k, v, do, lse, delta, dk, dv, cu_seqlens, rng,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    T, NN, scale, scale_log2, dropout_p, inv_keep,
-    HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # One program: BN keys of one (sequence, KV head); it loops over the GROUP query heads sharing that KV head
-    # and over all query blocks, so the GQA sum happens in registers and every dK/dV element has one writer.
-    pid = tl.program_id(0).to(tl.int64)
-    i_n = pid % NN
-    i_bh = pid // NN
-    i_b = i_bh // HKV
-    i_kh = i_bh % HKV
-    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-    L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
-    if i_n * BN >= L:
-        return
-
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_m = tl.arange(0, BM)
-    o_d = tl.arange(0, BD)
-    m_n = o_n < L
-    m_d = o_d < D
-    m_nd = m_n[:, None] & m_d[None, :]
-    b_k = tl.load(k + (bos + o_n)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :], mask=m_nd, other=0.0)  # [BN, BD]
-    b_v = tl.load(v + (bos + o_n)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :], mask=m_nd, other=0.0)  # [BN, BD]
-    if HAS_DROPOUT:
-        seed = tl.load(rng)
-        offset = tl.load(rng + 1).to(tl.int32)
-        b_col = o_n.to(tl.int32)[:, None] + tl.zeros([BN, BM], tl.int32)  # [BN, BM]
-
-    b_dk = tl.zeros([BN, BD], tl.float32)
-    b_dv = tl.zeros([BN, BD], tl.float32)
-    for g in range(GROUP):
-        i_h = i_kh * GROUP + g
+        o_m = i_m * BM + tl.arange(0, BM)
+        o_n = tl.arange(0, BN)
+        o_d = tl.arange(0, BD)
+        m_m = o_m < L
+        m_d = o_d < D
         p_q = q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
-        p_do = do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :]
-        p_lse = lse + i_h * T + bos + o_m
-        p_delta = delta + i_h * T + bos + o_m
-        for start_m in range(0, L, BM):
-            m_m = (start_m + o_m) < L
-            m_md = m_m[:, None] & m_d[None, :]
-            b_q = tl.load(p_q + start_m * stride_qt, mask=m_md, other=0.0)  # [BM, BD]
-            b_do = tl.load(p_do + start_m * stride_dot, mask=m_md, other=0.0)  # [BM, BD]
-            b_lse = tl.load(p_lse + start_m, mask=m_m, other=0.0)  # [BM]
-            b_delta = tl.load(p_delta + start_m, mask=m_m, other=0.0)  # [BM]
-            b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BN, BM]
-            # Padding query rows (beyond L) must contribute nothing; their lse was never written.
-            b_pT = tl.where(m_m[None, :], tl.exp2(b_sT - b_lse[None, :]), 0.0)  # [BN, BM]
-            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+        b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
+        p_k = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
+        p_v = v + bos * stride_vt + i_kh * stride_vh + o_n[:, None] * stride_vt + o_d[None, :]
+        if HAS_DROPOUT:
+            seed = tl.load(rng)
+            offset = tl.load(rng + 1).to(tl.int32)
+            b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
+
+        b_m = tl.full([BM], float("-inf"), tl.float32)
+        b_l = tl.zeros([BM], tl.float32)
+        b_acc = tl.zeros([BM, BD], tl.float32)
+        for start_n in range(0, L, BN):
+            m_n = (start_n + o_n) < L
+            b_k = tl.load(p_k + start_n * stride_kt, mask=m_n[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
+            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale_log2  # [BM, BN]
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            # A row whose keys are all masked keeps m = -inf; exponentiate against 0 instead so it stays 0, not NaN.
+            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN]
+            b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
             if HAS_DROPOUT:
-                b_tok = (bos + start_m + o_m).to(tl.int32)[None, :] + tl.zeros([BN, BM], tl.int32)
+                b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
                 b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-                b_pdT = tl.where(b_keep, b_pT * inv_keep, 0.0)
-                b_dpT = tl.where(b_keep, b_dpT * inv_keep, 0.0)
-            else:
-                b_pdT = b_pT
-            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
-            b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
-            b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PRECISION)
+                b_p = tl.where(b_keep, b_p * inv_keep, 0.0)
+            b_v = tl.load(p_v + start_n * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+            b_m = b_m_new
 
-    b_dk = b_dk * scale
-    tl.store(dk + (bos + o_n)[:, None] * stride_dkt + i_kh * stride_dkh + o_d[None, :],
-             b_dk.to(dk.dtype.element_ty), mask=m_nd)
-    tl.store(dv + (bos + o_n)[:, None] * stride_dvt + i_kh * stride_dvh + o_d[None, :],
-             b_dv.to(dv.dtype.element_ty), mask=m_nd)
+        b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
+        b_l = tl.where(b_l == 0.0, 1.0, b_l)
+        b_o = b_acc / b_l[:, None]  # [BM, BD]
+        p_o = o + (bos + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+        # Log-sum-exp in base 2 of the scaled logits: p = exp2(s * scale_log2 - lse) in the backward.
+        tl.store(lse + i_h * T + bos + o_m, b_m + tl.log2(b_l), mask=m_m)
 
 
-@triton.jit(do_not_specialize=["T", "NM"])
-def _attn_bwd_dq_kernel(
-    q, k, v, do, lse, delta, dq, cu_seqlens, rng,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-    T, NM, scale, scale_log2, dropout_p, inv_keep,
-    HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    i_m = pid % NM
-    i_bh = pid // NM
-    i_b = i_bh // HQ
-    i_h = i_bh % HQ
-    i_kh = i_h // GROUP
-    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-    L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
-    if i_m * BM >= L:
-        return
+    @triton.jit(do_not_specialize=["T"])
+    def _attn_bwd_preprocess_kernel(
+        o, do, delta, stride_ot, stride_oh, stride_dot, stride_doh, T,
+        D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+    ):
+        i_t = tl.program_id(0).to(tl.int64)
+        i_h = tl.program_id(1).to(tl.int64)
+        o_t = i_t * BT + tl.arange(0, BT)
+        o_d = tl.arange(0, BD)
+        m_t = o_t < T
+        m_td = m_t[:, None] & (o_d < D)[None, :]
+        b_o = tl.load(o + o_t[:, None] * stride_ot + i_h * stride_oh + o_d[None, :], mask=m_td, other=0.0)  # [BT, BD]
+        b_do = tl.load(do + o_t[:, None] * stride_dot + i_h * stride_doh + o_d[None, :],
+                       mask=m_td, other=0.0)  # [BT, BD]
+        b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)  # [BT]
+        tl.store(delta + i_h * T + o_t, b_delta, mask=m_t)
 
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, BD)
-    m_m = o_m < L
-    m_d = o_d < D
-    m_md = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :], mask=m_md, other=0.0)  # [BM, BD]
-    b_do = tl.load(do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :], mask=m_md, other=0.0)  # [BM, BD]
-    b_lse = tl.load(lse + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
-    b_delta = tl.load(delta + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
-    p_kT = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
-    p_vT = v + bos * stride_vt + i_kh * stride_vh + o_n[None, :] * stride_vt + o_d[:, None]
-    if HAS_DROPOUT:
+
+    @triton.jit(do_not_specialize=["T", "NN"])
+    def _attn_bwd_dkdv_kernel(
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, rng,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        T, NN, scale, scale_log2, dropout_p, inv_keep,
+        HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program: BN keys of one (sequence, KV head); it loops over the GROUP query heads sharing that KV head
+        # and over all query blocks, so the GQA sum happens in registers and every dK/dV element has one writer.
+        pid = tl.program_id(0).to(tl.int64)
+        i_n = pid % NN
+        i_bh = pid // NN
+        i_b = i_bh // HKV
+        i_kh = i_bh % HKV
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        if i_n * BN >= L:
+            return
+
+        o_n = i_n * BN + tl.arange(0, BN)
+        o_m = tl.arange(0, BM)
+        o_d = tl.arange(0, BD)
+        m_n = o_n < L
+        m_d = o_d < D
+        m_nd = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(k + (bos + o_n)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
+                      mask=m_nd, other=0.0)  # [BN, BD]
+        b_v = tl.load(v + (bos + o_n)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
+                      mask=m_nd, other=0.0)  # [BN, BD]
+        if HAS_DROPOUT:
+            seed = tl.load(rng)
+            offset = tl.load(rng + 1).to(tl.int32)
+            b_col = o_n.to(tl.int32)[:, None] + tl.zeros([BN, BM], tl.int32)  # [BN, BM]
+
+        b_dk = tl.zeros([BN, BD], tl.float32)
+        b_dv = tl.zeros([BN, BD], tl.float32)
+        for g in range(GROUP):
+            i_h = i_kh * GROUP + g
+            p_q = q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
+            p_do = do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :]
+            p_lse = lse + i_h * T + bos + o_m
+            p_delta = delta + i_h * T + bos + o_m
+            for start_m in range(0, L, BM):
+                m_m = (start_m + o_m) < L
+                m_md = m_m[:, None] & m_d[None, :]
+                b_q = tl.load(p_q + start_m * stride_qt, mask=m_md, other=0.0)  # [BM, BD]
+                b_do = tl.load(p_do + start_m * stride_dot, mask=m_md, other=0.0)  # [BM, BD]
+                b_lse = tl.load(p_lse + start_m, mask=m_m, other=0.0)  # [BM]
+                b_delta = tl.load(p_delta + start_m, mask=m_m, other=0.0)  # [BM]
+                b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BN, BM]
+                # Padding query rows (beyond L) must contribute nothing; their lse was never written.
+                b_pT = tl.where(m_m[None, :], tl.exp2(b_sT - b_lse[None, :]), 0.0)  # [BN, BM]
+                b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+                if HAS_DROPOUT:
+                    b_tok = (bos + start_m + o_m).to(tl.int32)[None, :] + tl.zeros([BN, BM], tl.int32)
+                    b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
+                    b_pdT = tl.where(b_keep, b_pT * inv_keep, 0.0)
+                    b_dpT = tl.where(b_keep, b_dpT * inv_keep, 0.0)
+                else:
+                    b_pdT = b_pT
+                b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
+                b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
+                b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PRECISION)
+
+        b_dk = b_dk * scale
+        tl.store(dk + (bos + o_n)[:, None] * stride_dkt + i_kh * stride_dkh + o_d[None, :],
+                 b_dk.to(dk.dtype.element_ty), mask=m_nd)
+        tl.store(dv + (bos + o_n)[:, None] * stride_dvt + i_kh * stride_dvh + o_d[None, :],
+                 b_dv.to(dv.dtype.element_ty), mask=m_nd)
+
+
+    @triton.jit(do_not_specialize=["T", "NM"])
+    def _attn_bwd_dq_kernel(
+        q, k, v, do, lse, delta, dq, cu_seqlens, rng,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+        stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+        T, NM, scale, scale_log2, dropout_p, inv_keep,
+        HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        i_m = pid % NM
+        i_bh = pid // NM
+        i_b = i_bh // HQ
+        i_h = i_bh % HQ
+        i_kh = i_h // GROUP
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        if i_m * BM >= L:
+            return
+
+        o_m = i_m * BM + tl.arange(0, BM)
+        o_n = tl.arange(0, BN)
+        o_d = tl.arange(0, BD)
+        m_m = o_m < L
+        m_d = o_d < D
+        m_md = m_m[:, None] & m_d[None, :]
+        b_q = tl.load(q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+                      mask=m_md, other=0.0)  # [BM, BD]
+        b_do = tl.load(do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :],
+                       mask=m_md, other=0.0)  # [BM, BD]
+        b_lse = tl.load(lse + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
+        b_delta = tl.load(delta + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
+        p_kT = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
+        p_vT = v + bos * stride_vt + i_kh * stride_vh + o_n[None, :] * stride_vt + o_d[:, None]
+        if HAS_DROPOUT:
+            seed = tl.load(rng)
+            offset = tl.load(rng + 1).to(tl.int32)
+            b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
+
+        b_dq = tl.zeros([BM, BD], tl.float32)
+        for start_n in range(0, L, BN):
+            m_n = (start_n + o_n) < L
+            m_dn = m_d[:, None] & m_n[None, :]
+            b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_dn, other=0.0)  # [BD, BN]
+            b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_dn, other=0.0)  # [BD, BN]
+            b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2  # [BM, BN]
+            b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
+            b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
+            if HAS_DROPOUT:
+                b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
+                b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
+                b_dp = tl.where(b_keep, b_dp * inv_keep, 0.0)
+            b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+            b_dq += tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=PRECISION)
+
+        b_dq = b_dq * scale
+        tl.store(dq + (bos + o_m)[:, None] * stride_dqt + i_h * stride_dqh + o_d[None, :],
+                 b_dq.to(dq.dtype.element_ty), mask=m_md)
+
+
+    @triton.jit(do_not_specialize=["NM"])
+    def _dropout_mask_kernel(
+        mask, cu_seqlens, rng, stride_mb, stride_mh, stride_mm, NM, dropout_p,
+        HQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        i_m = pid % NM
+        i_bh = pid // NM
+        i_b = i_bh // HQ
+        i_h = i_bh % HQ
+        bos = tl.load(cu_seqlens + i_b).to(tl.int64)
+        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        if i_m * BM >= L:
+            return
         seed = tl.load(rng)
         offset = tl.load(rng + 1).to(tl.int32)
+        o_m = i_m * BM + tl.arange(0, BM)
+        o_n = tl.arange(0, BN)
         b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
-
-    b_dq = tl.zeros([BM, BD], tl.float32)
-    for start_n in range(0, L, BN):
-        m_n = (start_n + o_n) < L
-        m_dn = m_d[:, None] & m_n[None, :]
-        b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_dn, other=0.0)  # [BD, BN]
-        b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_dn, other=0.0)  # [BD, BN]
-        b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2  # [BM, BN]
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
-        b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
-        if HAS_DROPOUT:
+        p_mask = mask + i_b * stride_mb + i_h * stride_mh + o_m[:, None] * stride_mm
+        for start_n in range(0, L, BN):
             b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
             b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-            b_dp = tl.where(b_keep, b_dp * inv_keep, 0.0)
-        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
-        b_dq += tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=PRECISION)
-
-    b_dq = b_dq * scale
-    tl.store(dq + (bos + o_m)[:, None] * stride_dqt + i_h * stride_dqh + o_d[None, :],
-             b_dq.to(dq.dtype.element_ty), mask=m_md)
-
-
-@triton.jit(do_not_specialize=["NM"])
-def _dropout_mask_kernel(
-    mask, cu_seqlens, rng, stride_mb, stride_mh, stride_mm, NM, dropout_p,
-    HQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    i_m = pid % NM
-    i_bh = pid // NM
-    i_b = i_bh // HQ
-    i_h = i_bh % HQ
-    bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-    L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
-    if i_m * BM >= L:
-        return
-    seed = tl.load(rng)
-    offset = tl.load(rng + 1).to(tl.int32)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
-    p_mask = mask + i_b * stride_mb + i_h * stride_mh + o_m[:, None] * stride_mm
-    for start_n in range(0, L, BN):
-        b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
-        b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-        m_mn = (o_m < L)[:, None] & ((start_n + o_n) < L)[None, :]
-        tl.store(p_mask + (start_n + o_n)[None, :], b_keep.to(tl.int8), mask=m_mn)
+            m_mn = (o_m < L)[:, None] & ((start_n + o_n) < L)[None, :]
+            tl.store(p_mask + (start_n + o_n)[None, :], b_keep.to(tl.int8), mask=m_mn)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -526,6 +535,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropou
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.device.type != "cuda" and not force_triton:
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
+    require_triton("varlen_attention on a CUDA tensor")
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     cu_seqlens = cu_seqlens.to(torch.int32)
     rng = draw_dropout_rng(q.device) if dropout_p > 0.0 else None
@@ -540,6 +550,7 @@ def varlen_attention_dropout_mask(cu_seqlens, max_seqlen, num_heads, dropout_p, 
     ``torch.manual_seed(s); varlen_attention_dropout_mask(...)`` see the same masks. Returns a list with one
     bool tensor [num_heads, L_i, L_i] per sequence (True = kept).
     """
+    require_triton("varlen_attention_dropout_mask")
     device = torch.device(device) if device is not None else cu_seqlens.device
     cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
     if rng is None:

@@ -14,8 +14,8 @@ Rows whose label equals ``ignore_index`` contribute nothing; the mean is over th
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import HAS_TRITON, require_triton, tl, triton
 
 IGNORE_INDEX = -100
 # Rows per chunk: big enough that the two matmuls per chunk run at full speed, small enough that the fp32
@@ -32,38 +32,42 @@ def _alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@triton.jit(do_not_specialize=["V"])
-def _cross_entropy_grad_kernel(logits, labels, loss, scale, stride_l, V, IGNORE: tl.constexpr, BV: tl.constexpr):
-    # One program per row: log-sum-exp over the row in blocks (online max), the row's loss, then the row is
-    # overwritten with its gradient scale * (softmax - onehot(label)).
-    i_r = tl.program_id(0).to(tl.int64)
-    p_row = logits + i_r * stride_l
-    label = tl.load(labels + i_r).to(tl.int64)
-    o_v = tl.arange(0, BV)
-    b_m = -float("inf")
-    b_s = 0.0
-    for v0 in range(0, V, BV):
-        m_v = (v0 + o_v) < V
-        b_x = tl.load(p_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32)  # [BV]
-        m_new = tl.maximum(b_m, tl.max(b_x, 0))
-        b_s = b_s * tl.exp(b_m - m_new) + tl.sum(tl.exp(b_x - m_new), 0)
-        b_m = m_new
-    lse = b_m + tl.log(b_s)
-    valid = label != IGNORE
-    target = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32)
-    tl.store(loss + i_r, tl.where(valid, lse - target, 0.0))
-    row_scale = tl.where(valid, tl.load(scale), 0.0)
-    for v0 in range(0, V, BV):
-        m_v = (v0 + o_v) < V
-        b_x = tl.load(p_row + v0 + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
-        b_g = tl.exp(b_x - lse) - tl.where((v0 + o_v) == label, 1.0, 0.0)
-        tl.store(p_row + v0 + o_v, b_g * row_scale, mask=m_v)
+# The kernels exist only where Triton is installed (the gpu extra); the CPU paths below never need them.
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["V"])
+    def _cross_entropy_grad_kernel(logits, labels, loss, scale, stride_l, V, IGNORE: tl.constexpr, BV: tl.constexpr):
+        # One program per row: log-sum-exp over the row in blocks (online max), the row's loss, then the row is
+        # overwritten with its gradient scale * (softmax - onehot(label)).
+        i_r = tl.program_id(0).to(tl.int64)
+        p_row = logits + i_r * stride_l
+        label = tl.load(labels + i_r).to(tl.int64)
+        o_v = tl.arange(0, BV)
+        b_m = -float("inf")
+        b_s = 0.0
+        for v0 in range(0, V, BV):
+            m_v = (v0 + o_v) < V
+            b_x = tl.load(p_row + v0 + o_v, mask=m_v, other=-float("inf")).to(tl.float32)  # [BV]
+            m_new = tl.maximum(b_m, tl.max(b_x, 0))
+            b_s = b_s * tl.exp(b_m - m_new) + tl.sum(tl.exp(b_x - m_new), 0)
+            b_m = m_new
+        lse = b_m + tl.log(b_s)
+        valid = label != IGNORE
+        target = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32)
+        tl.store(loss + i_r, tl.where(valid, lse - target, 0.0))
+        row_scale = tl.where(valid, tl.load(scale), 0.0)
+        for v0 in range(0, V, BV):
+            m_v = (v0 + o_v) < V
+            b_x = tl.load(p_row + v0 + o_v, mask=m_v, other=0.0).to(tl.float32)  # [BV]
+            b_g = tl.exp(b_x - lse) - tl.where((v0 + o_v) == label, 1.0, 0.0)
+            tl.store(p_row + v0 + o_v, b_g * row_scale, mask=m_v)
 
 
 def _cross_entropy_grad_(logits, labels, scale, force_triton=False):
     """Per-row loss [C] of fp32 logits [C, V]; overwrites logits with scale * d loss / d logits."""
     C, V = logits.shape
     if logits.device.type == "cuda" or force_triton:
+        require_triton("fused_linear_cross_entropy on a CUDA tensor")
         loss = _alloc((C,), torch.float32, logits.device)
         BV = 1024 if os.environ.get("TRITON_INTERPRET") != "1" else 256
         if C:

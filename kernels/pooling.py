@@ -12,8 +12,8 @@ Function, the vectorised PyTorch path for CPU tensors, the public entry point an
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import HAS_TRITON, require_triton, tl, triton
 
 POOLING_MODES = ("mean", "weighted_mean", "first", "last")
 
@@ -36,82 +36,85 @@ def _alloc(shape, dtype, device):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["B", "H", "CHUNK"])
-def _pool_fwd_kernel(
-    x, starts, ends, out, stride_xt, stride_os, stride_ob, B, H, CHUNK,
-    WEIGHTED: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
-):
-    # One program: BH columns of segment i_b, restricted to the rows of split i_s ([i_s*CHUNK, (i_s+1)*CHUNK)),
-    # so a few long segments still fill the device; the host sums the splits (no atomics).
-    i_b = tl.program_id(0).to(tl.int64)
-    i_hb = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2).to(tl.int64)
-    s = tl.load(starts + i_b).to(tl.int64)
-    e = tl.load(ends + i_b).to(tl.int64)
-    L = tl.maximum(e - s, 0)
-    lo = tl.maximum(s, i_s * CHUNK)
-    hi = tl.minimum(e, (i_s + 1) * CHUNK)
-    o_r = tl.arange(0, BR)
-    o_h = i_hb * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    b_acc = tl.zeros([BR, BH], tl.float32)
-    for r0 in range(lo, hi, BR):
-        m_r = (r0 + o_r) < hi
-        b_x = tl.load(x + (r0 + o_r)[:, None] * stride_xt + o_h[None, :], mask=m_r[:, None] & m_h[None, :],
-                      other=0.0)  # [BR, BH]
-        if WEIGHTED:
-            b_w = (r0 + o_r - s + 1).to(tl.float32)  # [BR]
-            b_acc += b_x.to(tl.float32) * b_w[:, None]
-        else:
-            b_acc += b_x.to(tl.float32)
-    Lf = L.to(tl.float32)
-    if WEIGHTED:
-        denom = Lf * (Lf + 1.0) * 0.5
-    else:
-        denom = Lf
-    denom = tl.where(denom > 0.0, denom, 1.0)
-    b_out = tl.sum(b_acc, 0) / denom  # [BH]
-    tl.store(out + i_s * stride_os + i_b * stride_ob + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
+# The kernels exist only where Triton is installed (the gpu extra); the CPU paths below never need them.
+if HAS_TRITON:
 
-
-@triton.jit(do_not_specialize=["T", "B", "H"])
-def _pool_bwd_kernel(
-    dout, starts, ends, dx, stride_db, stride_dxt, T, B, H,
-    WEIGHTED: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr,
-):
-    # One program: BR rows x BH columns of d hidden. It scans the segments BB at a time, skips chunks that miss
-    # its rows, and adds W @ dout with W[r, b] the weight of row r in segment b: overlapping ranges are summed,
-    # uncovered rows get zeros, every element has one writer.
-    i_r = tl.program_id(0).to(tl.int64)
-    i_hb = tl.program_id(1).to(tl.int64)
-    o_r = i_r * BR + tl.arange(0, BR)
-    o_h = i_hb * BH + tl.arange(0, BH)
-    m_h = o_h < H
-    r_lo = i_r * BR
-    r_hi = r_lo + BR
-    b_acc = tl.zeros([BR, BH], tl.float32)
-    for b0 in range(0, B, BB):
-        o_b = b0 + tl.arange(0, BB)
-        m_b = o_b < B
-        b_s = tl.load(starts + o_b, mask=m_b, other=0).to(tl.int64)  # [BB]
-        b_e = tl.load(ends + o_b, mask=m_b, other=0).to(tl.int64)  # [BB]
-        b_hit = m_b & (b_s < r_hi) & (b_e > r_lo) & (b_e > b_s)
-        if tl.max(b_hit.to(tl.int32), 0) > 0:
-            b_L = (b_e - b_s).to(tl.float32)
+    @triton.jit(do_not_specialize=["B", "H", "CHUNK"])
+    def _pool_fwd_kernel(
+        x, starts, ends, out, stride_xt, stride_os, stride_ob, B, H, CHUNK,
+        WEIGHTED: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr,
+    ):
+        # One program: BH columns of segment i_b, restricted to the rows of split i_s ([i_s*CHUNK, (i_s+1)*CHUNK)),
+        # so a few long segments still fill the device; the host sums the splits (no atomics).
+        i_b = tl.program_id(0).to(tl.int64)
+        i_hb = tl.program_id(1).to(tl.int64)
+        i_s = tl.program_id(2).to(tl.int64)
+        s = tl.load(starts + i_b).to(tl.int64)
+        e = tl.load(ends + i_b).to(tl.int64)
+        L = tl.maximum(e - s, 0)
+        lo = tl.maximum(s, i_s * CHUNK)
+        hi = tl.minimum(e, (i_s + 1) * CHUNK)
+        o_r = tl.arange(0, BR)
+        o_h = i_hb * BH + tl.arange(0, BH)
+        m_h = o_h < H
+        b_acc = tl.zeros([BR, BH], tl.float32)
+        for r0 in range(lo, hi, BR):
+            m_r = (r0 + o_r) < hi
+            b_x = tl.load(x + (r0 + o_r)[:, None] * stride_xt + o_h[None, :], mask=m_r[:, None] & m_h[None, :],
+                          other=0.0)  # [BR, BH]
             if WEIGHTED:
-                b_denom = tl.where(b_hit, b_L * (b_L + 1.0) * 0.5, 1.0)
-                b_w = (o_r[:, None] - b_s[None, :] + 1).to(tl.float32) / b_denom[None, :]  # [BR, BB]
+                b_w = (r0 + o_r - s + 1).to(tl.float32)  # [BR]
+                b_acc += b_x.to(tl.float32) * b_w[:, None]
             else:
-                b_denom = tl.where(b_hit, b_L, 1.0)
-                b_w = (1.0 / b_denom)[None, :] + tl.zeros([BR, BB], tl.float32)  # [BR, BB]
-            m_in = (o_r[:, None] >= b_s[None, :]) & (o_r[:, None] < b_e[None, :]) & b_hit[None, :]
-            b_w = tl.where(m_in, b_w, 0.0)
-            b_do = tl.load(dout + o_b[:, None] * stride_db + o_h[None, :], mask=b_hit[:, None] & m_h[None, :],
-                           other=0.0).to(tl.float32)  # [BB, BH]
-            # fp32 FMA, not TF32: the weights 1/L must not be rounded to 10 bits.
-            b_acc += tl.dot(b_w, b_do, input_precision="ieee")
-    tl.store(dx + o_r[:, None] * stride_dxt + o_h[None, :], b_acc.to(dx.dtype.element_ty),
-             mask=(o_r < T)[:, None] & m_h[None, :])
+                b_acc += b_x.to(tl.float32)
+        Lf = L.to(tl.float32)
+        if WEIGHTED:
+            denom = Lf * (Lf + 1.0) * 0.5
+        else:
+            denom = Lf
+        denom = tl.where(denom > 0.0, denom, 1.0)
+        b_out = tl.sum(b_acc, 0) / denom  # [BH]
+        tl.store(out + i_s * stride_os + i_b * stride_ob + o_h, b_out.to(out.dtype.element_ty), mask=m_h)
+
+
+    @triton.jit(do_not_specialize=["T", "B", "H"])
+    def _pool_bwd_kernel(
+        dout, starts, ends, dx, stride_db, stride_dxt, T, B, H,
+        WEIGHTED: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr, BB: tl.constexpr,
+    ):
+        # One program: BR rows x BH columns of d hidden. It scans the segments BB at a time, skips chunks that miss
+        # its rows, and adds W @ dout with W[r, b] the weight of row r in segment b: overlapping ranges are summed,
+        # uncovered rows get zeros, every element has one writer.
+        i_r = tl.program_id(0).to(tl.int64)
+        i_hb = tl.program_id(1).to(tl.int64)
+        o_r = i_r * BR + tl.arange(0, BR)
+        o_h = i_hb * BH + tl.arange(0, BH)
+        m_h = o_h < H
+        r_lo = i_r * BR
+        r_hi = r_lo + BR
+        b_acc = tl.zeros([BR, BH], tl.float32)
+        for b0 in range(0, B, BB):
+            o_b = b0 + tl.arange(0, BB)
+            m_b = o_b < B
+            b_s = tl.load(starts + o_b, mask=m_b, other=0).to(tl.int64)  # [BB]
+            b_e = tl.load(ends + o_b, mask=m_b, other=0).to(tl.int64)  # [BB]
+            b_hit = m_b & (b_s < r_hi) & (b_e > r_lo) & (b_e > b_s)
+            if tl.max(b_hit.to(tl.int32), 0) > 0:
+                b_L = (b_e - b_s).to(tl.float32)
+                if WEIGHTED:
+                    b_denom = tl.where(b_hit, b_L * (b_L + 1.0) * 0.5, 1.0)
+                    b_w = (o_r[:, None] - b_s[None, :] + 1).to(tl.float32) / b_denom[None, :]  # [BR, BB]
+                else:
+                    b_denom = tl.where(b_hit, b_L, 1.0)
+                    b_w = (1.0 / b_denom)[None, :] + tl.zeros([BR, BB], tl.float32)  # [BR, BB]
+                m_in = (o_r[:, None] >= b_s[None, :]) & (o_r[:, None] < b_e[None, :]) & b_hit[None, :]
+                b_w = tl.where(m_in, b_w, 0.0)
+                b_do = tl.load(dout + o_b[:, None] * stride_db + o_h[None, :], mask=b_hit[:, None] & m_h[None, :],
+                               other=0.0).to(tl.float32)  # [BB, BH]
+                # fp32 FMA, not TF32: the weights 1/L must not be rounded to 10 bits.
+                b_acc += tl.dot(b_w, b_do, input_precision="ieee")
+        tl.store(dx + o_r[:, None] * stride_dxt + o_h[None, :], b_acc.to(dx.dtype.element_ty),
+                 mask=(o_r < T)[:, None] & m_h[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,6 +241,7 @@ def segment_pool(hidden, starts, ends, mode="mean", out_dtype=None, *, force_tri
         return _torch_segment_pool(hidden, starts, ends, weighted, out_dtype)
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    require_triton("segment_pool on a CUDA tensor")
     starts, ends = starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
     return SegmentPoolFunction.apply(hidden, starts, ends, weighted, out_dtype)
 
