@@ -3,6 +3,7 @@
 Every hyper-parameter lives in TrainConfig (train/config.py); a config file (--config, JSON or YAML) sets any of
 them and the flags below override the most common ones. Output: the adapter in the released LLM2Vec layout,
 a loss log (train_log.jsonl), checkpoints every --save-steps steps, and --resume to continue a killed run.
+A non-empty --output is refused unless --resume continues or --overwrite replaces the run there.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def register(subparsers) -> None:
     for flag, (kind, text) in _FLAGS.items():
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="keep all activations")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its newest intact checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the training run in --output (only the files training wrote are removed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -52,14 +56,17 @@ def run(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.data import DataError
     from .train.loop import train
+    from .train.output import check_output
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _FLAGS}
     if args.no_gradient_checkpointing:
         overrides["gradient_checkpointing"] = False
     try:
         config = TrainConfig.for_stage(args.stage, args.config, **overrides)
+        check_output(config, args.resume, args.overwrite)  # before minutes of loading; train() checks again
         stage = _make_stage(args.stage, config)
-        losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress)
+        losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress,
+                       overwrite=args.overwrite)
     except (DataError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
     if losses:

@@ -81,6 +81,8 @@ class TrainConfig:
             raise ValueError("no training data: pass --data FILE (or 'data' in the config file)")
         if not self.output:
             raise ValueError("no output directory: pass --output DIR (or 'output' in the config file)")
+        if os.path.basename(self.log_file) != self.log_file or self.log_file in ("", ".", ".."):
+            raise ValueError(f"log_file must be a file name inside --output, got {self.log_file!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -98,6 +98,20 @@ class ContrastiveStage:
     def example_rows(self, indices):
         raise NotImplementedError
 
+    def check_examples(self, what: str) -> None:
+        """In-batch negatives need at least 2 examples in the data and in a batch; refuse fewer, and a batch
+        larger than the data."""
+        from .data import DataError
+        from .loop import check_batch_fits, distributed_context
+
+        if self.num_examples < 2:
+            raise DataError(f"{self.config.data}: {self.num_examples} {what}; {self.name} needs at least 2 (the "
+                            f"other examples of a batch are each one's negatives): add data")
+        if self.config.batch_size * distributed_context()[1] < 2:
+            raise DataError(f"--batch-size 1: {self.name} needs at least 2 examples per batch (in-batch "
+                            f"negatives); pass --batch-size 2 or more")
+        check_batch_fits(self.num_examples, what, self.config)
+
     def batch_for_step(self, step: int) -> list[int]:
         from .loop import batch_indices
 

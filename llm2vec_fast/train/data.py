@@ -1,9 +1,16 @@
-"""Reading training data: plain text (one sentence or document per line) or JSONL, with line-numbered errors."""
+"""Reading training data: plain text (one sentence or document per line) or JSONL, with line-numbered errors.
+
+Files are UTF-8; a line ends at "\n", "\r\n" or a lone "\r" alike.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+
+# Bytes that are not UTF-8 decode, under errors="surrogateescape", to these code points and to nothing else.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 class DataError(ValueError):
@@ -45,9 +52,11 @@ def _records(path: str, field: str | None):
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     jsonl = path.endswith(".jsonl")
-    with open(path, encoding="utf-8") as f:
+    # newline=None (universal newlines) turns "\r\n" and a lone "\r" into "\n" before lines are split.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline=None) as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\n")
+            _check_utf8(path, number, line)
             if jsonl:
                 if not line.strip():
                     continue
@@ -67,3 +76,11 @@ def _records(path: str, field: str | None):
                 if not line.strip():
                     continue  # blank lines separate documents in plain text; they carry no text
                 yield number, line
+
+
+def _check_utf8(path: str, number: int, line: str) -> None:
+    bad = _UNDECODABLE.search(line)
+    if bad:
+        byte = ord(bad.group()) - 0xDC00
+        raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{byte:02x} at character {bad.start() + 1}); "
+                        f"convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)")

@@ -1,15 +1,17 @@
 """The optimisation loop every stage shares: AdamW with warmup and linear decay over the steps actually run,
-gradient clipping, data-parallel gradient averaging under torchrun, a loss log, checkpoints and exact resume.
+gradient clipping, data-parallel gradient averaging under torchrun, a loss log, checkpoints and exact resume,
+and a stop at the first non-finite loss or gradient norm.
 
 A stage (see `Stage`) owns its trainable model and data; `train` asks it for one backward pass per step.
 """
 
 from __future__ import annotations
 
-import glob
 import json
+import math
 import os
 import random
+import sys
 import time
 
 import numpy as np
@@ -17,9 +19,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..errors import UserError
+from .checkpoint import clean_checkpoints, find_checkpoint, save_checkpoint
 from .config import TrainConfig
-
-STATE_FILE = "trainer_state.pt"
+from .data import DataError
+from .files import make_staging, move_files, seal, write_atomic
+from .output import CHECKPOINTS, RUN_CONFIG, check_output, prepare_output, record_outputs, stored_config
 
 
 class Stage:
@@ -49,6 +54,16 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     batch = order[position * global_size:(position + 1) * global_size].tolist()
     return batch[rank * batch_size:(rank + 1) * batch_size]
+
+
+def check_batch_fits(count: int, what: str, config: TrainConfig) -> None:
+    """Refuse a global batch (batch_size x ranks) larger than the `count` examples of the data: the batch would
+    silently shrink to the whole data, or leave a rank without examples."""
+    _, world = distributed_context()
+    if config.batch_size * world > count:
+        ranks = f" x {world} ranks" if world > 1 else ""
+        raise DataError(f"{config.data}: {count} {what}, fewer than one batch (--batch-size {config.batch_size}"
+                        f"{ranks}); lower --batch-size to at most {max(1, count // world)}, or add data")
 
 
 def example_generator(seed: int, step: int, example: int) -> torch.Generator:
@@ -109,36 +124,43 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def latest_checkpoint(output: str) -> str | None:
-    found = glob.glob(os.path.join(output, "checkpoints", "step-*", STATE_FILE))
-    if not found:
-        return None
-    return os.path.dirname(max(found, key=lambda p: int(p.split("step-")[-1].split(os.sep)[0])))
+class TrainingDiverged(UserError):
+    """A non-finite loss, gradient norm or weight: training stopped before applying or saving it."""
 
 
-# Options that may differ between a run and its resumption; every other one must match.
-_RESUMABLE_CHANGES = {"steps", "save_steps", "device", "log_file"}
+# Options that may differ between a run and its resumption (a run directory may be moved); every other one must
+# match.
+_RESUMABLE_CHANGES = {"steps", "save_steps", "device", "log_file", "output"}
 
 
-def train(stage: Stage, config: TrainConfig, resume: bool = False, show_progress: bool = True) -> list[float]:
-    """Run steps [start, config.steps) of `stage`; returns the losses of the steps run in this call."""
+def train(stage: Stage, config: TrainConfig, resume: bool = False, show_progress: bool = True,
+          overwrite: bool = False) -> list[float]:
+    """Run steps [start, config.steps) of `stage`; returns the losses of the steps run in this call.
+
+    A fresh run needs an empty (or new) config.output, or `overwrite` to replace the training run there; `resume`
+    continues that run from its newest intact checkpoint (from step 0 if it has none). See output.py for what is
+    refused and checkpoint.py for what a checkpoint holds.
+    """
     rank, world = distributed_context()
     params = [p for p in stage.model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters (no LoRA adapter?)")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    os.makedirs(config.output, exist_ok=True)
+    check_output(config, resume, overwrite)
+    if resume:
+        _check_same_run(stored_config(config.output), config, os.path.join(config.output, RUN_CONFIG))
+    _barrier(world)  # every rank has looked at --output before rank 0 changes it
+    if rank == 0:
+        prepare_output(config, overwrite)
+        clean_checkpoints(_checkpoints(config))
+    _barrier(world)
+    start, last_checkpoint = 0, None
+    if resume:
+        start, last_checkpoint = _restore(stage, optimizer, scheduler, config, rank)
     log_path = os.path.join(config.output, config.log_file)
-    start = 0
-    checkpoint = latest_checkpoint(config.output) if resume else None
-    if resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {config.output}/checkpoints; start without --resume")
-    if checkpoint:
-        start = _load_checkpoint(checkpoint, stage, optimizer, scheduler, config)
-        _truncate_log(log_path, start)
-    elif os.path.exists(log_path) and rank == 0:
-        os.remove(log_path)
+    if rank == 0:
+        _restart_log(log_path, start)
     seed_dropout_per_rank(config.seed, start, rank, world)
 
     losses = []
@@ -152,25 +174,127 @@ def train(stage: Stage, config: TrainConfig, resume: bool = False, show_progress
         if world > 1:
             loss = _average_gradients(params, loss, world)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+        # Every rank holds the same averaged loss and gradients, so every rank stops at the same step.
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}: "
+                                   f"training diverged and stopped before applying this step; "
+                                   f"{_kept(last_checkpoint)}. {_DIVERGED_FIX}")
         optimizer.step()
         scheduler.step()
         elapsed = time.perf_counter() - started
         losses.append(loss)
         record = dict(step=step + 1, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                       tokens=tokens * world, seconds=round(elapsed, 4))
+        checkpoint_due = (step + 1) % config.save_steps == 0 and step + 1 < config.steps
+        if checkpoint_due:
+            _check_finite_weights(params, step + 1, last_checkpoint)  # on every rank: their weights are identical
         if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_log(log_path, record, sync=checkpoint_due)
             progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens * world / elapsed:,.0f}")
-            if (step + 1) % config.save_steps == 0 and step + 1 < config.steps:
-                _save_checkpoint(stage, optimizer, scheduler, config, step + 1)
+            if checkpoint_due:
+                last_checkpoint = save_checkpoint(_checkpoints(config), step + 1, stage.model.save_pretrained,
+                                                  _trainer_state(optimizer, scheduler, config, step + 1))
+    _check_finite_weights(params, config.steps, last_checkpoint)
     if rank == 0:
-        stage.save(config.output)
-        with open(os.path.join(config.output, "train_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
+        _save_final(stage, config.output)
+    _barrier(world)
+    return losses
+
+
+_DIVERGED_FIX = ("Lower --learning-rate (or use --dtype bfloat16 or float32 instead of float16) and start again "
+                 "with --overwrite.")
+
+
+def _kept(checkpoint: str | None) -> str:
+    if checkpoint is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint {checkpoint} is kept; nothing later was saved"
+
+
+def _check_finite_weights(params, step: int, last_checkpoint: str | None) -> None:
+    # A finite gradient can still overflow a weight; such an adapter is never saved.
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()
+    if not bool(finite):
+        raise TrainingDiverged(f"step {step}: the adapter weights are no longer finite: training diverged; "
+                               f"{_kept(last_checkpoint)}. {_DIVERGED_FIX}")
+
+
+def _checkpoints(config: TrainConfig) -> str:
+    return os.path.join(config.output, CHECKPOINTS)
+
+
+def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
-    return losses
+
+
+def _trainer_state(optimizer, scheduler, config: TrainConfig, step: int) -> dict:
+    return dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=_rng_state(),
+                config=config.to_dict())
+
+
+def _restore(stage, optimizer, scheduler, config, rank: int) -> tuple[int, str | None]:
+    """Load the newest intact checkpoint of config.output; (its step, its directory), or (0, None) without one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    found = find_checkpoint(_checkpoints(config), report=rank == 0)
+    if found is None:
+        if rank == 0:
+            print(f"--resume: no intact checkpoint in {_checkpoints(config)}; starting from step 0", file=sys.stderr)
+        return 0, None
+    directory, state = found
+    _check_same_run(state["config"], config, directory)
+    set_peft_model_state_dict(stage.model, load_file(os.path.join(directory, "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], directory
+
+
+def _check_same_run(stored: dict | None, config: TrainConfig, source: str) -> None:
+    if stored is None:
+        return
+    current = config.to_dict()
+    changed = {k for k in set(stored) | set(current) if stored.get(k) != current.get(k)} - _RESUMABLE_CHANGES
+    if changed:
+        raise UserError(f"cannot resume from {source}: option(s) {sorted(changed)} differ from that run's; resume "
+                        f"with the same options, or start a new run in another --output (or with --overwrite)")
+
+
+def _restart_log(path: str, start: int) -> None:
+    """Keep the log records of steps <= start, atomically (a kill mid-append may have left a partial last line)."""
+    kept = []
+    if start and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= start:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue
+    write_atomic(path, "".join(kept).encode())
+
+
+def _append_log(path: str, record: dict, sync: bool) -> None:
+    """Append one record; `sync` before a checkpoint, so that no power cut loses records the checkpoint covers."""
+    # The log was created by this run (_restart_log); O_NOFOLLOW refuses a symlink swapped in since.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _save_final(stage: Stage, output: str) -> None:
+    """The stage's save, built in a temporary directory, then each file renamed into `output`."""
+    staging = make_staging(output, "final")
+    stage.save(staging)
+    seal(staging)
+    names = sorted(os.listdir(staging))
+    record_outputs(output, names)
+    move_files(staging, output, names)
 
 
 def _average_gradients(params, loss: float, world: int) -> float:
@@ -184,42 +308,3 @@ def _average_gradients(params, loss: float, world: int) -> float:
     value = torch.tensor([loss], dtype=torch.float64)
     dist.all_reduce(value)
     return float(value) / world
-
-
-def _save_checkpoint(stage, optimizer, scheduler, config, step: int) -> None:
-    directory = os.path.join(config.output, "checkpoints", f"step-{step}")
-    staging = directory + ".tmp"
-    os.makedirs(staging, exist_ok=True)
-    stage.model.save_pretrained(staging)
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=_rng_state(),
-                    config=config.to_dict()), os.path.join(staging, STATE_FILE))
-    if os.path.isdir(directory):
-        import shutil
-
-        shutil.rmtree(directory)
-    os.replace(staging, directory)  # a checkpoint exists whole or not at all
-
-
-def _load_checkpoint(directory, stage, optimizer, scheduler, config) -> int:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
-    changed = {k for k, v in state["config"].items() if config.to_dict().get(k) != v} - _RESUMABLE_CHANGES
-    if changed:
-        raise ValueError(f"cannot resume from {directory}: option(s) {sorted(changed)} differ from the checkpoint's; "
-                         f"resume with the same options, or start a new run in another --output")
-    set_peft_model_state_dict(stage.model, load_file(os.path.join(directory, "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["step"]
-
-
-def _truncate_log(path: str, start: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-    with open(path, "w") as f:
-        f.writelines(kept)

@@ -120,8 +120,8 @@ class MNTPStage:
     name = "mntp"
 
     def __init__(self, config):
-        from .data import read_texts
-        from .loop import seed_everything
+        from .data import DataError, read_texts
+        from .loop import check_batch_fits, seed_everything
         from .model import add_lora, load_causal_lm
 
         seed_everything(config.seed)  # the LoRA initialisation draws from the global RNG
@@ -135,7 +135,8 @@ class MNTPStage:
                                         config.random_replace_prob, config.mask_token)
         self.blocks = make_blocks(self.tokenizer, read_texts(config.data, config.text_field), config.block_size)
         if not self.blocks:
-            raise ValueError(f"{config.data}: too little text for one block of 2 tokens")
+            raise DataError(f"{config.data}: too little text for one block of 2 tokens")
+        check_batch_fits(len(self.blocks), f"blocks of up to {config.block_size} tokens", config)
 
     def batch(self, step: int) -> MNTPBatch:
         from .loop import batch_indices, example_generator

@@ -33,6 +33,7 @@ class SimCSEStage(ContrastiveStage):
         self.texts = read_texts(config.data, config.text_field)
         self.rows = self.encoder.tokenize_inputs(self.texts)
         self.num_examples = len(self.rows)
+        self.check_examples("texts")
 
     def example_rows(self, indices):
         rows = [self.rows[i] for i in indices]

@@ -43,6 +43,7 @@ class SupervisedStage(ContrastiveStage):
             k += len(e["negative"])
         self.batches = self._dataset_batches()
         self.num_examples = len(examples)
+        self.check_examples("examples")
 
     def _dataset_batches(self) -> list[list[int]]:
         """Batches that never mix datasets: each dataset's examples in seeded order, cut into batches (their order
