@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llm2vec_fast.cli import main as cli_main
-from llm2vec_fast.train.checkpoint import TEST_KILL_ENV
+from llm2vec_fast.train.checkpoint import TEST_KILL_ENV, decode_state, encode_state
 from llm2vec_fast.train.config import TrainConfig
 from llm2vec_fast.train.data import DataError, read_jsonl, read_texts
 from llm2vec_fast.train.files import TEMP_MARK
@@ -109,6 +110,23 @@ def test_checkpoint_holds_safetensors_and_json_only(finished_run):
         state = json.load(f)
     assert state["step"] == 4 and state["config"]["steps"] == 6
     assert load_file(os.path.join(step, "trainer_state.safetensors"))  # optimizer moments and RNG states
+
+
+def test_state_encoding_round_trips_and_refuses_objects():
+    state = dict(optimizer={"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+                            "param_groups": [{"betas": (0.9, 0.999), "params": [0]}]},
+                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+    tensors, tree = encode_state(state)
+    decoded = decode_state(json.loads(json.dumps(tree)), tensors)
+    assert decoded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(decoded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert decoded["rng"]["python"] == state["rng"]["python"]
+    numpy_state = decoded["rng"]["numpy"]
+    assert numpy_state[0] == "MT19937" and np.array_equal(numpy_state[1], state["rng"]["numpy"][1])
+    with pytest.raises(TypeError, match="cannot store a _CreatesMarker"):
+        encode_state({"x": _CreatesMarker("never")})
+    with pytest.raises(ValueError, match="numbers only"):
+        decode_state({"__ndarray__": "0", "dtype": "O", "shape": [1]}, {"0": torch.zeros(8, dtype=torch.uint8)})
 
 
 # ----------------------------------------------------------------- 2. never destroy the user's model or directory
@@ -317,11 +335,11 @@ def small_config(stage, model, data, tmp_path, **kw):
 def test_contrastive_stages_need_two_examples(llama_dir, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a single sentence\n")
-    with pytest.raises(DataError, match="one.txt: 1 texts; simcse needs at least 2"):
+    with pytest.raises(DataError, match=r"one.txt: simcse needs at least 2 texts .*, found 1"):
         SimCSEStage(small_config("simcse", llama_dir, one, tmp_path, batch_size=2))
     pair = tmp_path / "pair.jsonl"
     pair.write_text(json.dumps({"query": "q", "positive": "p", "negative": "n"}) + "\n")
-    with pytest.raises(DataError, match="pair.jsonl: 1 examples; supervised needs at least 2"):
+    with pytest.raises(DataError, match=r"pair.jsonl: supervised needs at least 2 examples .*, found 1"):
         SupervisedStage(small_config("supervised", llama_dir, pair, tmp_path, batch_size=2))
     two = tmp_path / "two.txt"
     two.write_text("one sentence\nanother sentence\n")

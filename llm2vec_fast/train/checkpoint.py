@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
@@ -36,6 +37,7 @@ ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
 REQUIRED = ADAPTER_FILES + (STATE_TENSORS, STATE_JSON)
+STATE_KEYS = {"step", "optimizer", "scheduler", "rng", "config"}
 FORMAT = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -92,7 +94,11 @@ def find_checkpoint(checkpoints: str, report: bool = True) -> tuple[str, dict] |
         _refuse_pickles(directory)
         problem = verify(directory, step)
         if problem is None:
-            return directory, load_state(directory)
+            try:
+                return directory, load_state(directory)
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+                # Intact as written but not a state we wrote (a crafted or foreign checkpoint).
+                problem = f"its trainer state does not decode ({type(error).__name__}: {error})"
         if report:
             print(f"skipping checkpoint {directory}: {problem}; falling back to an older one", file=sys.stderr)
     return None
@@ -139,7 +145,10 @@ def load_state(directory: str) -> dict:
     """The trainer state of a verified checkpoint (see `encode_state`)."""
     with open(os.path.join(directory, STATE_JSON)) as f:
         meta = json.load(f)
-    return decode_state(meta, load_file(os.path.join(directory, STATE_TENSORS)))
+    state = decode_state(meta, load_file(os.path.join(directory, STATE_TENSORS)))
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        raise ValueError(f"{STATE_JSON} lacks {sorted(STATE_KEYS - set(state if isinstance(state, dict) else ()))}")
+    return state
 
 
 def _step_directories(checkpoints: str) -> list[tuple[int, str]]:

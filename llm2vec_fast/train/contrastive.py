@@ -105,8 +105,8 @@ class ContrastiveStage:
         from .loop import check_batch_fits, distributed_context
 
         if self.num_examples < 2:
-            raise DataError(f"{self.config.data}: {self.num_examples} {what}; {self.name} needs at least 2 (the "
-                            f"other examples of a batch are each one's negatives): add data")
+            raise DataError(f"{self.config.data}: {self.name} needs at least 2 {what} (the other examples of a "
+                            f"batch are each one's negatives), found {self.num_examples}; add data")
         if self.config.batch_size * distributed_context()[1] < 2:
             raise DataError(f"--batch-size 1: {self.name} needs at least 2 examples per batch (in-batch "
                             f"negatives); pass --batch-size 2 or more")
