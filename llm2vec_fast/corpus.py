@@ -2,9 +2,12 @@
 
 Inputs: a text file (one text per line), a JSON-lines file (an object per line with a text field and an optional
 instruction field), or stdin in either format. Lines are numbered from 1, as editors number them. The input is read
-as bytes and split on b"\\n" only: `str.splitlines` would also split on \\x0b, \\x1c, \\u2028 and friends and shift
-every later line number. Whitespace-only lines at the very end of the input are not part of the corpus (editors
-leave them behind); anywhere else a blank line is a bad line.
+as bytes in bounded chunks and split on b"\\n", b"\\r\\n" and a lone b"\\r" (old Mac files), as editors do; not
+on \\x0b, \\x1c, \\u2028 and the other breaks of `str.splitlines`, which editors do not show as new lines and
+which would shift every later line number. A line longer than `InputSpec.max_line_bytes` is not kept in memory,
+only its size: it is a bad line (a 30 MB line would otherwise take gigabytes to tokenize). Whitespace-only lines at
+the very end of the input are not part of the corpus (editors leave them behind); anywhere else a blank line is a
+bad line.
 
 Shard k holds input lines k*S+1 .. (k+1)*S (S = the shard size). Shards are defined by line numbers, not by the
 valid lines before them, so a shard's content never depends on which rank reads it or on earlier bad lines.
@@ -15,18 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .fingerprint import file_sha256
 
 FORMATS = ("txt", "jsonl")
 _FORMAT_OF_EXTENSION = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-# The fingerprint of an input file hashes this many leading bytes (plus the size): cheap, and changed by any edit
-# that matters in practice; every finished shard additionally records the hash of its own lines.
-IDENTITY_BYTES = 1 << 20
+# Longer lines are bad lines. 1 MiB of text is far more than any model reads (the text is truncated to
+# max_length tokens) and tokenizing it takes about 200 MB.
+MAX_LINE_BYTES = 1 << 20
+READ_BYTES = 1 << 16
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
 STDIN = "-"
 
 
@@ -37,6 +45,7 @@ class InputSpec:
     path: a file, or "-" for stdin. format: "txt" or "jsonl".
     text_field, instruction_field: the JSON keys of a jsonl line.
     instruction: used for every line that has no instruction of its own ("" = none).
+    max_line_bytes: a longer line is a bad line, and is never held in memory.
     """
 
     path: str
@@ -44,6 +53,7 @@ class InputSpec:
     text_field: str = "text"
     instruction_field: str = "instruction"
     instruction: str = ""
+    max_line_bytes: int = MAX_LINE_BYTES
 
     @property
     def name(self) -> str:
@@ -60,9 +70,22 @@ class BadLine:
     reason: str
 
 
+@dataclass(frozen=True)
+class OverlongLine:
+    """Stands for a line longer than the limit: only its size in bytes is kept."""
+
+    size: int
+    limit: int
+
+    def digest_bytes(self) -> bytes:
+        # What a shard's hash covers in place of the line's content, which was never kept.
+        return f"\0overlong line of {self.size} bytes".encode()
+
+
 @dataclass
 class RawShard:
-    """The raw lines of one shard. lines: (line number, bytes without the newline); sha256: of those lines."""
+    """The raw lines of one shard. lines: (line number, bytes without the line ending, or an OverlongLine);
+    sha256: of those lines."""
 
     index: int
     lines: list[tuple[int, bytes]] = field(default_factory=list)
@@ -118,14 +141,14 @@ def check_input(path: str) -> None:
 
 
 def input_identity(spec: InputSpec) -> dict:
-    """What identifies the input file in an output's fingerprint: its size and the hash of its first MiB."""
+    """What identifies the input file in an output's fingerprint: its path, size and the sha256 of its content.
+
+    stdin cannot be hashed before it is read; there, each finished shard's own line hash guards a resume.
+    """
     if spec.is_stdin:
         return {"input": STDIN}
-    digest = hashlib.sha256()
-    with open(spec.path, "rb") as f:
-        digest.update(f.read(IDENTITY_BYTES))
     return {"input": os.path.abspath(spec.path), "input_size": os.path.getsize(spec.path),
-            "input_head_sha256": digest.hexdigest()}
+            "input_sha256": file_sha256(spec.path)}
 
 
 @contextmanager
@@ -137,17 +160,59 @@ def open_input(spec: InputSpec):
             yield f
 
 
-def numbered_lines(stream) -> Iterator[tuple[int, bytes]]:
+def split_lines(stream, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[bytes | OverlongLine]:
+    """Every line of a binary stream without its line ending (\\n, \\r\\n or \\r), read in chunks of READ_BYTES;
+    a line longer than max_line_bytes comes as an OverlongLine. Memory: one chunk plus one line of at most
+    max_line_bytes, whatever the input."""
+    read = getattr(stream, "read1", stream.read)  # read1: a pipe's data as it arrives, not once 64 KiB are in
+    line = _LineBuffer(max_line_bytes)
+    after_cr = False
+    while chunk := read(READ_BYTES):
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the second half of a \r\n that the previous read cut in two
+        after_cr = chunk.endswith(b"\r")
+        *complete, rest = _LINE_BREAK.split(chunk)
+        for piece in complete:
+            line.add(piece)
+            yield line.take()
+        line.add(rest)
+    if line.size:
+        yield line.take()
+
+
+class _LineBuffer:
+    """The line being read: its bytes while it is within the limit, afterwards only its size."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size <= self.limit:
+            self.data += piece
+        else:
+            self.data.clear()
+
+    def take(self) -> bytes | OverlongLine:
+        line = bytes(self.data) if self.size <= self.limit else OverlongLine(self.size, self.limit)
+        self.data.clear()
+        self.size = 0
+        return line
+
+
+def numbered_lines(stream, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | OverlongLine]]:
     """(line number, line without its line ending) for every line of the corpus; trailing blank lines dropped."""
     pending_blank: list[tuple[int, bytes]] = []
-    for number, raw in enumerate(stream, start=1):
-        raw = raw.rstrip(b"\n").rstrip(b"\r")
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the first text
-        if not raw.strip():
-            # Blank: a bad line if anything follows it, nothing at all if only blank lines follow it.
-            pending_blank.append((number, raw))
-            continue
+    for number, raw in enumerate(split_lines(stream, max_line_bytes), start=1):
+        if isinstance(raw, bytes):
+            if number == 1 and raw.startswith(_BOM):
+                raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the first text
+            if not raw.strip():
+                # Blank: a bad line if anything follows it, nothing at all if only blank lines follow it.
+                pending_blank.append((number, raw))
+                continue
         yield from pending_blank
         pending_blank.clear()
         yield number, raw
@@ -163,7 +228,7 @@ def read_shards(spec: InputSpec, shard_size: int, wanted: Callable[[int], bool],
         current: RawShard | None = None
         digest = None
         number = 0
-        for number, raw in numbered_lines(stream):
+        for number, raw in numbered_lines(stream, spec.max_line_bytes):
             index = (number - 1) // shard_size
             if current is None or current.index != index:
                 if current is not None and digest is not None:
@@ -173,7 +238,7 @@ def read_shards(spec: InputSpec, shard_size: int, wanted: Callable[[int], bool],
                 digest = hashlib.sha256() if wanted(index) else None
             if digest is not None:
                 current.lines.append((number, raw))
-                digest.update(raw + b"\n")
+                digest.update((raw.digest_bytes() if isinstance(raw, OverlongLine) else raw) + b"\n")
         if current is not None and digest is not None:
             current.sha256 = digest.hexdigest()
             yield current
@@ -181,8 +246,11 @@ def read_shards(spec: InputSpec, shard_size: int, wanted: Callable[[int], bool],
             on_end(number)
 
 
-def parse_line(raw: bytes, spec: InputSpec) -> tuple[str, str]:
+def parse_line(raw: bytes | OverlongLine, spec: InputSpec) -> tuple[str, str]:
     """(instruction, text) of one line; raises ValueError whose message says why the line is bad."""
+    if isinstance(raw, OverlongLine):
+        raise ValueError(f"line of {raw.size} bytes, longer than the limit of {raw.limit} bytes (split or shorten "
+                         f"it, or raise --max-line-bytes)")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -228,7 +296,7 @@ def scan(spec: InputSpec) -> Scan:
     """Parse every line once, before any encoding, so a bad line at the end stops the run before it starts."""
     num_lines, bad = 0, []
     with open_input(spec) as stream:
-        for number, raw in numbered_lines(stream):
+        for number, raw in numbered_lines(stream, spec.max_line_bytes):
             num_lines = number
             try:
                 parse_line(raw, spec)

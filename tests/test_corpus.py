@@ -5,19 +5,39 @@ import json
 
 import pytest
 
-from llm2vec_fast.corpus import InputSpec, numbered_lines, parse_line, read_shards, resolve_format, scan
+from llm2vec_fast import corpus
+from llm2vec_fast.corpus import InputSpec, OverlongLine, numbered_lines, parse_line, read_shards, resolve_format, \
+    scan
 from llm2vec_fast.errors import UserError
 from llm2vec_fast.pipeline import prefetched, token_slices
 
 
-def lines_of(data: bytes):
-    return list(numbered_lines(io.BytesIO(data)))
+def lines_of(data: bytes, max_line_bytes: int = corpus.MAX_LINE_BYTES):
+    return list(numbered_lines(io.BytesIO(data), max_line_bytes))
 
 
-def test_line_numbers_split_on_newline_only():
-    # \u2028 and \x0b split str.splitlines() but are not line breaks in a corpus file.
-    data = "a\u2028b\nc\x0bd\r\ne".encode()
-    assert lines_of(data) == [(1, "a\u2028b".encode()), (2, b"c\x0bd"), (3, b"e")]
+def test_line_numbers_split_on_line_endings_only():
+    # \u2028, \x0b, \x0c and \x1c split str.splitlines() but are not line breaks in a corpus file.
+    data = "a\u2028b\nc\x0bd\r\ne\x0c\x1cf\rg".encode()
+    assert lines_of(data) == [(1, "a\u2028b".encode()), (2, b"c\x0bd"), (3, b"e\x0c\x1cf"), (4, b"g")]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 64])
+def test_cr_lf_and_crlf_break_lines_wherever_a_read_ends(monkeypatch, read_bytes):
+    # Every split point of the input falls at the end of some read for one of these sizes, \r|\n included.
+    monkeypatch.setattr(corpus, "READ_BYTES", read_bytes)
+    data = b"one\rtwo\nthree\r\nfour\r\rsix\n\r\nseven\r\n\r\n"
+    assert lines_of(data) == [(1, b"one"), (2, b"two"), (3, b"three"), (4, b"four"), (5, b""), (6, b"six"),
+                              (7, b""), (8, b"seven")]
+
+
+def test_a_line_over_the_limit_keeps_only_its_size(monkeypatch):
+    monkeypatch.setattr(corpus, "READ_BYTES", 4)
+    assert lines_of(b"short\r\n" + b"z" * 11 + b"\rok", max_line_bytes=10) == [
+        (1, b"short"), (2, OverlongLine(11, 10)), (3, b"ok")]
+    assert lines_of(b"z" * 10 + b"\n", max_line_bytes=10) == [(1, b"z" * 10)]
+    with pytest.raises(ValueError, match="line of 11 bytes, longer than the limit of 10 bytes.*--max-line-bytes"):
+        parse_line(OverlongLine(11, 10), InputSpec("x.txt", "txt"))
 
 
 def test_trailing_blank_lines_are_dropped_but_inner_ones_kept():
