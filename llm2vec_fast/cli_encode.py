@@ -1,15 +1,14 @@
 """`llm2vec-fast encode`: embed a corpus file into resumable shards, on one process or many (torchrun).
 
 The run: validate the arguments and the whole input (a bad line stops it before anything is encoded), check the
-output directory against the fingerprint of the arguments, then encode this rank's shards (shard k belongs to
-rank k % WORLD_SIZE), skipping those already done; finally rank 0 merges every rank's progress into one index.
+output directory against the fingerprint (the arguments, and the sha256 of the input and of every model file), then
+encode this rank's shards (shard k belongs to rank k % WORLD_SIZE), skipping those already done, and refusing a shard
+with a non-finite embedding; finally rank 0 merges every rank's progress into one index.
 See shards.py for the output layout and `load_embeddings` to read it.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import os
 import sys
 
@@ -17,18 +16,19 @@ from tqdm.auto import tqdm
 
 from .batching import POOLING_MODES
 from .cli import positive_int
-from .corpus import FORMATS, InputSpec, bad_lines_error, check_input, describe_bad_lines, input_identity, \
-    resolve_format, scan
+from .corpus import FORMATS, MAX_LINE_BYTES, InputSpec, bad_lines_error, check_input, describe_bad_lines, \
+    input_identity, resolve_format, scan
 from .distributed import ProcessGroup, Ranks, default_device
 from .errors import UserError
-from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, WEIGHT_FILES, resolve_directory
-from .pipeline import ShardSource, Throughput, encode_shard, prefetched
+from .fingerprint import directory_sha256s
+from .loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
+from .pipeline import ShardSource, Throughput, encode_shard, finite_in_dtype, prefetched
 from .shards import OutputDir
 
 DTYPES = ("float32", "bfloat16", "float16")
 SHARD_DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 10_000
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 
 def register(subparsers) -> None:
@@ -65,8 +65,13 @@ def register(subparsers) -> None:
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip lines that are not valid (reported, and listed in manifest.json) instead of "
                              "stopping")
+    parser.add_argument("--max-line-bytes", type=positive_int, default=MAX_LINE_BYTES,
+                        help=f"a longer input line is a bad line (refused, or skipped with --skip-bad-lines) and "
+                             f"is never held in memory whole; lines end at \\n, \\r\\n or \\r "
+                             f"(default: {MAX_LINE_BYTES}, 1 MiB)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="discard what --output holds instead of resuming it")
+                        help="delete the files an earlier encode wrote into --output instead of resuming them "
+                             "(other files are kept; a directory encode did not write is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -75,7 +80,7 @@ def run(args) -> int:
     ranks = Ranks.from_env()
     check_input(args.input)
     spec = InputSpec(args.input, resolve_format(args.input, args.format), args.text_field, args.instruction_field,
-                     args.instruction)
+                     args.instruction, args.max_line_bytes)
     if spec.is_stdin and ranks.world_size > 1:
         raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
     model_dir = _resolve_model(args.model)
@@ -125,11 +130,11 @@ def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corp
             for shard in prefetched(source):
                 embeddings = encode_shard(model, shard.rows, device=device, normalize=args.normalize,
                                           max_batch_tokens=budget, progress=progress, throughput=throughput)
+                embeddings = finite_in_dtype(embeddings, args.shard_dtype, shard, source.spec.name)
                 record = {"first_line": shard.first_line, "last_line": shard.last_line,
                           "input_sha256": shard.parsed.sha256,
                           "skipped": [[b.line, b.reason] for b in shard.parsed.bad]}
-                output.commit_shard(shard.index, embeddings.astype(args.shard_dtype, copy=False),
-                                    shard.parsed.line_numbers, record)
+                output.commit_shard(shard.index, embeddings, shard.parsed.line_numbers, record)
     except KeyboardInterrupt:
         print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
               file=sys.stderr)
@@ -178,7 +183,7 @@ def _fingerprint(args, spec: InputSpec, model_dir: str) -> dict:
             "pooling": args.pooling, "dtype": args.dtype, "max_length": args.max_length,
             "normalize": args.normalize, "shard_size": args.shard_size, "shard_dtype": args.shard_dtype,
             "format": spec.format, "text_field": spec.text_field, "instruction_field": spec.instruction_field,
-            "instruction": spec.instruction, **input_identity(spec)}
+            "instruction": spec.instruction, "max_line_bytes": spec.max_line_bytes, **input_identity(spec)}
 
 
 def _model_name(name: str) -> str:
@@ -186,15 +191,22 @@ def _model_name(name: str) -> str:
 
 
 def _model_identity(model_dir: str) -> dict:
-    """The model directory's config and the size and head of each weight file: a changed model is noticed."""
-    identity = {}
-    for name in ("config.json", ADAPTER_CONFIG, *WEIGHT_FILES, *ADAPTER_WEIGHTS):
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-            identity[name] = f"{os.path.getsize(path)}:{head}"
-    return {"model_files": identity}
+    """The sha256 of every file of the model directory that can change an embedding (config, weights, adapter,
+    tokenizer, llm2vec_config.json), and of the base model's for an adapter directory without base weights."""
+    identity = {"model_files": directory_sha256s(model_dir)}
+    base_dir = _adapter_base_dir(model_dir)
+    if base_dir is not None:
+        identity["base_model_files"] = directory_sha256s(base_dir)
+    return identity
+
+
+def _adapter_base_dir(model_dir: str) -> str | None:
+    if not is_adapter_directory(model_dir) or has_weights(model_dir):
+        return None
+    try:
+        return resolve_directory(adapter_base_name(model_dir), "base model named in the adapter config")
+    except (OSError, ValueError, TypeError, RuntimeError):
+        return None  # loading the model reports this with its own clear error, before anything is encoded
 
 
 def _meta(args, model, spec: InputSpec) -> dict:

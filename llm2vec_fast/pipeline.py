@@ -137,6 +137,29 @@ class Throughput:
         return f"{self.texts / self.seconds:,.1f} texts/s, {self.tokens / self.seconds:,.0f} tokens/s"
 
 
+def finite_in_dtype(embeddings: np.ndarray, dtype: str, shard: PreparedShard, input_name: str) -> np.ndarray:
+    """A shard's float32 embeddings [rows, dim] cast to the stored dtype; UserError if a row is NaN or infinite,
+    from the model or from the cast (rows that would be silently wrong search results)."""
+    _check_finite(embeddings, shard, input_name, "the model", "its weights are broken (a diverged training run?) "
+                  "or overflow --dtype; check the model or try --dtype float32")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which the check below reports
+        stored = embeddings.astype(dtype, copy=False)
+    _check_finite(stored, shard, input_name, f"--shard-dtype {dtype}",
+                  "the values are too large for it; use --shard-dtype float32")
+    return stored
+
+
+def _check_finite(embeddings: np.ndarray, shard: PreparedShard, input_name: str, source: str, fix: str) -> None:
+    bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if not bad.size:
+        return
+    lines = [shard.parsed.line_numbers[i] for i in bad[:10]]
+    shown = ", ".join(map(str, lines)) + (", ..." if bad.size > 10 else "")
+    raise UserError(f"{source} gave non-finite embeddings (NaN or inf) for {bad.size} line(s) of {input_name} "
+                    f"(lines {shown}); nothing of shard {shard.index} (lines {shard.first_line}-{shard.last_line}) "
+                    f"was written: {fix}.")
+
+
 def encode_shard(model, rows: list[TokenizedRow], *, device: str, normalize: bool, max_batch_tokens: int,
                  progress, throughput: Throughput) -> np.ndarray:
     """Float32 embeddings [len(rows), hidden] of one shard's rows, in row order."""

@@ -2,7 +2,8 @@
 
 Layout (paths relative to the output directory; S = --shard-size):
 
-    fingerprint.json               the arguments and input identity the shards are computed from
+    fingerprint.json               the arguments and the sha256 of the input and of every model file the shards
+                                   are computed from, marked "written_by": "llm2vec-fast encode"
     shards/shard-000007.npy        embeddings of the valid lines among input lines 7*S+1 .. 8*S, [rows, dim]
     shards/shard-000007.lines.npy  their input line numbers (int64, counted from 1)
     progress/rank0.json            the shards rank 0 finished, with their skipped lines (rewritten atomically)
@@ -12,19 +13,27 @@ Layout (paths relative to the output directory; S = --shard-size):
 
 Rows are in input order: shard by shard, line by line. Every file is written to a temporary name, fsynced and
 renamed into place, and a shard counts as done only once a progress file records it, so a run killed at any
-point leaves nothing half-written that a resumed run would trust.
+point leaves nothing half-written that a resumed run would trust; the next run deletes the temporary files.
 
-Read the result with `load_embeddings(output_dir)`.
+A directory is ours only if its fingerprint.json carries the WRITTEN_BY mark. We write into no other non-empty
+directory, and --overwrite deletes only the files named above, in a directory that is ours.
+
+Read the result with `load_embeddings(output_dir)`, which trusts no path in the manifest that leads outside the
+directory and checks every shard against the index.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import json
 import os
-import shutil
+import re
+import secrets
 import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,10 +44,13 @@ MANIFEST = "manifest.json"
 LINE_NUMBERS = "line_numbers.npy"
 SHARD_DIR = "shards"
 PROGRESS_DIR = "progress"
-_OWNED = (FINGERPRINT, MANIFEST, LINE_NUMBERS, SHARD_DIR, PROGRESS_DIR)
+# Stored in every fingerprint: a directory is ours (and --overwrite may delete our files in it) only if it says so.
+WRITTEN_BY = "llm2vec-fast encode"
+_SHARD_FILE = re.compile(r"shard-\d{6,}(\.lines)?\.npy")
+_PROGRESS_FILE = re.compile(r"rank\d+\.json")
 _TEMP_MARK = ".tmp-"
-# Not a temp mark: rank 0 clears temp files while other ranks may still be probing the directory.
 _PROBE_MARK = ".write-probe-"
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # Test-only: "K" kills the process (SIGKILL) after it recorded K shards; "K:temp" while the (K+1)-th shard is
 # still a temporary file; "K:unrecorded" after that shard is in place but before it is recorded.
 TEST_KILL_ENV = "LLM2VEC_FAST_TEST_KILL_AFTER_SHARDS"
@@ -49,17 +61,54 @@ def shard_stem(index: int) -> str:
 
 
 def atomic_write(path: str, data: bytes, before_rename=None) -> None:
-    """Write `data` to `path` so that readers (and a later run after a crash) see either nothing or all of it."""
+    """Write `data` to `path` so that readers (and a later run after a crash) see either nothing or all of it.
+
+    The temporary file gets a name nobody can guess and is created exclusively, never through a link planted
+    under its name; its mode is that of any new file (0o666 less the umask). A failure (a full disk) removes it
+    and raises UserError naming `path`.
+    """
     directory, name = os.path.split(path)
-    temp = os.path.join(directory, f".{name}{_TEMP_MARK}{os.getpid()}")
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(temp, path)
-    _fsync_directory(directory)
+    temp = os.path.join(directory, f".{name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    with _write_errors(path):
+        fd = os.open(temp, _NEW_FILE_FLAGS, 0o666)
+        try:
+            try:
+                _write_fully(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if before_rename is not None:
+                before_rename()
+            os.replace(temp, path)  # replaces a link planted at `path` itself, never what it points to
+        except BaseException:
+            _remove_if_present(temp)
+            raise
+        _fsync_directory(directory)
+
+
+def _write_fully(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+@contextmanager
+def _write_errors(path: str):
+    # A full disk or a lost mount is the user's to fix; finished shards are kept, so the fix ends in a resume.
+    try:
+        yield
+    except OSError as error:
+        fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT)
+               else "check the directory's permissions and free space")
+        raise UserError(f"cannot write {path} ({error.strerror or error}); {fix}, then re-run the same command to "
+                        f"resume (finished shards are kept).") from None
+
+
+def _remove_if_present(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -97,24 +146,21 @@ class OutputDir:
     # -------------------------------------------------------------------------------------------- setup
 
     def check(self, fingerprint: dict, overwrite: bool) -> None:
-        """Refuse an output directory that holds something else, or shards made with other arguments."""
+        """Refuse an output directory that we did not write, or (unless overwrite) holds shards made with other
+        arguments. A directory is ours only if its fingerprint.json says so; any other non-empty directory is
+        refused even with overwrite, since overwrite deletes files."""
         self._check_writable()
-        if overwrite:
+        self._check_no_links()
+        stored = self._stored_fingerprint()
+        if stored is None or overwrite:
             return
-        stored = self.read_fingerprint()
-        if stored is None:
-            foreign = [n for n in os.listdir(self.path)
-                       if n not in _OWNED and not n.startswith(_PROBE_MARK) and _TEMP_MARK not in n]
-            if foreign:
-                raise UserError(f"--output {self.path!r} is not empty and was not written by llm2vec-fast encode "
-                                f"(it holds {foreign[0]!r}); choose a new or empty directory.")
-            return
-        differences = [_difference(key, stored.get(key), fingerprint.get(key))
-                       for key in sorted(set(stored) | set(fingerprint)) if stored.get(key) != fingerprint.get(key)]
+        now = _stamped(fingerprint)
+        differences = [_difference(key, stored.get(key), now.get(key))
+                       for key in sorted(set(stored) | set(now)) if stored.get(key) != now.get(key)]
         if differences:
-            raise UserError(f"--output {self.path!r} holds embeddings made with other arguments or another input ("
-                            f"{'; '.join(differences)}). Pass --overwrite to replace them, or choose a new --output "
-                            f"directory.")
+            raise UserError(f"--output {self.path!r} holds embeddings made with other arguments, another model or "
+                            f"another input ({'; '.join(differences)}). Pass --overwrite to replace them, or choose "
+                            f"a new --output directory.")
 
     def _check_writable(self) -> None:
         # Fail now, not after a long scan of the input or when the first shard is due.
@@ -122,41 +168,86 @@ class OutputDir:
             raise UserError(f"--output {self.path!r} is a file; pass a directory.")
         try:
             os.makedirs(self.path, exist_ok=True)
-            probe = self.file(f"{_PROBE_MARK}{os.getpid()}-{self.rank}")
-            with open(probe, "wb"):
-                pass
+            probe = self.file(f"{_PROBE_MARK}{os.getpid()}-{self.rank}-{secrets.token_hex(4)}")
+            os.close(os.open(probe, _NEW_FILE_FLAGS, 0o666))
             os.remove(probe)
         except OSError as error:
             raise UserError(f"cannot write to --output {self.path!r} ({error.strerror or error}); choose a writable "
                             f"directory.") from None
 
-    def prepare(self, fingerprint: dict, overwrite: bool) -> None:
-        """Create (or, with overwrite, empty) the directory and store the fingerprint. Rank 0 only."""
-        if overwrite and os.path.isdir(self.path):
-            for name in _OWNED:
-                target = self.file(name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                elif os.path.exists(target):
-                    os.remove(target)
-        try:
-            for sub in (SHARD_DIR, PROGRESS_DIR):
-                os.makedirs(self.file(sub), exist_ok=True)
-            # Files a killed run left under a temporary name are never trusted; clear them before anyone writes.
-            for temp in glob.glob(self.file(f"*/.*{_TEMP_MARK}*")) + glob.glob(self.file(f".*{_TEMP_MARK}*")):
-                os.remove(temp)
-            if self.read_fingerprint() != fingerprint:
-                atomic_write(self.file(FINGERPRINT), json_bytes(fingerprint))
-        except OSError as error:
-            raise UserError(f"cannot write to --output {self.path!r} ({error.strerror or error}); choose a writable "
-                            f"directory.") from None
+    def _check_no_links(self) -> None:
+        # Writing through a planted link would put our files (and, with --overwrite, our deletions) elsewhere.
+        for name in (FINGERPRINT, SHARD_DIR, PROGRESS_DIR):
+            target = self.file(name)
+            if os.path.islink(target):
+                raise UserError(f"{target} is a symbolic link; llm2vec-fast writes only into directories it made. "
+                                f"Remove the link, or choose a new --output directory.")
+        for name in (SHARD_DIR, PROGRESS_DIR):
+            if os.path.exists(self.file(name)) and not os.path.isdir(self.file(name)):
+                raise UserError(f"{self.file(name)} is not a directory; choose a new --output directory.")
+
+    def _stored_fingerprint(self) -> dict | None:
+        """Our fingerprint of the directory, or None for a directory holding nothing but our own leftovers.
+
+        Anything else (foreign files, or a fingerprint.json we did not write) raises UserError."""
+        stored = self.read_fingerprint()
+        if stored is not None:
+            return stored
+        foreign = sorted(n for n in os.listdir(self.path) if not _is_leftover(n))
+        if not foreign:
+            return None
+        why = (f"its {FINGERPRINT} lacks our \"written_by\": \"{WRITTEN_BY}\" mark (so do outputs of older "
+               f"llm2vec-fast versions: delete such a directory yourself)"
+               if FINGERPRINT in foreign else
+               f"it holds {', '.join(map(repr, foreign[:3]))}{', ...' if len(foreign) > 3 else ''} and no "
+               f"{FINGERPRINT}")
+        raise UserError(f"--output {self.path!r} is not empty and was not written by llm2vec-fast encode: {why}. "
+                        f"It is left untouched, also with --overwrite (which deletes only files encode wrote). "
+                        f"Choose a new or empty directory.")
 
     def read_fingerprint(self) -> dict | None:
-        path = self.file(FINGERPRINT)
-        if not os.path.isfile(path):
+        """The stored fingerprint if the directory has one written by us (WRITTEN_BY), else None."""
+        try:
+            with open(self.file(FINGERPRINT)) as f:
+                stored = json.load(f)
+        except (OSError, ValueError):
             return None
-        with open(path) as f:
-            return json.load(f)
+        return stored if isinstance(stored, dict) and stored.get("written_by") == WRITTEN_BY else None
+
+    def prepare(self, fingerprint: dict, overwrite: bool) -> None:
+        """Create (or, with overwrite, clear our files from) the directory and store the fingerprint. Rank 0 only;
+        `check` must have accepted the directory."""
+        stamped = _stamped(fingerprint)
+        with _write_errors(self.path):
+            if overwrite and self.read_fingerprint() is not None:
+                self._remove_our_files()
+            # Files a killed run left under a temporary name are never trusted; clear them before anyone writes.
+            # Every rank's probe is over by now: prepare runs after the process group's rendezvous.
+            for directory in (self.path, self.file(SHARD_DIR), self.file(PROGRESS_DIR)):
+                for name in os.listdir(directory) if os.path.isdir(directory) else ():
+                    if _is_leftover(name):
+                        os.remove(os.path.join(directory, name))
+            # The fingerprint comes first: from now on every file here is recognisably ours.
+            if self.read_fingerprint() != stamped:
+                atomic_write(self.file(FINGERPRINT), json_bytes(stamped))
+            for sub in (SHARD_DIR, PROGRESS_DIR):
+                os.makedirs(self.file(sub), exist_ok=True)
+
+    def _remove_our_files(self) -> None:
+        # The index first, so that a kill half-way leaves an incomplete output rather than a complete-looking one;
+        # then progress before shards, so that no shard still recorded as done loses its files. Files of other
+        # names (the user's) are kept, and so are the subdirectories holding them.
+        for name in (MANIFEST, LINE_NUMBERS):
+            _remove_if_present(self.file(name))
+        for sub, pattern in ((PROGRESS_DIR, _PROGRESS_FILE), (SHARD_DIR, _SHARD_FILE)):
+            directory = self.file(sub)
+            if not os.path.isdir(directory):
+                continue
+            for name in os.listdir(directory):
+                if pattern.fullmatch(name) or _is_leftover(name):
+                    os.remove(os.path.join(directory, name))
+            if not os.listdir(directory):
+                os.rmdir(directory)
 
     def is_complete(self) -> bool:
         return os.path.isfile(self.file(MANIFEST))
@@ -240,27 +331,101 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray, np
     Returns (embeddings [N, dim] in the shard dtype, line_numbers int64 [N]): row i embeds input line
     line_numbers[i] (counted from 1). Rows are in input order; skipped lines are listed in manifest.json.
     mmap: memory-map each shard while concatenating (saves a copy for very large outputs).
+    Every file read must lie inside output_dir (links included), and every shard must agree with the manifest
+    and with line_numbers.npy; otherwise ValueError names the file.
     """
     manifest_path = os.path.join(output_dir, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise FileNotFoundError(f"{output_dir!r} has no {MANIFEST}: the encode run did not finish (re-run the same "
                                 f"command to resume it) or this is not an llm2vec-fast encode output.")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    mode = "r" if mmap else None
-    parts = [np.load(os.path.join(output_dir, shard["file"]), mmap_mode=mode) for shard in manifest["shards"]]
-    embeddings = (np.concatenate(parts) if parts else
-                  np.zeros((0, manifest["dim"]), dtype=np.dtype(manifest["dtype"])))
-    line_numbers = np.load(os.path.join(output_dir, manifest["line_numbers"]))
-    if embeddings.shape[0] != manifest["count"] or line_numbers.shape[0] != manifest["count"]:
-        raise ValueError(f"{output_dir!r} is inconsistent: manifest says {manifest['count']} rows, shards hold "
-                         f"{embeddings.shape[0]}, the index {line_numbers.shape[0]}.")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        count, dim, dtype = int(manifest["count"]), int(manifest["dim"]), np.dtype(manifest["dtype"])
+        shards = [_ShardEntry(s["file"], s["lines_file"], int(s["rows"]), int(s["row_start"]))
+                  for s in manifest["shards"]]
+        index_name = manifest["line_numbers"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise _damaged(output_dir, f"{MANIFEST} is not a valid manifest ({error!r})") from None
+    root = os.path.realpath(output_dir)
+    line_numbers = _load_array(root, index_name, output_dir)
+    if line_numbers.shape != (count,) or line_numbers.dtype != np.int64:
+        raise _damaged(output_dir, f"{index_name} holds {line_numbers.shape} {line_numbers.dtype}, expected "
+                                   f"{count} int64 line numbers")
+    parts, row = [], 0
+    for shard in shards:
+        embeddings = _load_array(root, shard.file, output_dir, "r" if mmap else None)
+        lines = _load_array(root, shard.lines_file, output_dir)
+        _check_shard(output_dir, shard, embeddings, lines, line_numbers, row, dim, dtype)
+        parts.append(embeddings)
+        row += len(lines)
+    if row != count:
+        raise _damaged(output_dir, f"the shards hold {row} rows, {MANIFEST} says {count}")
+    embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=dtype)
     return embeddings, line_numbers
+
+
+def _load_array(root: str, name, output_dir: str, mmap_mode=None) -> np.ndarray:
+    """The array in file `name` (relative, as the manifest lists it), which must resolve to a file inside root."""
+    if (not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
+            or not _is_inside(os.path.realpath(os.path.join(root, name)), root)):
+        raise _damaged(output_dir, f"{MANIFEST} lists {name!r}, which is outside the output directory")
+    try:
+        return np.load(os.path.join(root, name), mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise _damaged(output_dir, f"{name} cannot be read ({error})") from None
+
+
+def _is_inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+@dataclass(frozen=True)
+class _ShardEntry:
+    file: str
+    lines_file: str
+    rows: int
+    row_start: int
+
+
+def _check_shard(output_dir: str, shard: _ShardEntry, embeddings: np.ndarray, lines: np.ndarray,
+                 line_numbers: np.ndarray, row: int, dim: int, dtype: np.dtype) -> None:
+    """Refuse a shard whose shape, dtype, row count, position or line numbers disagree with the manifest and the
+    index (line_numbers [count]); `row` is where the shard must start."""
+    name = shard.file
+    if embeddings.ndim != 2 or embeddings.shape[1] != dim or embeddings.dtype != dtype:
+        raise _damaged(output_dir, f"{name} holds {embeddings.shape} {embeddings.dtype}, expected [rows, {dim}] "
+                                   f"{dtype}")
+    if not embeddings.shape[0] == len(lines) == shard.rows or shard.row_start != row:
+        raise _damaged(output_dir, f"{name} holds {embeddings.shape[0]} rows and {shard.lines_file} {len(lines)}, "
+                                   f"{MANIFEST} says {shard.rows} rows from row {shard.row_start} (expected from "
+                                   f"row {row})")
+    if not np.array_equal(lines, line_numbers[row:row + len(lines)]):
+        raise _damaged(output_dir, f"{shard.lines_file} does not match rows {row}..{row + len(lines) - 1} of "
+                                   f"{LINE_NUMBERS}")
+
+
+def _damaged(output_dir: str, problem: str) -> ValueError:
+    return ValueError(f"{output_dir!r} cannot be trusted: {problem}. The output was changed after llm2vec-fast "
+                      f"encode wrote it; re-run the encode command with --overwrite (or into a new --output).")
+
+
+def _stamped(fingerprint: dict) -> dict:
+    return dict(fingerprint, written_by=WRITTEN_BY)
+
+
+def _is_leftover(name: str) -> bool:
+    """A file a killed run of ours can leave behind: a write probe or a temporary file."""
+    return name.startswith(_PROBE_MARK) or (name.startswith(".") and _TEMP_MARK in name)
 
 
 def _difference(key: str, stored, now) -> str:
     if isinstance(stored, dict) or isinstance(now, dict):
-        return f"{key} changed"
+        stored, now = (value if isinstance(value, dict) else {} for value in (stored, now))
+        changed = sorted(name for name in set(stored) | set(now) if stored.get(name) != now.get(name))
+        return f"{key}: {', '.join(changed)} changed"
+    if key.endswith("sha256"):
+        return f"{key}: the content changed"
     return f"{key}: {stored!r} there, {now!r} now"
 
 

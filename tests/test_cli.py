@@ -21,6 +21,14 @@ N_LINES, SHARD = 45, 10  # five shards, the last one partial
 FAST = ["--no-progress", "--shard-size", str(SHARD)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Content hashes are cached under LLM2VEC_FAST_CACHE: keep them out of the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path_factory.mktemp("hash_cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def texts():
     return corpus(N_LINES, seed=7)
@@ -228,6 +236,14 @@ def test_user_errors_are_one_line(llama_dir, txt_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "--input", txt_file, "--output", str(tmp_path / "o"), "--pooling", "max"])
     assert exit_info.value.code == 2 and "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_help_explains_line_endings_and_the_line_limit(capsys):
+    with pytest.raises(SystemExit):
+        main(["encode", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-line-bytes" in help_text and "\\n, \\r\\n or \\r" in help_text and "1 MiB" in help_text
+    assert "a directory encode did not write is refused" in help_text
 
 
 def test_output_dir_of_something_else_is_refused(llama_dir, txt_file, tmp_path, capsys):

@@ -1,0 +1,451 @@
+"""`llm2vec-fast encode` as a careless or hostile user meets it: directories it did not write, models and inputs
+changed between runs, a model that gives NaN, CR line endings, a 30 MB line, tampered outputs, planted links, a
+full disk, and kills at random moments. Every case runs the CLI in process on a tiny random Llama (kills: in a
+subprocess) and compares with an uninterrupted run."""
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from llm2vec_fast import fingerprint, shards
+from llm2vec_fast.cli import main
+from llm2vec_fast.corpus import InputSpec, OverlongLine, input_identity, numbered_lines
+from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
+from tiny_models import build_model_dir, corpus
+
+N_LINES, SHARD = 45, 10
+FAST = ["--no-progress", "--shard-size", str(SHARD)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Content hashes are cached under LLM2VEC_FAST_CACHE: keep them out of the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path_factory.mktemp("hash_cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return corpus(N_LINES, seed=7)
+
+
+@pytest.fixture(scope="module")
+def txt_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("inputs") / "corpus.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir, txt_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reference") / "out")
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    return load_embeddings(out)
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    """A tiny Llama whose weight file is over 1 MiB (the old fingerprint hashed only the first MiB)."""
+    return build_model_dir(str(tmp_path_factory.mktemp("wide") / "model"), "llama", intermediate_size=1024)
+
+
+def encode_args(model_dir, input_path, out, *extra):
+    return ["encode", "--model", str(model_dir), "--input", str(input_path), "--output", str(out), *FAST, *extra]
+
+
+def assert_same_output(out, reference):
+    embeddings, lines = load_embeddings(str(out))
+    np.testing.assert_array_equal(lines, reference[1])
+    np.testing.assert_array_equal(embeddings, reference[0])
+
+
+def error_of(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "llm2vec-fast: error: " in err and "Traceback" not in err, err
+    return err[err.index("llm2vec-fast: error: "):]  # after any progress bar of the model loading
+
+
+def temp_files(out) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(out) for n in names if ".tmp-" in n or "probe" in n]
+
+
+def edit_tensor(model_dir, name, edit) -> None:
+    path = os.path.join(model_dir, "model.safetensors")
+    state = load_file(path)
+    edit(state[name])
+    save_file(state, path, metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------- 1. only our own directories
+
+def plant_look_alike(out):
+    """What an encode output looks like, without our fingerprint: someone else's files."""
+    (out / "shards").mkdir(parents=True)
+    (out / "progress").mkdir()
+    for name in ("manifest.json", "shards/shard-000000.npy", "progress/rank0.json"):
+        (out / name).write_text("precious")
+
+
+@pytest.mark.parametrize("fingerprint_file", [None, '{"version": 2}', "not json"],
+                         ids=["no-fingerprint", "look-alike-fingerprint", "broken-fingerprint"])
+def test_overwrite_leaves_a_directory_we_did_not_write_alone(llama_dir, txt_file, tmp_path, capsys,
+                                                             fingerprint_file):
+    out = tmp_path / "out"
+    plant_look_alike(out)
+    if fingerprint_file is not None:
+        (out / "fingerprint.json").write_text(fingerprint_file)
+    before = sorted(os.listdir(out))
+    err = error_of(encode_args(llama_dir, txt_file, out, "--overwrite"), capsys)
+    assert "not written by llm2vec-fast encode" in err and "also with --overwrite" in err
+    assert sorted(os.listdir(out)) == before
+    for name in ("manifest.json", "shards/shard-000000.npy", "progress/rank0.json"):
+        assert (out / name).read_text() == "precious"
+
+
+def test_overwrite_deletes_only_what_we_wrote(llama_dir, txt_file, texts, reference, tmp_path):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    (out / "notes.txt").write_text("mine")
+    (out / "shards" / "keep.txt").write_text("mine too")
+    fingerprint_data = json.loads((out / "fingerprint.json").read_text())
+    assert fingerprint_data["written_by"] == "llm2vec-fast encode"
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("\n".join(texts[:20]) + "\n")
+    assert main(encode_args(llama_dir, shorter, out, "--overwrite")) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shards" / "keep.txt").read_text() == "mine too"
+    assert sorted(os.listdir(out / "shards")) == ["keep.txt", "shard-000000.lines.npy", "shard-000000.npy",
+                                                  "shard-000001.lines.npy", "shard-000001.npy"]
+    np.testing.assert_array_equal(load_embeddings(str(out))[0], reference[0][:20])
+
+
+# ----------------------------------------------------------------------- 2. resume never mixes two configurations
+
+def set_pooling(model_dir, mode):
+    with open(os.path.join(model_dir, "llm2vec_config.json"), "w") as f:
+        json.dump({"pooling_mode": mode}, f)
+
+
+def change_tokenizer(model_dir):
+    path = os.path.join(model_dir, "tokenizer.json")
+    with open(path) as f:
+        tokenizer = json.load(f)
+    tokenizer["normalizer"] = {"type": "Lowercase"}
+    with open(path, "w") as f:
+        json.dump(tokenizer, f)
+
+
+def change_weights_keeping_size(model_dir):
+    path = os.path.join(model_dir, "model.safetensors")
+    size = os.path.getsize(path)
+    edit_tensor(model_dir, "norm.weight", lambda t: t.mul_(2))  # stored last: past the first MiB
+    assert os.path.getsize(path) == size > 1 << 20
+
+
+@pytest.mark.parametrize("change, changed_file", [
+    (lambda d: set_pooling(d, "weighted_mean"), "llm2vec_config.json"),
+    (change_tokenizer, "tokenizer.json"),
+    (change_weights_keeping_size, "model.safetensors"),
+], ids=["pooling-in-llm2vec-config", "tokenizer", "weights-same-size"])
+def test_changed_model_is_refused_finished_or_not(wide_model_dir, txt_file, tmp_path, capsys, change,
+                                                  changed_file):
+    model_dir = tmp_path / "model"
+    shutil.copytree(wide_model_dir, model_dir)
+    set_pooling(model_dir, "mean")
+    out = tmp_path / "out"
+    args = encode_args(model_dir, txt_file, out)
+    assert main(args) == 0
+    change(str(model_dir))
+    err = error_of(args, capsys)  # a finished output: not "already complete; nothing to do"
+    assert f"model_files: {changed_file} changed" in err and "--overwrite" in err
+    os.remove(out / MANIFEST)  # an interrupted output: not a silent resume
+    assert f"model_files: {changed_file} changed" in error_of(args, capsys)
+
+
+def test_input_identity_covers_the_whole_file(tmp_path):
+    path = tmp_path / "big.txt"
+    data = bytearray(b"the cat sat on the mat\n" * 100_000)  # 2.3 MB
+    path.write_bytes(data)
+    spec = InputSpec(str(path), "txt")
+    before = input_identity(spec)
+    data[-5] = ord("x")
+    path.write_bytes(data)
+    after = input_identity(spec)
+    assert after["input_size"] == before["input_size"] and after["input_sha256"] != before["input_sha256"]
+
+
+def test_hash_cache_is_used_and_notices_a_rewrite_with_restored_mtime(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", -1.0)  # cache even a file written a moment ago
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    first = fingerprint.file_sha256(str(path))
+    stat = os.stat(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(fingerprint, "_hash_file", lambda _: pytest.fail("the cached hash was not used"))
+        assert fingerprint.file_sha256(str(path)) == first
+    time.sleep(0.01)
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime; ctime still moves
+    assert fingerprint.file_sha256(str(path)) != first
+
+
+# ------------------------------------------------------------------------------------- 3. no non-finite rows
+
+def poisoned_copy(source, target, texts) -> list[int]:
+    """A copy of the model whose embedding row of one token is NaN; the input lines holding that token, all
+    after the first shard."""
+    shutil.copytree(source, target)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    holders: dict[int, list[int]] = {}
+    for number, text in enumerate(texts, start=1):
+        for token in set(tokenizer(text, add_special_tokens=False)["input_ids"]):
+            holders.setdefault(token, []).append(number)
+    token, lines = next((t, n) for t, n in sorted(holders.items()) if n[0] > SHARD and len(n) >= 2)
+    edit_tensor(target, "embed_tokens.weight", lambda w: w[token].fill_(float("nan")))
+    return lines
+
+
+def test_nan_embeddings_are_refused_naming_the_lines(llama_dir, txt_file, texts, tmp_path, capsys):
+    poisoned = poisoned_copy(llama_dir, tmp_path / "model", texts)
+    shard = (poisoned[0] - 1) // SHARD
+    in_shard = [n for n in poisoned if (n - 1) // SHARD == shard]
+    out = tmp_path / "out"
+    err = error_of(encode_args(tmp_path / "model", txt_file, out), capsys)
+    assert f"non-finite embeddings (NaN or inf) for {len(in_shard)} line(s)" in err
+    assert f"(lines {', '.join(map(str, in_shard))})" in err and f"nothing of shard {shard}" in err
+    written = sorted(os.listdir(out / "shards"))
+    assert written == [f"shard-{k:06d}{ext}" for k in range(shard) for ext in (".lines.npy", ".npy")]
+    assert not (out / MANIFEST).exists()
+
+
+def test_overflow_of_float16_shards_is_refused(llama_dir, txt_file, tmp_path, capsys):
+    shutil.copytree(llama_dir, tmp_path / "model")
+    edit_tensor(tmp_path / "model", "norm.weight", lambda w: w.fill_(1e6))  # finite in float32, inf in float16
+    err = error_of(encode_args(tmp_path / "model", txt_file, tmp_path / "out", "--shard-dtype", "float16"), capsys)
+    assert "--shard-dtype float16 gave non-finite embeddings" in err and "for 10 line(s)" in err
+    assert "use --shard-dtype float32" in err and "nothing of shard 0" in err
+
+
+# ------------------------------------------------------------------------------------------ 4. line endings
+
+@pytest.mark.parametrize("joiner", ["\r", "\r\n", "mixed"])
+def test_cr_and_crlf_line_endings_equal_lf(llama_dir, texts, reference, tmp_path, joiner):
+    rng = random.Random(3)
+    breaks = [rng.choice(["\r", "\n", "\r\n"]) if joiner == "mixed" else joiner for _ in texts]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("".join(t + b for t, b in zip(texts, breaks)).encode())
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, path, out)) == 0
+    assert_same_output(out, reference)
+
+
+def test_twenty_cr_separated_texts_are_twenty_lines(llama_dir, texts, tmp_path):
+    path = tmp_path / "mac.txt"
+    path.write_bytes("\r".join(texts[:20]).encode())
+    assert main(encode_args(llama_dir, path, tmp_path / "out")) == 0
+    embeddings, lines = load_embeddings(str(tmp_path / "out"))
+    assert embeddings.shape[0] == 20 and lines.tolist() == list(range(1, 21))
+
+
+# ------------------------------------------------------------------------------------------- 6. a 30 MB line
+
+@pytest.fixture(scope="module")
+def huge_line_file(tmp_path_factory, texts):
+    path = tmp_path_factory.mktemp("huge") / "huge.txt"
+    with open(path, "wb") as f:
+        f.write("\n".join(texts[:3]).encode() + b"\n")
+        f.write(b"x" * (30 << 20) + b"\n")
+        f.write("\n".join(texts[3:5]).encode() + b"\n")
+    return path
+
+
+def test_a_30_mb_line_is_a_bad_line(llama_dir, huge_line_file, texts, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = error_of(encode_args(llama_dir, huge_line_file, out), capsys)
+    assert f"{huge_line_file}:4: line of {30 << 20} bytes, longer than the limit of 1048576 bytes" in err
+    assert "--max-line-bytes" in err and "--skip-bad-lines" in err
+    assert main(encode_args(llama_dir, huge_line_file, out, "--skip-bad-lines")) == 0
+    embeddings, lines = load_embeddings(str(out))
+    assert lines.tolist() == [1, 2, 3, 5, 6]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["skipped"][0]["line"] == 4 and "longer than the limit" in manifest["skipped"][0]["reason"]
+
+
+class EndlessLine:
+    """A stream of one 30 MB line and a short one, produced as read (never in memory at once)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def read(self, n: int) -> bytes:
+        if self.left > 0:
+            chunk = min(n, self.left)
+            self.left -= chunk
+            return b"y" * chunk
+        if self.left == 0:
+            self.left = -1
+            return b"\nshort\n"
+        return b""
+
+
+def test_line_reader_memory_is_bounded():
+    tracemalloc.start()
+    try:
+        lines = list(numbered_lines(EndlessLine(30 << 20), max_line_bytes=1 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lines == [(1, OverlongLine(30 << 20, 1 << 20)), (2, b"short")]
+    assert peak < 4 << 20
+
+
+# ----------------------------------------------------------------------------- 5. output files can be trusted
+
+@pytest.fixture
+def finished(llama_dir, txt_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    return out
+
+
+def edit_manifest(out, edit):
+    manifest = json.loads((out / MANIFEST).read_text())
+    edit(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_load_refuses_paths_outside_the_output(finished, tmp_path):
+    outside = tmp_path / "outside.npy"
+    shutil.copy(finished / "shards" / "shard-000000.npy", outside)
+    for path in (str(outside), "../outside.npy", "shards/../../outside.npy"):
+        edit_manifest(finished, lambda m: m["shards"][0].update(file=path))
+        with pytest.raises(ValueError, match="outside the output directory"):
+            load_embeddings(str(finished))
+    edit_manifest(finished, lambda m: m["shards"][0].update(file="shards/shard-000000.npy"))
+    load_embeddings(str(finished))
+    os.remove(finished / "shards" / "shard-000000.npy")
+    os.symlink(outside, finished / "shards" / "shard-000000.npy")
+    with pytest.raises(ValueError, match="'shards/shard-000000.npy', which is outside"):
+        load_embeddings(str(finished))
+
+
+def test_load_checks_each_shard_against_the_index(finished):
+    lines_file = finished / "shards" / "shard-000001.lines.npy"
+    lines = np.load(lines_file)
+    np.save(lines_file, lines[::-1].copy())
+    with pytest.raises(ValueError, match=r"shards/shard-000001.lines.npy does not match rows 10..19 of "
+                                         r"line_numbers.npy.*--overwrite"):
+        load_embeddings(str(finished))
+    np.save(lines_file, lines)
+    edit_manifest(finished, lambda m: m["shards"][1].update(rows=9))
+    with pytest.raises(ValueError, match="shard-000001.npy holds 10 rows.*says 9 rows"):
+        load_embeddings(str(finished))
+
+
+def test_files_get_the_umask_mode_and_no_temp_files_survive(llama_dir, txt_file, tmp_path):
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        (out / "shards").mkdir(parents=True)
+        (out / "progress").mkdir()
+        (out / "fingerprint.json").write_text('{"written_by": "llm2vec-fast encode"}')
+        for leftover in (".manifest.json.tmp-1", "shards/.shard-000000.npy.tmp-1-ab12",
+                         "progress/.rank0.json.tmp-9", ".write-probe-7-0"):
+            (out / leftover).write_text("from a killed run")
+        assert main(encode_args(llama_dir, txt_file, out, "--overwrite")) == 0
+    finally:
+        os.umask(old)
+    assert temp_files(out) == []
+    for directory, subdirs, names in os.walk(out):
+        for name in names:
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o640, name
+        for name in subdirs:
+            assert os.stat(os.path.join(directory, name)).st_mode & 0o777 == 0o750, name
+
+
+@pytest.mark.parametrize("linked", ["shards", "progress"])
+def test_a_planted_directory_link_is_refused(llama_dir, txt_file, tmp_path, capsys, linked):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(elsewhere, out / linked)
+    err = error_of(encode_args(llama_dir, txt_file, out), capsys)
+    assert f"{out / linked} is a symbolic link" in err
+    assert os.listdir(elsewhere) == []
+
+
+def test_a_link_planted_at_a_shard_name_is_replaced_not_followed(llama_dir, txt_file, reference, tmp_path):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.remove(out / MANIFEST)
+    os.remove(out / "shards" / "shard-000004.npy")
+    os.symlink(victim, out / "shards" / "shard-000004.npy")
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    assert victim.read_text() == "keep me" and not os.path.islink(out / "shards" / "shard-000004.npy")
+    assert_same_output(out, reference)
+
+
+# ------------------------------------------------------------------------------------------ 6. a full disk
+
+def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(llama_dir, txt_file, reference, tmp_path,
+                                                                      monkeypatch, capsys):
+    real_write = shards._write_fully
+    writes = []
+
+    def fill_up(fd, data):
+        writes.append(len(data))
+        if len(writes) == 6:  # fingerprint, then lines, embeddings and progress per shard: shard 1's embeddings
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(fd, data)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_write_fully", fill_up)
+        err = error_of(encode_args(llama_dir, txt_file, out), capsys)
+    assert err.count("\n") == 1
+    assert f"cannot write {out / 'shards' / 'shard-000001.npy'} (No space left on device); free some space" in err
+    assert temp_files(out) == []
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    assert_same_output(out, reference)
+
+
+# ------------------------------------------------------------------------------- 7. kills at random moments
+
+def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(llama_dir, txt_file, reference, tmp_path):
+    out = tmp_path / "out"
+    args = encode_args(llama_dir, txt_file, out, "--shard-size", "3")  # 15 shards: many commit points
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
+    rng = random.Random(12)
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-m", "llm2vec_fast", *args], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Startup (imports) takes seconds: wait until the run has touched the output, then kill at random.
+        while process.poll() is None and not (out / "fingerprint.json").exists():
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert main(args) == 0
+    assert temp_files(out) == []
+    embeddings, lines = load_embeddings(str(out))
+    np.testing.assert_array_equal(lines, reference[1])
+    reference_3 = tmp_path / "reference"
+    assert main(encode_args(llama_dir, txt_file, reference_3, "--shard-size", "3")) == 0
+    np.testing.assert_array_equal(embeddings, load_embeddings(str(reference_3))[0])
