@@ -7,7 +7,12 @@ or ``[instruction, text, int]`` (the int, a MEDI dataset id, is ignored); and, f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+# A Python str can hold lone UTF-16 surrogates (from a bad decode, JSON "\\ud800", errors="surrogateescape");
+# they are not Unicode text and the tokenizer fails on them deep inside its Rust code.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def normalize_inputs(sentences) -> list[tuple[str, str]]:
@@ -15,8 +20,8 @@ def normalize_inputs(sentences) -> list[tuple[str, str]]:
     if sentences is None:
         raise TypeError("encode() got None: pass a string, a list of strings, or a list of [instruction, text] pairs.")
     if isinstance(sentences, str):
-        return [("", sentences)]
-    if isinstance(sentences, (bytes, bytearray)):
+        sentences = [sentences]  # one text; checked like any other
+    elif isinstance(sentences, (bytes, bytearray)):
         raise TypeError("encode() got bytes: decode them to str first (e.g. data.decode('utf-8')).")
     if not isinstance(sentences, Sequence) and not _is_iterable_collection(sentences):
         raise TypeError(
@@ -28,7 +33,20 @@ def normalize_inputs(sentences) -> list[tuple[str, str]]:
     if len(sentences) == 3 and isinstance(sentences[0], str) and isinstance(sentences[1], str) \
             and isinstance(sentences[2], int) and not isinstance(sentences[2], bool):
         sentences = [sentences]
-    return [_normalize_one(item, index) for index, item in enumerate(sentences)]
+    pairs = [_normalize_one(item, index) for index, item in enumerate(sentences)]
+    for index, pair in enumerate(pairs):
+        _check_unicode(pair, index)
+    return pairs
+
+
+def _check_unicode(pair: tuple[str, str], index: int) -> None:
+    for part, string in zip(("instruction", "text"), pair):
+        found = _SURROGATE.search(string)
+        if found:
+            raise ValueError(
+                f"input {index}: its {part} holds a lone surrogate (U+{ord(found.group()):04X}) at character "
+                f"{found.start()}, which is not valid Unicode and cannot be tokenized. Fix how the text was "
+                f"decoded, or replace such characters (e.g. s.encode('utf-8', 'replace').decode('utf-8')).")
 
 
 def _is_iterable_collection(value) -> bool:

@@ -7,10 +7,21 @@ instruction when a row is too long, so pooling always covers text tokens; every 
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
+from itertools import islice
 
 from .prompts import apply_template, join_instruction, split_separator
+
+# The words of the reference's shortening rule, str.split()'s (re's \s is the same Unicode whitespace test), found
+# lazily so that a huge text is never materialised as a list of millions of strings.
+_WORD = re.compile(r"\S+")
+# Safety factor on the character bound of `character_limit`: the tokens just before a cut may differ from those of
+# the whole text (a word or BPE merge straddling the cut), so the kept tokens must end far before it.
+_CHARACTER_LIMIT_MARGIN = 4
+# For a tokenizer that cannot list its vocabulary: longer than the tokens of the tokenizers we know.
+_FALLBACK_LONGEST_TOKEN = 256
 
 
 @dataclass(frozen=True)
@@ -36,14 +47,26 @@ class TokenizationReport:
     truncated: int = 0
     instruction_cut: int = 0
     doc_shortened: int = 0
+    doc_token_cut: int = 0
     empty_text: int = 0
+    characters_cut: int = 0
 
     def warn(self, max_length: int, doc_max_length: int) -> None:
+        if self.characters_cut:
+            warnings.warn(
+                f"{self.characters_cut} input(s) had an instruction or text so long that only its first characters "
+                f"were tokenized (far more than max_length={max_length} tokens can hold, so the tokens kept are "
+                f"the same); split such documents to embed all of them.", stacklevel=3)
         if self.doc_shortened:
             warnings.warn(
                 f"{self.doc_shortened} text(s) were longer than doc_max_length={doc_max_length} tokens and were "
                 f"shortened to a proportional number of words (the llm2vec reference's rule); raise "
                 f"doc_max_length to keep more.", stacklevel=3)
+        if self.doc_token_cut:
+            warnings.warn(
+                f"{self.doc_token_cut} text(s) were longer than doc_max_length={doc_max_length} tokens and have too "
+                f"few spaces to be shortened by whole words (e.g. Chinese, Japanese, URLs, base64): they were cut "
+                f"to their first {doc_max_length} tokens instead; raise doc_max_length to keep more.", stacklevel=3)
         if self.truncated:
             extra = (f" ({self.instruction_cut} of them had their instruction shortened so the text keeps most of "
                      f"the room)") if self.instruction_cut else ""
@@ -72,6 +95,7 @@ class RowTokenizer:
         probe = tokenizer("x", add_special_tokens=True)["input_ids"]
         self.adds_bos = self.bos_id is not None and len(probe) > 0 and probe[0] == self.bos_id
         self.appends_eos = tokenizer.eos_token_id is not None and len(probe) > 1 and probe[-1] == tokenizer.eos_token_id
+        self.character_limit = character_limit(tokenizer, max_length)
 
     def prepare(self, instruction: str, text: str) -> str:
         """The reference's prepared string (joined with the separator, wrapped in the model's template)."""
@@ -79,30 +103,58 @@ class RowTokenizer:
                               self.pooling_mode)
 
     def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[TokenizedRow], TokenizationReport]:
+        """Rows of (instruction, text) pairs, and what had to be cut to fit the limits."""
         report = TokenizationReport()
-        encoded = self._encode([self.prepare(i, t) for i, t in pairs])
-        # Texts over doc_max_length are shortened by words, as the reference does, and re-tokenized (rare).
+        bounded = [self._bound_characters(pair, report) for pair in pairs]
+        encoded = self._encode([self.prepare(i, t) for i, t in bounded])
+        # Texts over doc_max_length are shortened by words, as the reference does, and re-tokenized (rare); a
+        # text the word rule would (nearly) wipe out keeps its first doc_max_length tokens instead.
         long_rows = [k for k, (_, (start, end)) in enumerate(encoded) if end - start > self.doc_max_length]
-        if long_rows:
-            report.doc_shortened = len(long_rows)
-            redone = self._encode([self.prepare(pairs[k][0], self._shorten_text(pairs[k][1])) for k in long_rows])
-            for k, item in zip(long_rows, redone):
-                encoded[k] = item
+        shortened = {k: self._shorten_by_words(pairs[k][1]) for k in long_rows}
+        by_words = [k for k in long_rows if shortened[k] is not None]
+        redone = self._encode([self.prepare(bounded[k][0], shortened[k]) for k in by_words])
+        for k, item in zip(by_words, redone):
+            encoded[k] = item
+        for k in long_rows:
+            if shortened[k] is None:
+                encoded[k] = self._keep_first_text_tokens(*encoded[k])
+        report.doc_shortened = len(by_words)
+        report.doc_token_cut = len(long_rows) - len(by_words)
         rows = [self._fit(ids, span, report) for ids, span in encoded]
         report.empty_text = sum(1 for row in rows if row.text_end == row.text_start)
         return rows, report
 
+    def _bound_characters(self, pair: tuple[str, str], report: TokenizationReport) -> tuple[str, str]:
+        # Tokenizing a 30 MB text takes ~9 GB; its characters past `character_limit` cannot reach the kept tokens.
+        instruction, text = pair
+        limit = self.character_limit
+        if len(instruction) <= limit and len(text) <= limit:
+            return pair
+        report.characters_cut += 1
+        return instruction[:limit], text[:limit]
+
     def _count_text_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False, truncation=True,
+        """The reference's count: the text alone, no special tokens, at most max_length."""
+        return len(self.tokenizer(text[: self.character_limit], add_special_tokens=False, truncation=True,
                                   max_length=self.max_length)["input_ids"])
 
-    def _shorten_text(self, text: str) -> str:
+    def _shorten_by_words(self, text: str) -> str | None:
+        """The reference's rule: cut to a proportional number of whitespace words until at most doc_max_length
+        tokens remain. None when that keeps fewer than half of doc_max_length tokens: a text with few spaces
+        (CJK, a URL) would lose all or nearly all of its content, and different texts would embed alike."""
         count = self._count_text_tokens(text)
+        kept = sum(1 for _ in _WORD.finditer(text))
         while count > self.doc_max_length:
-            words = text.split()
-            text = " ".join(words[: int(len(words) * self.doc_max_length / count)])
-            count = self._count_text_tokens(text)
-        return text
+            kept = int(kept * self.doc_max_length / count)
+            count = self._count_text_tokens(_first_words(text, kept, self.character_limit))
+        if 2 * count < self.doc_max_length:
+            return None
+        return _first_words(text, kept)
+
+    def _keep_first_text_tokens(self, ids: list[int], span: tuple[int, int]) -> tuple[list[int], tuple[int, int]]:
+        start, end = span
+        cut = start + self.doc_max_length
+        return ids[:cut] + ids[end:], (start, cut)
 
     def tokenize_prepared(self, prepared: list[str], report: TokenizationReport | None = None) -> list[TokenizedRow]:
         """Tokenize reference-style prepared strings (with the separator) in one batched call."""
@@ -157,6 +209,32 @@ class RowTokenizer:
         kept = ids[:lead] + instruction[:instruction_keep] + text[:text_keep] + suffix
         text_start = lead + instruction_keep
         return TokenizedRow(kept, text_start, text_start + text_keep)
+
+
+def character_limit(tokenizer, max_length: int) -> int:
+    """Characters of an instruction or text worth tokenizing: max_length tokens never span more.
+
+    No token decodes to more characters than its vocabulary entry has (byte-level BPE spells each byte as one
+    character, SentencePiece spells its text), so max_length tokens cover at most max_length * longest characters;
+    the margin keeps the cut far from the kept tokens, whose tokenization cannot depend on it.
+    """
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+    except (AttributeError, NotImplementedError, TypeError):
+        longest = _FALLBACK_LONGEST_TOKEN
+    return _CHARACTER_LIMIT_MARGIN * max_length * max(longest, 1)
+
+
+def _first_words(text: str, count: int, limit: int | None = None) -> str:
+    """``" ".join(text.split()[:count])``, or its first `limit` characters, without splitting all of `text`."""
+    words, size = [], 0
+    for match in islice(_WORD.finditer(text), count):
+        if limit is not None and size > limit:
+            break
+        words.append(match.group())
+        size += len(words[-1]) + 1
+    joined = " ".join(words)
+    return joined if limit is None else joined[:limit]
 
 
 def _text_span(offsets: list[tuple[int, int]], text_char: int) -> tuple[int, int]:

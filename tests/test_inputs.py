@@ -29,8 +29,15 @@ def test_accepted_forms(given, expected):
     ([["a", 5]], ValueError, "expected [instruction, text]"),
     ([["a", "b", "c"]], ValueError, "third element is str"),
     ({"text": "a"}, TypeError, "dict"),
+    (["ok", "x\ud800"], ValueError, "input 1: its text holds a lone surrogate (U+D800) at character 1"),
+    ([["\udc80 q:", "t"]], ValueError, "input 0: its instruction holds a lone surrogate (U+DC80)"),
+    ("\ud83d\ude00", ValueError, "input 0: its text holds a lone surrogate (U+D83D)"),
 ], ids=["none", "number", "bytes", "none-item", "float-item", "short-list", "long-list", "non-str-text",
-        "bad-triple", "dict"])
+        "bad-triple", "dict", "surrogate-text", "surrogate-instruction", "unjoined-surrogate-pair"])
 def test_bad_inputs_name_the_problem(given, error, words):
     with pytest.raises(error, match=__import__("re").escape(words)):
         normalize_inputs(given)
+
+
+def test_astral_characters_are_fine():
+    assert normalize_inputs(["\U0001F600 and \u4e2d"]) == [("", "\U0001F600 and \u4e2d")]

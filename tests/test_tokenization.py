@@ -114,3 +114,24 @@ def test_doc_max_length_shortens_by_words(tokenizer):
     assert report.doc_shortened == 1
     assert report.truncated == 0  # shortened first, so never reported as truncated too
     assert rows[0].text_end - rows[0].text_start <= 10
+
+
+def test_text_the_word_rule_would_empty_keeps_its_first_tokens(tokenizer):
+    text = "\u4e2d\u6587" * 200  # no spaces: one "word" of far more than doc_max_length tokens
+    rt = row_tokenizer(tokenizer, doc_max_length=10, max_length=64)
+    rows, report = rt.tokenize_pairs([("q:", text)])
+    assert report.doc_token_cut == 1 and report.doc_shortened == 0 and report.truncated == 0
+    row = rows[0]
+    assert row.text_end - row.text_start == 10
+    alone = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert row.input_ids[row.text_start:] == alone[:10]  # the first tokens, the instruction kept before them
+    assert row.input_ids[:3] == tokenizer("q:")["input_ids"]
+    with pytest.warns(UserWarning, match="too few spaces"):
+        report.warn(64, 10)
+
+
+def test_character_limit_bounds_what_max_length_tokens_can_span(tokenizer):
+    from llm2vec_fast.tokenization import character_limit
+
+    longest = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
+    assert character_limit(tokenizer, 100) >= 2 * 100 * longest
