@@ -6,6 +6,7 @@ batch N is the total number of tokens, for a padded batch N = B * S. One pooling
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,15 @@ _KERNEL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "
 def check_pooling_mode(pooling_mode: str) -> None:
     if pooling_mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling_mode {pooling_mode!r}; choose one of {', '.join(POOLING_MODES)}.")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Refuse anything but a positive integer (bool and float included), naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}; pass e.g. "
+                        f"{name}=64.")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}; pass e.g. {name}=64.")
 
 
 def kernel_mode(pooling_mode: str) -> str:
@@ -116,8 +126,7 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int, max_batch_si
     it makes batch sizes predictable. A row longer than the budget gets a batch of its own. Every index appears
     exactly once.
     """
-    if max_batch_tokens < 1:
-        raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+    check_positive_int("max_batch_tokens", max_batch_tokens)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current, current_tokens = [], [], 0
     for i in order:

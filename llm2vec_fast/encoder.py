@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import threading
+import uuid
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -17,12 +21,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batching import (PackedBatch, PaddedBatch, check_pooling_mode, kernel_mode, pack, pad, pooling_range,
-                       token_budget_batches)
+from .batching import (PackedBatch, PaddedBatch, check_pooling_mode, check_positive_int, kernel_mode, pack, pad,
+                       pooling_range, token_budget_batches)
 from .inputs import normalize_inputs
 from .kernels.pooling import segment_pool
-from .loading import (ENCODER_ARGS, LLM2VEC_CONFIG, adapter_base_name, apply_adapter, check_model_directory,
-                      has_weights, is_adapter_directory, read_llm2vec_config, resolve_directory, weights_only_view)
+from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES, adapter_base_name,
+                      apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
+                      read_adapter_config, read_llm2vec_config, resolve_directory)
 from .modeling import (base_model, check_supported, is_bidirectional, native_cpu_ops, patch, run_packed, run_padded,
                        use_native_cpu_ops)
 from .tokenization import RowTokenizer, TokenizedRow
@@ -31,6 +36,12 @@ ENGINES = ("auto", "packed", "padded")
 # Tokens per batch when max_batch_tokens is not given. CPU: measured best of 512-8192 on SmolLM2-135M (README,
 # "Encode engine"); CUDA: a budget that fills an H200 with a 135M-7B model, not yet measured.
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cuda": 32768}
+# Files a save writes whose presence changes what a directory loads as: a stale one left from an earlier save
+# (an adapter beside merged weights, weights beside a new adapter) is removed. Anything else is left alone.
+_SAVE_MANAGED = (*WEIGHT_FILES, ADAPTER_CONFIG, *ADAPTER_WEIGHTS, LLM2VEC_CONFIG)
+_SHARD_SUFFIXES = (".safetensors", ".bin")
+# Written by PEFT's save_pretrained as a model card; a README the user keeps in the directory wins.
+_KEEP_EXISTING = ("README.md",)
 
 
 class LLM2Vec(nn.Module):
@@ -55,9 +66,12 @@ class LLM2Vec(nn.Module):
         check_supported(model.config)
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}.")
-        for name, value in (("max_length", max_length), ("doc_max_length", doc_max_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int("max_length", max_length)
+        check_positive_int("doc_max_length", doc_max_length)
+        if max_batch_tokens is not None:
+            check_positive_int("max_batch_tokens", max_batch_tokens)
+        if not isinstance(skip_instruction, bool):
+            raise TypeError(f"skip_instruction must be True or False, got {skip_instruction!r}")
         if getattr(base_model(model).config, "_attn_implementation", None) != "llm2vec_fast":
             patch(model, bidirectional=False)
         if tokenizer.pad_token is None:
@@ -71,6 +85,7 @@ class LLM2Vec(nn.Module):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.config = model.config
+        self._encode_scope = _EvalScope()
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -86,23 +101,24 @@ class LLM2Vec(nn.Module):
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        encoder_args = {k: kwargs.pop(k) for k in ENCODER_ARGS if kwargs.get(k) is not None}
+        if "batch_size" in kwargs:
+            raise TypeError("batch_size is an argument of encode(), not of from_pretrained(); pass it to encode(), "
+                            "or max_batch_tokens= here for a default token budget.")
+        encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
         runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens") if k in kwargs}
         kwargs.pop("attn_implementation", None)  # we install our own attention
 
         base_dir = resolve_directory(base_model_name_or_path, "base model")
         check_model_directory(base_dir)
+        if is_adapter_directory(base_dir):
+            read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
         check_supported(AutoConfig.from_pretrained(base_dir))
 
         weights_dir = base_dir
         if is_adapter_directory(base_dir) and not has_weights(base_dir):
             # The released LLM2Vec layout: base config + adapter; the weights are those of the adapter's base.
             weights_dir = resolve_directory(adapter_base_name(base_dir), "base model named in the adapter config")
-        if is_adapter_directory(weights_dir):
-            with weights_only_view(weights_dir) as view:
-                model = AutoModel.from_pretrained(view, **kwargs)
-        else:
-            model = AutoModel.from_pretrained(weights_dir, **kwargs)
+        model = load_base_model(AutoModel, weights_dir, **kwargs)
         model.config._name_or_path = _name_of(base_model_name_or_path, base_dir)
         if is_adapter_directory(base_dir):
             model = apply_adapter(model, base_dir, merge=True)
@@ -210,6 +226,14 @@ class LLM2Vec(nn.Module):
         batch_size: at most this many texts per batch (the reference's knob); by default batches are filled up to
         `max_batch_tokens` tokens instead. Returns float32 on the CPU: a tensor [N, hidden] (or [hidden] for a
         bare string), a numpy array with convert_to_numpy.
+
+        Thread safety: concurrent encode calls on one model are safe and give the results of a single-threaded
+        call, also when the model was left in train() mode: they share one eval-mode scope, and the module
+        modes in place before the first of them are restored when the last one ends. They must all use the same
+        device (a call for another device while one runs is refused). Training or a train-mode forward on the
+        same model while an encode runs is not supported: until the encode ends the modules are in eval mode, so
+        such a step would run without dropout, and a train() call from another thread would turn dropout on
+        inside the encode.
         """
         single = isinstance(sentences, str)
         rows = self.tokenize_inputs(sentences)
@@ -228,46 +252,175 @@ class LLM2Vec(nn.Module):
     def encode_rows(self, rows: list[TokenizedRow], batch_size: Optional[int] = None, show_progress_bar: bool = False,
                     device: Optional[str] = None, normalize_embeddings: bool = False,
                     max_batch_tokens: Optional[int] = None) -> torch.Tensor:
-        """Embeddings (float32, CPU, [len(rows), hidden]) of rows from `tokenize_inputs`, in their order."""
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        budget = max_batch_tokens or self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, 1024)
+        """Embeddings (float32, CPU, [len(rows), hidden]) of rows from `tokenize_inputs`, in their order.
+
+        Thread-safe as `encode` describes."""
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        if max_batch_tokens is not None:
+            check_positive_int("max_batch_tokens", max_batch_tokens)
+        device = _usable_device(device)
+        budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
+                      DEFAULT_MAX_BATCH_TOKENS.get(device.type, 1024))
+        check_positive_int("max_batch_tokens", budget)  # the attribute may have been set after construction
         output = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
-        was_training = self.training
-        self.eval()
+        batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
+        with self._encode_scope.enter(self, device), torch.inference_mode(), \
+                tqdm(total=len(rows), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
+            for indices in batches:
+                batch = self.make_batch([rows[i] for i in indices]).to(device)
+                embeddings = self.embed_batch(batch).float()
+                if normalize_embeddings:
+                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+                output[torch.tensor(indices)] = embeddings.cpu()
+                progress.update(len(indices))
+        return output
+
+    def _prepare_for_encoding(self, device: torch.device) -> None:
+        """One-time (per device) setup of an encode; runs under the encode scope's lock."""
         self.to(device)
         if device.type == "cpu" and native_cpu_ops(self.model) is None:
             use_native_cpu_ops(self.model)  # once per model; an explicit use_native_cpu_ops(..., enable=False) stays
-        batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
-        try:
-            with torch.inference_mode(), tqdm(total=len(rows), desc="Encoding", unit="text",
-                                              disable=not show_progress_bar) as progress:
-                for indices in batches:
-                    batch = self.make_batch([rows[i] for i in indices]).to(device)
-                    embeddings = self.embed_batch(batch).float()
-                    if normalize_embeddings:
-                        embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-                    output[torch.tensor(indices)] = embeddings.cpu()
-                    progress.update(len(indices))
-        finally:
-            self.train(was_training)
-        return output
 
     # ------------------------------------------------------------------------------------------------- save
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
-        """Write model (or adapter, for an unmerged PEFT model), tokenizer and llm2vec_config.json."""
+        """Write model (or adapter, for an unmerged PEFT model), tokenizer and llm2vec_config.json.
+
+        An unmerged adapter is saved with its base's config.json (the released LLM2Vec layout). The files are
+        written into a staging directory beside `output_path` and renamed into place one by one (each rename
+        atomic; a symlink planted at a destination is replaced, never written through). Files of an earlier
+        save that would change what the directory loads as (adapter files beside new merged weights, weights
+        beside a new adapter, an llm2vec_config.json when save_config=False) are removed; other files are kept.
+        """
         from peft import PeftModel
 
         if merge_before_save and isinstance(self.model, PeftModel):
             self.model = self.model.merge_and_unload()
-        self.model.save_pretrained(output_path)
-        self.tokenizer.save_pretrained(output_path)
-        if save_config:
-            os.makedirs(output_path, exist_ok=True)
-            with open(os.path.join(output_path, LLM2VEC_CONFIG), "w") as f:
-                json.dump({k: getattr(self, k) for k in ENCODER_ARGS}, f, indent=4)
+        output_path = os.fspath(output_path)
+        if os.path.lexists(output_path) and not os.path.isdir(output_path):
+            raise FileExistsError(f"{output_path!r} exists and is not a directory; pass a directory to save into.")
+        staging = _make_staging_directory(output_path)
+        try:
+            self.model.save_pretrained(staging)
+            if isinstance(self.model, PeftModel):
+                self.model.get_base_model().config.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            if save_config:
+                with open(os.path.join(staging, LLM2VEC_CONFIG), "w") as f:
+                    json.dump({k: getattr(self, k) for k in ENCODER_ARGS}, f, indent=4)
+            _install_saved_files(staging, output_path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class _EvalScope:
+    """One eval-mode scope shared by the encode calls running on a model at the same time.
+
+    The first call to enter records every module's training flag and switches to eval; the last one to leave
+    restores the flags. Calls in between see eval mode throughout, whatever the order they end in.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active = 0
+        self._device = None
+        self._saved_modes = None
+
+    def __reduce__(self):
+        return _EvalScope, ()  # a copied or unpickled model starts with no encode running (locks do not pickle)
+
+    @contextmanager
+    def enter(self, encoder: "LLM2Vec", device: torch.device):
+        with self._lock:
+            if self._active and device != self._device:
+                raise RuntimeError(
+                    f"an encode on {self._device} is running on this model; a concurrent encode must use the same "
+                    f"device (got {device}). Pass device={str(self._device)!r} or wait for it to finish.")
+            if not self._active:
+                saved = [(module, module.training) for module in encoder.modules()]
+                encoder.eval()
+                try:
+                    encoder._prepare_for_encoding(device)
+                except BaseException:
+                    _restore_modes(saved)
+                    raise
+                self._saved_modes, self._device = saved, device
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    _restore_modes(self._saved_modes)
+                    self._saved_modes = self._device = None
+
+
+def _restore_modes(saved: list) -> None:
+    for module, training in saved:
+        module.training = training
+
+
+def _usable_device(device) -> torch.device:
+    """`device` (default: cuda if available, else cpu) after checking that the weights can live there.
+
+    Checked before anything moves: a model sent to an unusable device (meta, a missing GPU) is left unusable.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device ({error}); pass e.g. 'cpu' or 'cuda:0'.") from None
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no data, so the model cannot run there (and moving it would drop its "
+                         "weights); pass 'cpu' or 'cuda'.")
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu'.")
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise ValueError(f"device={str(device)!r} cannot be used here ({str(error)[:200]}); pass 'cpu' or an "
+                         f"available accelerator.") from None
+    return device
+
+
+def _make_staging_directory(output_path: str) -> str:
+    # Beside the real destination, so that each rename into place stays on one file system; os.mkdir (unlike
+    # mkdtemp) gives the directory the umask's permissions, like the files save_pretrained writes.
+    parent = os.path.dirname(os.path.realpath(output_path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(os.path.realpath(output_path))}.saving-{uuid.uuid4().hex[:12]}")
+    os.mkdir(staging)
+    return staging
+
+
+def _install_saved_files(staging: str, output_path: str) -> None:
+    """Move a finished save from `staging` into `output_path`, removing stale files an earlier save left."""
+    if not os.path.lexists(output_path):
+        os.rename(staging, output_path)  # a new directory appears whole
+        return
+    new = set(os.listdir(staging))
+    for name in os.listdir(output_path):
+        if name not in new and _is_managed(name):
+            os.remove(os.path.join(output_path, name))  # a symlink is removed itself, its target kept
+    for name in sorted(new, key=lambda n: n == LLM2VEC_CONFIG or n == ADAPTER_CONFIG):
+        destination = os.path.join(output_path, name)
+        if name in _KEEP_EXISTING and os.path.lexists(destination):
+            continue
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            raise IsADirectoryError(f"cannot save {name} into {output_path!r}: a directory of that name is in the "
+                                    f"way. Move it, or save elsewhere.")
+        os.replace(os.path.join(staging, name), destination)
+
+
+def _is_managed(name: str) -> bool:
+    # Sharded weights: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
+    sharded = name.startswith(("model-", "pytorch_model-")) and "-of-" in name and name.endswith(_SHARD_SUFFIXES)
+    return name in _SAVE_MANAGED or sharded
 
 
 def _name_of(requested, directory: str) -> str:
