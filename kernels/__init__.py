@@ -2,8 +2,10 @@
 
 - ``attention``: bidirectional flash attention over packed variable-length sequences (GQA, dropout).
 - ``pooling``: masked segment pooling (mean, weighted mean, first, last) over packed hidden states.
+- ``fused_linear_cross_entropy``: the LM head and cross-entropy of MNTP in chunks, without full logits.
 
-Each module holds its kernels, host functions, autograd Function and naive reference; see README.md.
+Each module holds its kernels, host functions, autograd Function and naive reference; see README.md. Triton is
+optional (``_triton``): without it the kernels are not defined and CPU tensors take each op's PyTorch path.
 """
 
 from .attention import naive_varlen_attention, varlen_attention, varlen_attention_dropout_mask
