@@ -390,12 +390,35 @@ def _usable_device(device) -> torch.device:
 
 def _make_staging_directory(output_path: str) -> str:
     # Beside the real destination, so that each rename into place stays on one file system; os.mkdir (unlike
-    # mkdtemp) gives the directory the umask's permissions, like the files save_pretrained writes.
-    parent = os.path.dirname(os.path.realpath(output_path)) or "."
+    # mkdtemp) gives the directory the umask's permissions, like the files save_pretrained writes. The name
+    # carries our pid so that the next save can remove what a killed one left.
+    real = os.path.realpath(output_path)
+    parent, prefix = os.path.dirname(real) or ".", f".{os.path.basename(real)}.saving-"
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(os.path.realpath(output_path))}.saving-{uuid.uuid4().hex[:12]}")
+    _remove_abandoned_staging(parent, prefix)
+    staging = os.path.join(parent, f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}")
     os.mkdir(staging)
     return staging
+
+
+def _remove_abandoned_staging(parent: str, prefix: str) -> None:
+    """Remove staging directories of saves to the same destination whose process no longer runs."""
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) is not an existence check elsewhere (on Windows it sends CTRL_C_EVENT)
+    try:
+        os.kill(pid, 0)  # signal 0: checks that the process exists, delivers nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists and belongs to another user
+    return True
 
 
 def _install_saved_files(staging: str, output_path: str) -> None:

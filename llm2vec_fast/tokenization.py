@@ -135,8 +135,10 @@ class RowTokenizer:
 
     def _count_text_tokens(self, text: str) -> int:
         """The reference's count: the text alone, no special tokens, at most max_length."""
-        return len(self.tokenizer(text[: self.character_limit], add_special_tokens=False, truncation=True,
-                                  max_length=self.max_length)["input_ids"])
+        # min() rather than truncation=True: a fast tokenizer stores truncation settings on its shared backend
+        # at each call that changes them, which concurrent encodes would race on.
+        ids = self.tokenizer(text[: self.character_limit], add_special_tokens=False)["input_ids"]
+        return min(len(ids), self.max_length)
 
     def _shorten_by_words(self, text: str) -> str | None:
         """The reference's rule: cut to a proportional number of whitespace words until at most doc_max_length

@@ -101,6 +101,21 @@ def test_save_never_writes_through_a_planted_symlink(llama_dir, tmp_path):
     assert [p for p in os.listdir(tmp_path) if ".saving-" in p] == []  # no staging directory left behind
 
 
+def test_save_removes_what_a_killed_save_left(llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    abandoned = tmp_path / f".saved.saving-{dead_pid}-0123456789ab"
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"half written")
+    other = tmp_path / f".other.saving-{dead_pid}-0123456789ab"  # another destination's: not ours to judge
+    other.mkdir()
+    load(llama_dir).save(str(tmp_path / "saved"))
+    assert not abandoned.exists() and other.exists()
+
+
 def test_save_into_a_file_is_refused(llama_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
@@ -281,10 +296,12 @@ def test_adapter_directory_without_weights_is_named(llama_dir, tmp_path):
 
 def test_concurrent_encodes_on_a_train_mode_model_give_eval_results(llama_dir, tmp_path):
     adapter = tiny_lora(llama_dir, str(tmp_path / "adapter"), dropout=0.5)
-    model = load(llama_dir, peft_model_name_or_path=adapter, attention_dropout=0.3, max_batch_tokens=16)
+    # doc_max_length=8: the word rule and the no-space fallback run concurrently too.
+    model = load(llama_dir, peft_model_name_or_path=adapter, attention_dropout=0.3, max_batch_tokens=16,
+                 doc_max_length=8)
     rng = random.Random(0)
     texts = [" ".join(rng.choice(["the", "cat", "sat", "river", "blue"]) for _ in range(rng.randint(3, 12)))
-             for _ in range(24)]
+             for _ in range(24)] + [chinese_document(1, 30), chinese_document(2, 30)]
     model.eval()
     expected = encode(model, texts)
     model.train()
