@@ -22,7 +22,7 @@ from .distributed import ProcessGroup, Ranks, default_device
 from .errors import UserError
 from .fingerprint import directory_sha256s
 from .loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
-from .pipeline import ShardSource, Throughput, encode_shard, finite_in_dtype, prefetched
+from .pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
 from .shards import OutputDir
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -88,6 +88,8 @@ def run(args) -> int:
     output = OutputDir(args.output, ranks.rank)
     output.check(fingerprint, args.overwrite)
     if not args.overwrite and output.is_complete():
+        if spec.is_stdin:
+            check_input_unchanged(spec, args.shard_size, output.completed())
         _say(ranks, f"{args.output} is already complete; nothing to do (pass --overwrite to encode again).")
         return 0
 

@@ -65,15 +65,31 @@ class ShardSource:
             record = self.done.get(raw.index)
             if record is not None:
                 if record["input_sha256"] != raw.sha256:
-                    raise UserError(
-                        f"{self.spec.name} lines {first_line}-{last_line} changed since shard {raw.index} was "
-                        f"written; pass --overwrite to start again, or choose a new --output directory.")
+                    raise _changed_input(self.spec, first_line, last_line)
                 continue
             parsed = parse_shard(raw, self.spec)
             if parsed.bad and not self.skip_bad_lines:
                 raise bad_lines_error(self.spec.name, parsed.bad)
             rows = self.model.tokenize_inputs(parsed.pairs) if parsed.pairs else []
             yield PreparedShard(parsed, rows, first_line, last_line)
+
+
+def check_input_unchanged(spec: InputSpec, shard_size: int, done: dict[int, dict]) -> None:
+    """Refuse an input whose shards no longer hash as the finished output's `done` records say (for stdin, which
+    no fingerprint can cover before it is read). Reads the input once, one shard at a time."""
+    seen = 0
+    for raw in read_shards(spec, shard_size, lambda index: True):
+        record = done.get(raw.index)
+        if record is None or record["input_sha256"] != raw.sha256:
+            raise _changed_input(spec, raw.index * shard_size + 1, raw.lines[-1][0])
+        seen += 1
+    if seen != len(done):
+        raise _changed_input(spec, seen * shard_size + 1, done[max(done)]["last_line"])  # the input got shorter
+
+
+def _changed_input(spec: InputSpec, first_line: int, last_line: int) -> UserError:
+    return UserError(f"{spec.name} lines {first_line}-{last_line} changed since the output was written; pass "
+                     f"--overwrite to start again, or choose a new --output directory.")
 
 
 def prefetched(iterator) -> Iterator:

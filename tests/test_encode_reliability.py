@@ -4,6 +4,7 @@ full disk, and kills at random moments. Every case runs the CLI in process on a 
 subprocess) and compares with an uninterrupted run."""
 
 import errno
+import io
 import json
 import os
 import random
@@ -174,6 +175,26 @@ def test_changed_model_is_refused_finished_or_not(wide_model_dir, txt_file, tmp_
     assert f"model_files: {changed_file} changed" in err and "--overwrite" in err
     os.remove(out / MANIFEST)  # an interrupted output: not a silent resume
     assert f"model_files: {changed_file} changed" in error_of(args, capsys)
+
+
+@pytest.mark.parametrize("edit", ["changed-line", "more-lines", "fewer-lines"])
+def test_changed_stdin_of_a_finished_output_is_refused(llama_dir, texts, tmp_path, monkeypatch, capsys, edit):
+    def feed(lines):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(("\n".join(lines) + "\n").encode())))
+
+    out = tmp_path / "out"
+    feed(texts)
+    assert main(encode_args(llama_dir, "-", out)) == 0
+    feed(texts)
+    capsys.readouterr()
+    assert main(encode_args(llama_dir, "-", out)) == 0
+    assert "already complete" in capsys.readouterr().err
+    edited = {"changed-line": texts[:30] + ["a different line"] + texts[31:], "more-lines": texts + ["one more"],
+              "fewer-lines": texts[:20]}[edit]
+    feed(edited)
+    err = error_of(encode_args(llama_dir, "-", out), capsys)
+    span = {"changed-line": "31-40", "more-lines": "41-46", "fewer-lines": "21-45"}[edit]  # the changed lines
+    assert f"<stdin> lines {span} changed since the output was written" in err
 
 
 def test_input_identity_covers_the_whole_file(tmp_path):
@@ -428,18 +449,25 @@ def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(llama_dir,
 
 # ------------------------------------------------------------------------------- 7. kills at random moments
 
+def written_files(out) -> set[str]:
+    return {f"{sub}/{name}" for sub in ("shards", "progress") if (out / sub).is_dir()
+            for name in os.listdir(out / sub)}
+
+
 def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(llama_dir, txt_file, reference, tmp_path):
     out = tmp_path / "out"
     args = encode_args(llama_dir, txt_file, out, "--shard-size", "3")  # 15 shards: many commit points
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
     rng = random.Random(12)
     for _ in range(3):
+        before = written_files(out)
         process = subprocess.Popen([sys.executable, "-m", "llm2vec_fast", *args], env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Startup (imports) takes seconds: wait until the run has touched the output, then kill at random.
-        while process.poll() is None and not (out / "fingerprint.json").exists():
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        # Startup (imports, model loading) takes seconds: wait until this run writes its first shard file, so
+        # that the kill lands among the shard writes, at a random moment.
+        while process.poll() is None and written_files(out) == before:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.4))
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert main(args) == 0
