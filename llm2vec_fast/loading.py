@@ -94,10 +94,9 @@ def adapter_base_name(adapter_dir: str) -> str | None:
 def load_base_model(auto_model, directory: str, **kwargs):
     """`auto_model.from_pretrained(directory)` that refuses checkpoints whose tensors do not match the config.
 
-    Adapter files beside the weights are left out (see `weights_only_view`); the caller applies them.
-
     transformers initialises missing tensors at random and drops unexpected ones with only a log line, so a
-    truncated file or a config with extra layers would otherwise encode with random parts.
+    truncated file or a config with extra layers would otherwise encode with random parts. Adapter files beside
+    the weights are left out (see `weights_only_view`); the caller applies them.
     """
     kwargs.pop("output_loading_info", None)
     if is_adapter_directory(directory):

@@ -3,6 +3,9 @@
 One batched tokenizer call with character offsets finds, for every row, where the instruction ends and the text
 begins (the reference tokenizes every text a second time to count its tokens). The text keeps priority over the
 instruction when a row is too long, so pooling always covers text tokens; every truncation is reported.
+A text over doc_max_length is shortened by the reference's word rule unless that would (nearly) empty it, in
+which case its first doc_max_length tokens are kept; only the first `character_limit` characters of an
+instruction or text are ever handed to the tokenizer.
 """
 
 from __future__ import annotations
@@ -218,7 +221,10 @@ def character_limit(tokenizer, max_length: int) -> int:
 
     No token decodes to more characters than its vocabulary entry has (byte-level BPE spells each byte as one
     character, SentencePiece spells its text), so max_length tokens cover at most max_length * longest characters;
-    the margin keeps the cut far from the kept tokens, whose tokenization cannot depend on it.
+    the margin keeps the cut far from the kept tokens, whose tokenization cannot depend on it. The bound assumes
+    a normalizer that does not drop characters (the Llama, Mistral, Gemma and Qwen2 tokenizers keep every space;
+    NFC composition merges at most a few); one that collapses whitespace or strips accents is covered only as far
+    as the margin reaches.
     """
     try:
         longest = max(map(len, tokenizer.get_vocab()), default=1)
