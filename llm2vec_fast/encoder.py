@@ -194,11 +194,18 @@ class LLM2Vec(nn.Module):
 
     def embed_batch(self, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
         """Differentiable embeddings [B, hidden] of a batch made by `make_batch`."""
+        return self.pool(self.hidden_states(batch), batch)
+
+    def hidden_states(self, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
+        """Last hidden states [T, hidden] of a batch, the rows that `batch.pool_starts/pool_ends` index (packed:
+        the concatenated texts; padded: the flattened [B * S] rows)."""
         if isinstance(batch, PackedBatch):
-            hidden = run_packed(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-        else:
-            hidden = run_padded(self.model, batch.input_ids, batch.attention_mask, is_bidirectional(self.model))
-            hidden = hidden.reshape(-1, hidden.shape[-1])
+            return run_packed(self.model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        hidden = run_padded(self.model, batch.input_ids, batch.attention_mask, is_bidirectional(self.model))
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def pool(self, hidden: torch.Tensor, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
+        """Embeddings [B, hidden] pooled from `hidden_states(batch)` with this encoder's pooling mode."""
         return segment_pool(hidden, batch.pool_starts, batch.pool_ends, kernel_mode(self.pooling_mode))
 
     def forward(self, sentence_feature: dict) -> torch.Tensor:
