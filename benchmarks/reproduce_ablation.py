@@ -198,7 +198,9 @@ def train_stage(stage_name: str, args, reuse: bool = False, **overrides) -> dict
             return {**_summary(stage_name, losses, seconds), "reused": True}
     started = time.perf_counter()
     stage = (MNTPStage if stage_name == "mntp" else SimCSEStage)(config)
-    losses = train(stage, config, show_progress=True)
+    # Whatever an earlier run left in the output (other settings, a kill, or --reuse not given) is retrained from
+    # scratch, as a first run would be; overwrite removes only what training wrote there.
+    losses = train(stage, config, show_progress=True, overwrite=True)
     return _summary(stage_name, losses, time.perf_counter() - started)
 
 

@@ -115,6 +115,27 @@ def test_train_cli(llama_dir, text_file, tmp_path, capsys):
     assert "unknown option(s) ['block_sise']" in capsys.readouterr().err
 
 
+def test_ablation_benchmark_reruns_into_its_own_outputs(llama_dir, text_file, tmp_path):
+    """benchmarks/reproduce_ablation.py trains into fixed folders: a rerun retrains there (training alone refuses
+    a used output), and --reuse keeps a run of the same settings instead."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "reproduce_ablation", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "reproduce_ablation.py"))
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    args = argparse.Namespace(dtype="float32")
+    sizes = dict(model=llama_dir, data=text_file, output=str(tmp_path / "mntp"), steps=2, batch_size=2, block_size=32,
+                 learning_rate=1e-3)
+    first = ablation.train_stage("mntp", args, **sizes)
+    again = ablation.train_stage("mntp", args, **sizes)
+    assert again["last_loss"] == first["last_loss"] and "reused" not in again
+    assert ablation.train_stage("mntp", args, reuse=True, **sizes)["reused"]
+    changed = ablation.train_stage("mntp", args, reuse=True, **{**sizes, "steps": 3})
+    assert changed["steps"] == 3 and "reused" not in changed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
