@@ -29,6 +29,30 @@ def positive_int(value: str) -> int:
     return number
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """`--help` that shows every option's default once: "(default: X)" is appended to an option's help unless the
+    help already says what its default is. Options that are off or unset by default (False, None, "", an empty
+    list) get nothing, as their help says what happens without them."""
+
+    def _get_help_string(self, action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ("", []) \
+            or action.default is argparse.SUPPRESS
+        if unset or not action.option_strings or "default" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def silence_progress_bars() -> None:
+    """Turn off the progress bars this process would draw besides ours (`--no-progress`): transformers' ("Loading
+    weights") and huggingface_hub's (cache and download bars). Our own bars are disabled where they are made."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Decoder LLMs as text encoders (LLM2Vec), fast.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -1,9 +1,11 @@
 """`llm2vec-fast encode`: embed a corpus file into resumable shards, on one process or many (torchrun).
 
 The run: validate the arguments and the whole input (a bad line stops it before anything is encoded), check the
-output directory against the fingerprint (the arguments, and the sha256 of the input and of every model file), then
-encode this rank's shards (shard k belongs to rank k % WORLD_SIZE), skipping those already done, and refusing a shard
-with a non-finite embedding; finally rank 0 merges every rank's progress into one index.
+output directory against the fingerprint (the arguments, and the sha256 of the input, of every model file and of
+the --peft-model adapter's files; a directory without any finished shard, left by a run that failed before encoding
+anything, is reused whatever its fingerprint), then encode this rank's shards (shard k belongs to rank
+k % WORLD_SIZE), skipping those already done, and refusing a shard with a non-finite embedding; finally rank 0
+merges every rank's progress into one index.
 See shards.py for the output layout and `load_embeddings` to read it.
 """
 
@@ -15,7 +17,7 @@ import sys
 from tqdm.auto import tqdm
 
 from .batching import POOLING_MODES
-from .cli import positive_int
+from .cli import DefaultsHelpFormatter, positive_int, silence_progress_bars
 from .corpus import FORMATS, MAX_LINE_BYTES, InputSpec, bad_lines_error, check_input, describe_bad_lines, \
     input_identity, resolve_format, scan
 from .distributed import ProcessGroup, Ranks, default_device
@@ -34,23 +36,31 @@ FINGERPRINT_VERSION = 2
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "encode", help="embed a text or JSON-lines corpus into .npy shards (resumable, multi-process)",
+        formatter_class=DefaultsHelpFormatter,
         description="Embed every line of a corpus into .npy shards plus an index of input line numbers. "
                     "Re-running the same command resumes an interrupted run. Run it under torchrun to use "
                     "several processes/GPUs/nodes.")
     parser.add_argument("--model", default="smollm2-135m",
-                        help="model directory, or 'smollm2-135m' for the embedded model (default)")
+                        help="model directory or Hugging Face id, or 'smollm2-135m' for the embedded model; for the "
+                             "released two-adapter layout, the MNTP directory (base config + adapter)")
+    parser.add_argument("--peft-model", default=None, metavar="DIR",
+                        help="an adapter applied on top of --model (e.g. the SimCSE or supervised adapter of a "
+                             "released LLM2Vec model); its files are part of the output's fingerprint")
     parser.add_argument("--input", required=True, help="a .txt (one text per line) or .jsonl file, or - for stdin")
-    parser.add_argument("--output", required=True, help="output directory (created; resumed if it exists)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="output directory (created; resumed if it exists). Not a stream: '-' (stdout) is "
+                             "refused, since a resumable run needs a directory; read the result with "
+                             "llm2vec_fast.shards.load_embeddings(DIR)")
     parser.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
-                        help="input format (default: from the file extension; stdin: txt)")
-    parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text (default: text)")
+                        help="input format; auto: from the file extension (stdin: txt)")
+    parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
     parser.add_argument("--instruction-field", default="instruction",
-                        help="jsonl: the field holding a line's own instruction (default: instruction)")
+                        help="jsonl: the field holding a line's own instruction")
     parser.add_argument("--instruction", default="",
                         help="instruction for every line that has none of its own")
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="tokens per input, instruction included (default: the model's, else 512)")
     parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
@@ -59,9 +69,9 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
     parser.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
-                        help=f"input lines per shard (default: {DEFAULT_SHARD_SIZE})")
+                        help="input lines per shard")
     parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default="float32",
-                        help="dtype of the stored embeddings (default: float32)")
+                        help="dtype of the stored embeddings")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip lines that are not valid (reported, and listed in manifest.json) instead of "
                              "stopping")
@@ -72,19 +82,27 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the files an earlier encode wrote into --output instead of resuming them "
                              "(other files are kept; a directory encode did not write is refused)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (neither ours nor transformers' weight-loading bars)")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.no_progress:
+        silence_progress_bars()
+    if args.output == "-":
+        raise UserError("--output - (stdout) is not supported: encode writes a resumable directory of shards, not a "
+                        "stream. Pass --output DIR and read the embeddings with "
+                        "llm2vec_fast.shards.load_embeddings(DIR).")
     ranks = Ranks.from_env()
     check_input(args.input)
     spec = InputSpec(args.input, resolve_format(args.input, args.format), args.text_field, args.instruction_field,
                      args.instruction, args.max_line_bytes)
     if spec.is_stdin and ranks.world_size > 1:
         raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
-    model_dir = _resolve_model(args.model)
-    fingerprint = _fingerprint(args, spec, model_dir)
+    model_dir = _resolve_model(args.model, "--model")
+    adapter_dir = None if args.peft_model is None else _resolve_model(args.peft_model, "--peft-model")
+    fingerprint = _fingerprint(args, spec, model_dir, adapter_dir)
     output = OutputDir(args.output, ranks.rank)
     output.check(fingerprint, args.overwrite)
     if not args.overwrite and output.is_complete():
@@ -144,9 +162,9 @@ def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corp
     return throughput
 
 
-def _resolve_model(name: str) -> str:
+def _resolve_model(name: str, option: str) -> str:
     try:
-        return resolve_directory(name, "--model")
+        return resolve_directory(name, option)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
         raise UserError(str(error)) from None
 
@@ -159,9 +177,11 @@ def _load_model(args, model_dir: str):
     # Unset options are left out so that the model's llm2vec_config.json supplies them.
     encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
     try:
-        return LLM2Vec.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), **encoder_args)
+        return LLM2Vec.from_pretrained(model_dir, peft_model_name_or_path=args.peft_model,
+                                       dtype=getattr(torch, args.dtype), **encoder_args)
     except (FileNotFoundError, ValueError, OSError) as error:
-        raise UserError(f"cannot load --model {args.model!r}: {error}") from None
+        what = f"--model {args.model!r}" + (f" with --peft-model {args.peft_model!r}" if args.peft_model else "")
+        raise UserError(f"cannot load {what}: {error}") from None
 
 
 def _device(requested: str | None, ranks: Ranks) -> str:
@@ -178,10 +198,13 @@ def _default_budget(device: str) -> int:
     return DEFAULT_MAX_BATCH_TOKENS.get(device.split(":")[0], 4096)
 
 
-def _fingerprint(args, spec: InputSpec, model_dir: str) -> dict:
+def _fingerprint(args, spec: InputSpec, model_dir: str, adapter_dir: str | None) -> dict:
     """Everything that changes the stored embeddings. Device and batch budget are left out on purpose: resuming
-    with a smaller budget after an out-of-memory error must stay possible (their effect is float rounding)."""
-    return {"version": FINGERPRINT_VERSION, "model": _model_name(args.model), **_model_identity(model_dir),
+    with a smaller budget after an out-of-memory error must stay possible (their effect is float rounding).
+    Without --peft-model the adapter keys are absent, so outputs written before the option existed still resume."""
+    adapter = {} if adapter_dir is None else {"peft_model": _model_name(args.peft_model),
+                                              "peft_model_files": directory_sha256s(adapter_dir)}
+    return {"version": FINGERPRINT_VERSION, "model": _model_name(args.model), **_model_identity(model_dir), **adapter,
             "pooling": args.pooling, "dtype": args.dtype, "max_length": args.max_length,
             "normalize": args.normalize, "shard_size": args.shard_size, "shard_dtype": args.shard_dtype,
             "format": spec.format, "text_field": spec.text_field, "instruction_field": spec.instruction_field,
@@ -213,6 +236,7 @@ def _adapter_base_dir(model_dir: str) -> str | None:
 
 def _meta(args, model, spec: InputSpec) -> dict:
     return {"dim": model.config.hidden_size, "dtype": args.shard_dtype, "model": args.model,
+            "peft_model": args.peft_model,
             "pooling": model.pooling_mode, "max_length": model.max_length, "model_dtype": args.dtype,
             "normalized": args.normalize, "shard_size": args.shard_size, "input": spec.name,
             "format": spec.format, "instruction": spec.instruction}

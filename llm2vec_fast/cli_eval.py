@@ -14,7 +14,7 @@ import os
 import time
 
 from .batching import POOLING_MODES
-from .cli import positive_int
+from .cli import DefaultsHelpFormatter, positive_int, silence_progress_bars
 from .errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,6 +27,7 @@ def register(subparsers) -> None:
 
     similarity = commands.add_parser(
         "similarity", help="Pearson/Spearman of cosine similarity vs human scores",
+        formatter_class=DefaultsHelpFormatter,
         description="Correlation of embedding cosine similarity with human similarity scores. Pair files: an "
                     "STS-B style TSV (header with sentence1, sentence2, score), a 3-column TSV (sentence1, "
                     "sentence2, score) or JSONL with sentence1/sentence2/score. Without --data or --builtin, the "
@@ -40,13 +41,14 @@ def register(subparsers) -> None:
     similarity.add_argument("--builtin", action="append", default=[], choices=("lee", "simlex999", "wordsim353"),
                             help="a scored set from gensim's test data: lee (50 news documents, 1,225 pairs), "
                                  "simlex999 or wordsim353 (word pairs); repeat for several")
-    similarity.add_argument("--score-field", default="score", help="the score field/column name (default: score)")
+    similarity.add_argument("--score-field", default="score", help="the score field/column name")
     similarity.add_argument("--instruction", default="", help="instruction applied to both texts of every pair")
     similarity.add_argument("--batch-size", type=positive_int, default=None, help="at most this many texts per batch")
     similarity.set_defaults(func=run_similarity)
 
     probe = commands.add_parser(
         "probe", help="word-level linear probe (POS, chunking, NER) on CoNLL files",
+        formatter_class=DefaultsHelpFormatter,
         description="Train dropout + a linear layer on the frozen encoder's word representations (CoNLL files: "
                     "word POS chunk NER columns, blank lines between sentences) and report accuracy, the "
                     "majority-class baseline and, for BIO tags, entity-level F1.")
@@ -58,33 +60,36 @@ def register(subparsers) -> None:
                        help="label column by task (CoNLL-2003: pos=1, chunk=2, ner=3; default: ner)")
     probe.add_argument("--column", type=int, default=None, help="label column index (0 = the word); overrides --task")
     probe.add_argument("--word-repr", choices=("first", "mean"), default="first",
-                       help="a word's vector: its first sub-word token or the mean of its tokens (default: first)")
+                       help="a word's vector: its first sub-word token or the mean of its tokens")
     probe.add_argument("--next-token", action="store_true",
                        help="MNTP alignment: represent a word by the states one token to its left")
-    probe.add_argument("--epochs", type=positive_int, default=5, help="probe training epochs (default: 5)")
-    probe.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
-    probe.add_argument("--probe-batch-size", type=positive_int, default=64, help="words per probe step (default: 64)")
+    probe.add_argument("--epochs", type=positive_int, default=5, help="probe training epochs")
+    probe.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
+    probe.add_argument("--probe-batch-size", type=positive_int, default=64, help="words per probe step")
     probe.add_argument("--seed", type=int, default=0, help="probe initialisation and shuffling seed")
     probe.set_defaults(func=run_probe)
 
 
 def _model_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m",
-                        help="model directory, or 'smollm2-135m' for the embedded model (default)")
+                        help="model directory or Hugging Face id, or 'smollm2-135m' for the embedded model")
     parser.add_argument("--peft-model", default=None, help="an adapter directory on top of --model (e.g. SimCSE)")
     parser.add_argument("--causal", action="store_true", help="keep the decoder causal (the uni-directional baseline)")
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (default: float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype")
     parser.add_argument("--max-length", type=positive_int, default=None, help="tokens per input (default: the model's)")
     parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
                         help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (neither ours nor transformers' weight-loading bars)")
 
 
 def load_encoder(args):
+    if args.no_progress:
+        silence_progress_bars()  # before loading: transformers draws its "Loading weights" bar there
     import torch
 
     from .encoder import LLM2Vec

@@ -1,13 +1,27 @@
-"""Reading an encode corpus: numbered input lines, grouped into shards, parsed and validated.
+"""Reading line files: the one line reader of encode corpora, training data and eval pair files.
 
-Inputs: a text file (one text per line), a JSON-lines file (an object per line with a text field and an optional
-instruction field), or stdin in either format. Lines are numbered from 1, as editors number them. The input is read
-as bytes in bounded chunks and split on b"\\n", b"\\r\\n" and a lone b"\\r" (old Mac files), as editors do; not
-on \\x0b, \\x1c, \\u2028 and the other breaks of `str.splitlines`, which editors do not show as new lines and
+Inputs of encode: a text file (one text per line), a JSON-lines file (an object per line with a text field and an
+optional instruction field), or stdin in either format. Lines are numbered from 1, as editors number them. The input
+is read as bytes in bounded chunks and split on b"\\n", b"\\r\\n" and a lone b"\\r" (old Mac files), as editors do;
+not on \\x0b, \\x1c, \\u2028 and the other breaks of `str.splitlines`, which editors do not show as new lines and
 which would shift every later line number. A line longer than `InputSpec.max_line_bytes` is not kept in memory,
-only its size: it is a bad line (a 30 MB line would otherwise take gigabytes to tokenize). Whitespace-only lines at
-the very end of the input are not part of the corpus (editors leave them behind); anywhere else a blank line is a
-bad line.
+only its size: it is a bad line (a 30 MB line would otherwise take gigabytes to tokenize).
+
+The same rules hold for every file llm2vec-fast reads line by line (encode's corpus, `train`'s texts and JSONL
+examples, `eval similarity`'s pair files, `eval probe`'s CoNLL files): they all read through `numbered_lines` and
+`decode_line` (files: `text_lines`), and JSONL lines through `parse_json_object`. So everywhere:
+- a line ends at \\n, \\r\\n or \\r; a UTF-8 byte-order mark before the first line is dropped;
+- a line that is not UTF-8, longer than the limit, or not a JSON object (JSONL) is an error reported as
+  ``file:line: reason``, the reason naming the fix;
+- blank lines (empty or whitespace only) at the very end of a file are not part of it (editors leave them behind).
+
+A blank line inside a file holds no record, and the readers differ on purpose in what that means:
+- encode: a bad line (refused, or skipped and listed in the manifest with --skip-bad-lines). Encode promises one
+  embedding per input line; a blank inside a corpus is a record that lost its text (an exported empty field), and
+  encoding around it in silence would hand back one row fewer than the user has texts.
+- train and eval similarity: skipped (`record_lines`). A blank line carries no text to lose: plain-text training
+  corpora (wikitext and the like) separate paragraphs with blank lines, and pair files often separate sections.
+- eval probe: a sentence boundary, as the CoNLL format defines.
 
 Shard k holds input lines k*S+1 .. (k+1)*S (S = the shard size). Shards are defined by line numbers, not by the
 valid lines before them, so a shard's content never depends on which rank reads it or on earlier bad lines.
@@ -246,26 +260,59 @@ def read_shards(spec: InputSpec, shard_size: int, wanted: Callable[[int], bool],
             on_end(number)
 
 
+class LineError(ValueError):
+    """A line of a file that cannot be read; the message is ``file:line: reason``."""
+
+
+def decode_line(raw: bytes | OverlongLine, overlong_fix: str = "split or shorten it") -> str:
+    """The text of one line from `numbered_lines`; raises ValueError whose message says why it cannot be read."""
+    if isinstance(raw, OverlongLine):
+        raise ValueError(f"line of {raw.size} bytes, longer than the limit of {raw.limit} bytes ({overlong_fix})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        character = len(raw[:error.start].decode("utf-8")) + 1
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at character {character}); convert the "
+                         f"file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)") from None
+
+
+def parse_json_object(line: str, expected: str = "an object") -> dict:
+    """The JSON object on one JSONL line; raises ValueError naming what is wrong (`expected`: what it should be)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        # Some of json's messages end in "at" ("Unterminated string starting at"): the column completes them.
+        raise ValueError(f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {_json_kind(record).removeprefix('a ').removeprefix('an ')}, expected {expected}")
+    return record
+
+
+def text_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) of every line of a UTF-8 file, blank ones included, except the
+    blank lines at its end; raises LineError (``path:line: reason``) at the first line that cannot be read."""
+    with open(path, "rb") as stream:
+        for number, raw in numbered_lines(stream, max_line_bytes):
+            try:
+                yield number, decode_line(raw)
+            except ValueError as error:
+                raise LineError(f"{path}:{number}: {error}") from None
+
+
+def record_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """`text_lines` without blank lines: the lines of a file of records (training data, pair files)."""
+    return ((number, line) for number, line in text_lines(path, max_line_bytes) if line.strip())
+
+
 def parse_line(raw: bytes | OverlongLine, spec: InputSpec) -> tuple[str, str]:
     """(instruction, text) of one line; raises ValueError whose message says why the line is bad."""
-    if isinstance(raw, OverlongLine):
-        raise ValueError(f"line of {raw.size} bytes, longer than the limit of {raw.limit} bytes (split or shorten "
-                         f"it, or raise --max-line-bytes)")
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"not valid UTF-8 (byte {error.start})") from None
+    line = decode_line(raw, overlong_fix="split or shorten it, or raise --max-line-bytes")
     if spec.format == "txt":
         text, instruction = line, None
     else:
         if not line.strip():
             raise ValueError("empty line (expected a JSON object)")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"a JSON {type(record).__name__}, expected an object with a {spec.text_field!r} field")
+        record = parse_json_object(line, f"an object with a {spec.text_field!r} field")
         if spec.text_field not in record:
             raise ValueError(f"no {spec.text_field!r} field (fields: {', '.join(map(repr, record)) or 'none'})")
         text = record[spec.text_field]
@@ -324,5 +371,6 @@ def bad_lines_error(name: str, bad: list[BadLine]) -> UserError:
 def _json_kind(value) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(
         type(value), type(value).__name__)

@@ -4,8 +4,9 @@
 the extension that ``setup.py`` built (``LLM2VEC_FAST_BUILD_CPP=1``, module ``llm2vec_fast._C``), else a JIT build
 of ``csrc/*.cpp`` (from the installed package or the checkout, see `CSRC`) with ninja into a cached build
 directory (``<cache>/build/<torch>-<cpu>``, cache as for the default model: ``$LLM2VEC_FAST_CACHE`` or
-``~/.cache/llm2vec_fast``; ~30 s cold, instant afterwards, rebuilt when a source changes). Without a compiler,
-ninja or the sources, or on a build error, it warns once and returns None, and every caller keeps the PyTorch path.
+``~/.cache/llm2vec_fast``; ~30 s cold, instant afterwards, rebuilt when a source changes; a build announces itself
+in one line on stderr, a cached load prints nothing). Without a compiler, ninja or the sources, or on a build
+error, it warns once and returns None, and every caller keeps the PyTorch path.
 ``LLM2VEC_FAST_NATIVE=0`` disables the native ops without a warning.
 """
 
@@ -16,12 +17,14 @@ import hashlib
 import importlib
 import os
 import platform
+import sys
 import threading
 import warnings
 
 import torch
 
 ENV_SWITCH = "LLM2VEC_FAST_NATIVE"
+LIBRARY_NAME = "llm2vec_fast_native"
 
 
 def _source_directory() -> str:
@@ -90,7 +93,11 @@ def _load():
         verify_ninja_availability()
         directory = build_directory()
         os.makedirs(directory, exist_ok=True)
-        library = load_extension(name="llm2vec_fast_native", sources=sources, build_directory=directory,
+        if _needs_build(directory, sources):
+            # Otherwise the first encode would sit silent for half a minute, looking hung.
+            print(f"llm2vec-fast: building the C++ CPU ops (once, ~30 s) into {directory}", file=sys.stderr,
+                  flush=True)
+        library = load_extension(name=LIBRARY_NAME, sources=sources, build_directory=directory,
                                  extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
         return library, directory
     except Exception as error:  # no compiler, no ninja, a compile error, a read-only cache: all fall back
@@ -98,6 +105,16 @@ def _load():
         # A build error's first line is the compiler command; the compiler's own "error:" line says more.
         detail = next((line for line in lines if "error:" in line.lower()), lines[0])
         return _unavailable(f"{type(error).__name__}: {detail.strip()[:300]}")
+
+
+def _needs_build(directory: str, sources: list[str]) -> bool:
+    """Whether loading will compile: no library built in `directory` yet, or a source newer than the newest one
+    (torch then builds a new version of the library, ``<name>_v1.so``, ...)."""
+    libraries = glob.glob(os.path.join(directory, f"{LIBRARY_NAME}*.so"))
+    if not libraries:
+        return True
+    built = max(os.path.getmtime(path) for path in libraries)
+    return any(os.path.getmtime(path) > built for path in sources)
 
 
 def _unavailable(reason: str):

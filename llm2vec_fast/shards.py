@@ -148,11 +148,13 @@ class OutputDir:
     def check(self, fingerprint: dict, overwrite: bool) -> None:
         """Refuse an output directory that we did not write, or (unless overwrite) holds shards made with other
         arguments. A directory is ours only if its fingerprint.json says so; any other non-empty directory is
-        refused even with overwrite, since overwrite deletes files."""
+        refused even with overwrite, since overwrite deletes files. A fingerprint with no finished shard beside it
+        (a run that failed before encoding anything: a bad model, a bad line) guards nothing: it is accepted, and
+        `prepare` replaces it."""
         self._check_writable()
         self._check_no_links()
         stored = self._stored_fingerprint()
-        if stored is None or overwrite:
+        if stored is None or overwrite or not self._holds_results():
             return
         now = _stamped(fingerprint)
         differences = [_difference(key, stored.get(key), now.get(key))
@@ -161,6 +163,9 @@ class OutputDir:
             raise UserError(f"--output {self.path!r} holds embeddings made with other arguments, another model or "
                             f"another input ({'; '.join(differences)}). Pass --overwrite to replace them, or choose "
                             f"a new --output directory.")
+
+    def _holds_results(self) -> bool:
+        return self.is_complete() or bool(self.completed())
 
     def _check_writable(self) -> None:
         # Fail now, not after a long scan of the input or when the first shard is due.

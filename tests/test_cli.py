@@ -1,6 +1,7 @@
 """`llm2vec-fast encode` end to end on a tiny Llama: round trips, stdin, resume after SIGKILL, argument mismatch,
 bad lines, user errors, and a 2-process torchrun run that must equal the single-process one."""
 
+import argparse
 import io
 import json
 import os
@@ -174,7 +175,7 @@ BAD_JSONL = [
     (4, '{"text": "sun and moon"}'), (5, '{"body": "no text field"}'), (6, '{"text": 42}'),
     (7, '{"text": "   "}'), (8, ""), (9, '{"text": "the river", "instruction": "q:"}'), (10, '{"text": "tea"}'),
 ]
-BAD = {3: "not valid JSON", 5: "no 'text' field", 6: "is a number", 7: "whitespace-only", 8: "empty line"}
+BAD = {3: "invalid JSON", 5: "no 'text' field", 6: "is a number", 7: "whitespace-only", 8: "empty line"}
 
 
 @pytest.fixture
@@ -188,7 +189,7 @@ def test_bad_lines_stop_the_run_before_encoding(llama_dir, bad_jsonl, tmp_path, 
     out = tmp_path / "out"
     assert main(encode_args(llama_dir, bad_jsonl, out, "--shard-size", "4")) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"llm2vec-fast: error: {bad_jsonl}:3: not valid JSON")
+    assert err.startswith(f"llm2vec-fast: error: {bad_jsonl}:3: invalid JSON")
     for line, reason in BAD.items():
         assert f"{bad_jsonl}:{line}: " in err and reason in err
     assert "--skip-bad-lines" in err and "Traceback" not in err
@@ -216,7 +217,7 @@ def test_bad_line_on_stdin_stops_at_its_shard(llama_dir, bad_jsonl, tmp_path, mo
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f.read())))
     out = tmp_path / "out"
     assert main(encode_args(llama_dir, "-", out, "--format", "jsonl", "--shard-size", "2")) == 1
-    assert "<stdin>:3: not valid JSON" in capsys.readouterr().err
+    assert "<stdin>:3: invalid JSON" in capsys.readouterr().err
     assert sorted(os.listdir(out / "shards")) == ["shard-000000.lines.npy", "shard-000000.npy"]
 
 
@@ -286,3 +287,130 @@ def test_torchrun_two_processes_equal_one(llama_dir, txt_file, reference, tmp_pa
     embeddings, lines = load_embeddings(str(out))
     np.testing.assert_array_equal(lines, reference[1])
     np.testing.assert_allclose(embeddings, reference[0], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- issue 11, item 8
+
+def released_layout(llama_dir, tmp_path):
+    """The released two-adapter layout on the tiny Llama: an MNTP directory (base config + tokenizer + adapter, no
+    base weights) and a SimCSE adapter to put on top of it."""
+    from test_encoder import make_adapter
+
+    mntp = make_adapter(llama_dir, str(tmp_path / "mntp"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(llama_dir, name)) as src, open(os.path.join(mntp, name), "w") as dst:
+            dst.write(src.read())
+    return mntp, make_adapter(llama_dir, str(tmp_path / "simcse"), seed=1)
+
+
+def test_peft_model_equals_the_api_and_a_changed_adapter_is_refused(llama_dir, texts, tmp_path, capsys):
+    from test_encoder import make_adapter
+
+    mntp, simcse = released_layout(llama_dir, tmp_path)
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(texts[:12]) + "\n")
+    out = tmp_path / "out"
+    assert main(encode_args(mntp, str(path), out, "--peft-model", simcse)) == 0
+    embeddings, _ = load_embeddings(str(out))
+    api = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=simcse, dtype=torch.float32)
+    np.testing.assert_allclose(embeddings, api.encode(texts[:12], show_progress_bar=False).numpy(), atol=1e-5,
+                               rtol=0)
+    without = LLM2Vec.from_pretrained(mntp, dtype=torch.float32).encode(texts[:12], show_progress_bar=False)
+    assert not np.allclose(embeddings, without.numpy(), atol=1e-3)  # the adapter was applied
+    make_adapter(llama_dir, simcse, seed=2)  # the same adapter directory, retrained
+    capsys.readouterr()
+    assert main(encode_args(mntp, str(path), out, "--peft-model", simcse)) == 1
+    err = capsys.readouterr().err
+    assert "other arguments" in err and "peft_model_files: adapter_model.safetensors changed" in err, err
+
+
+def test_output_to_stdout_is_refused_clearly(llama_dir, txt_file, capsys):
+    assert main(["encode", "--model", llama_dir, "--input", txt_file, "--output", "-", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--output - (stdout) is not supported" in err and "load_embeddings" in err and err.count("\n") == 1
+
+
+def test_a_run_that_failed_before_encoding_leaves_the_output_reusable(llama_dir, txt_file, reference, bad_jsonl,
+                                                                      tmp_path, capsys):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((open(os.path.join(llama_dir, "config.json")).read()))  # no weights
+    out = tmp_path / "out"
+    assert main(encode_args(str(broken), txt_file, out)) == 1
+    assert "cannot load --model" in capsys.readouterr().err
+    assert (out / "fingerprint.json").exists()  # written before the model failed to load: it guards nothing
+    assert main(encode_args(llama_dir, bad_jsonl, out)) == 1  # another model, bad lines: still no shard
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    assert_same_output(out, reference)
+    assert main(encode_args(llama_dir, txt_file, out, "--pooling", "last_token")) == 1  # now it holds shards
+    assert "other arguments" in capsys.readouterr().err
+
+
+@pytest.fixture
+def progress_bars_on():
+    """--no-progress turns transformers' and huggingface_hub's bars off process-wide (earlier in-process runs here
+    did): turn them on for the test, and again after it."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    enable_progress_bars()
+    yield
+    transformers_logging.enable_progress_bar()
+    enable_progress_bars()
+
+
+def is_bar(text: str) -> bool:
+    return "it/s" in text or "%|" in text
+
+
+def test_no_progress_silences_every_bar(llama_dir, txt_file, tmp_path, capsys, progress_bars_on):
+    args = ["encode", "--model", llama_dir, "--input", txt_file, "--shard-size", str(SHARD)]
+    assert main([*args, "--output", str(tmp_path / "shown")]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and is_bar(err)  # the bars the option must silence, transformers' included
+    assert main([*args, "--output", str(tmp_path / "silent"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert not is_bar(err) and "Loading weights" not in err, err
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("a cat\ta dog\t3.5\nsun\tmoon\t1\nthe sea\tthe ocean\t4\n")
+    assert main(["eval", "similarity", "--model", llama_dir, "--data", str(pairs), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert not is_bar(err) and "Loading weights" not in err, err
+
+
+def subcommand_parsers():
+    from llm2vec_fast.cli import build_parser
+
+    def children(parser):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices
+
+    top = children(build_parser())
+    return {"encode": top["encode"], **{f"eval {name}": p for name, p in children(top["eval"]).items()}}
+
+
+@pytest.mark.parametrize("command", ["encode", "eval similarity", "eval probe"])
+def test_help_shows_every_default_once(command):
+    parser = subcommand_parsers()[command]
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: smollm2-135m)" in help_text and "(default: float32)" in help_text
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, False, "", [], argparse.SUPPRESS):
+            continue
+        entry = " ".join(parser._get_formatter()._expand_help(action).split()) if action.help else ""
+        assert entry.count("default") == 1, (action.option_strings, entry)  # said once: in words, or the value
+        if "(default: " not in entry or "default: the" in entry:
+            continue
+        assert f"(default: {action.default}" in entry, (action.option_strings, entry)
+    if command == "encode":
+        for value in ("text", "instruction", "10000", "1048576"):
+            assert f"(default: {value}" in help_text
+
+
+@pytest.mark.parametrize("option, value", [("--dtype", "float64"), ("--shard-dtype", "bfloat16"),
+                                           ("--format", "csv"), ("--pooling", "max")])
+def test_choices_are_validated(txt_file, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", "--input", txt_file, "--output", str(tmp_path / "o"), option, value])
+    assert exit_info.value.code == 2 and f"argument {option}: invalid choice: '{value}'" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_shards_cover_fixed_line_ranges(tmp_path):
 
 
 @pytest.mark.parametrize("line, reason", [
-    (b"{not json", "not valid JSON"),
+    (b"{not json", "invalid JSON"),
     (b"[1, 2]", "a JSON list"),
     (b'{"body": "x"}', "no 'text' field"),
     (b'{"text": 3}', "field 'text' is a number"),

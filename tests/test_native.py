@@ -6,6 +6,8 @@ re-run. Then the patch layer: a tiny model of each family encodes the same with 
 the fallbacks (gradients, LLM2VEC_FAST_NATIVE=0, no build possible) keep the PyTorch path.
 """
 
+import os
+import sys
 import warnings
 
 import pytest
@@ -210,3 +212,26 @@ def test_unbuildable_warns_once_and_falls_back(monkeypatch, tmp_path):
         assert native.load() is None
         assert native.load() is None
     assert len([w for w in caught if "C++ CPU ops unavailable" in str(w.message)]) == 1
+
+
+def test_first_build_says_what_it_does_and_a_cached_load_is_silent(monkeypatch, tmp_path, capsys):
+    """A fresh cache (LLM2VEC_FAST_CACHE) announces the ~30 s build in one stderr line; the next load is silent.
+    The compiler is replaced by a stub that leaves the library file a real build leaves."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    def fake_build(name, sources, build_directory, **kwargs):
+        open(os.path.join(build_directory, f"{name}.so"), "w").close()
+        return "library"
+
+    monkeypatch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", fake_build)
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setitem(sys.modules, "llm2vec_fast._C", None)  # no setup.py build: importing it fails
+    assert native.load() == "library"
+    err = capsys.readouterr().err
+    assert err == f"llm2vec-fast: building the C++ CPU ops (once, ~30 s) into {native.build_directory()}\n"
+    assert native.build_directory().startswith(str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})  # a new process: the library is cached on disk
+    assert native.load() == "library"
+    assert capsys.readouterr().err == ""

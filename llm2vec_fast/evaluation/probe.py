@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..corpus import LineError, text_lines
+
 TASK_COLUMNS = {"pos": 1, "chunk": 2, "ner": 3}
 WORD_REPRS = ("first", "mean")
 
@@ -43,14 +45,18 @@ class Sentence:
 # -------------------------------------------------------------------------------------------------------- reading
 
 def read_conll(path: str, column: int) -> list[Sentence]:
-    """Sentences of a CoNLL file with the labels of `column` (0 is the word itself)."""
+    """Sentences of a CoNLL file with the labels of `column` (0 is the word itself).
+
+    Lines are read as every command reads them (`llm2vec_fast.corpus.text_lines`: UTF-8, any line ending, BOM
+    dropped); blank lines end a sentence. A line that cannot be read raises ConllDataError naming the file and line.
+    """
     if not os.path.isfile(path):
         raise ConllDataError(f"{path}: no such file")
     if column < 1:
         raise ConllDataError(f"label column must be >= 1 (column 0 holds the words), got {column}")
     sentences, words, labels = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    try:
+        for number, line in text_lines(path):
             cells = line.split()
             if not cells or cells[0] == "-DOCSTART-":
                 if words:
@@ -62,6 +68,8 @@ def read_conll(path: str, column: int) -> list[Sentence]:
                                      f"(0-based; words are column 0); pick another --column or --task")
             words.append(cells[0])
             labels.append(cells[column])
+    except LineError as error:
+        raise ConllDataError(str(error)) from None
     if words:
         sentences.append(Sentence(words, labels))
     if not sentences:

@@ -14,13 +14,14 @@ Every distinct text is embedded once (the Lee pairs need 50 embeddings, not 2,45
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+
+from ..corpus import LineError, parse_json_object, record_lines
 
 LEE_DOCUMENTS = "lee.cor"
 LEE_SIMILARITIES = "similarities0-1.txt"
@@ -91,10 +92,18 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------- readers
 
 def read_pairs(path: str, score_field: str = "score") -> ScoredPairs:
-    """Scored pairs of a .jsonl file or a tab-separated file (.tsv, .txt, .csv with tabs); see the module doc."""
+    """Scored pairs of a .jsonl file or a tab-separated file (.tsv, .txt, .csv with tabs); see the module doc.
+
+    Lines are read as every command reads them (`llm2vec_fast.corpus.record_lines`: UTF-8, any line ending, BOM
+    dropped, blank lines skipped); a line that cannot be read raises PairsDataError naming the file and line.
+    """
     if not os.path.isfile(path):
         raise PairsDataError(f"{path}: no such file")
-    pairs = _read_jsonl_pairs(path, score_field) if path.endswith(".jsonl") else _read_tsv_pairs(path, score_field)
+    read = _read_jsonl_pairs if path.endswith(".jsonl") else _read_tsv_pairs
+    try:
+        pairs = read(path, score_field)
+    except LineError as error:
+        raise PairsDataError(str(error)) from None
     if len(pairs) < 2:
         raise PairsDataError(f"{path}: {len(pairs)} scored pair(s); a correlation needs at least 2")
     return pairs
@@ -102,53 +111,43 @@ def read_pairs(path: str, score_field: str = "score") -> ScoredPairs:
 
 def _read_jsonl_pairs(path: str, score_field: str) -> ScoredPairs:
     first, second, scores = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PairsDataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise PairsDataError(f"{path}:{number}: expected a JSON object with sentence1, sentence2, "
-                                     f"{score_field}")
-            for key in ("sentence1", "sentence2"):
-                if not isinstance(obj.get(key), str):
-                    raise PairsDataError(f"{path}:{number}: missing or non-string field {key!r}")
-            first.append(obj["sentence1"])
-            second.append(obj["sentence2"])
-            scores.append(_score(obj.get(score_field), path, number, score_field))
+    for number, line in record_lines(path):
+        try:
+            obj = parse_json_object(line, f"an object with sentence1, sentence2, {score_field}")
+        except ValueError as error:
+            raise PairsDataError(f"{path}:{number}: {error}") from None
+        for key in ("sentence1", "sentence2"):
+            if not isinstance(obj.get(key), str):
+                raise PairsDataError(f"{path}:{number}: missing or non-string field {key!r}")
+        first.append(obj["sentence1"])
+        second.append(obj["sentence2"])
+        scores.append(_score(obj.get(score_field), path, number, score_field))
     return ScoredPairs(os.path.basename(path), first, second, np.asarray(scores, dtype=np.float64))
 
 
 def _read_tsv_pairs(path: str, score_field: str) -> ScoredPairs:
     first, second, scores = [], [], []
     columns = None  # (sentence1, sentence2, score) column indices, from the header or the first data line
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+    for number, line in record_lines(path):
+        # STS-B lines hold quotes that are part of the text: split on tabs only, never csv-unquote.
+        cells = line.split("\t")
+        if columns is None:
+            lowered = [c.strip().lower() for c in cells]
+            if "sentence1" in lowered and "sentence2" in lowered:
+                if score_field.lower() not in lowered:
+                    raise PairsDataError(f"{path}:{number}: the header has no {score_field!r} column "
+                                         f"(columns: {', '.join(cells)})")
+                columns = (lowered.index("sentence1"), lowered.index("sentence2"),
+                           lowered.index(score_field.lower()))
                 continue
-            # STS-B lines hold quotes that are part of the text: split on tabs only, never csv-unquote.
-            cells = line.split("\t")
-            if columns is None:
-                lowered = [c.strip().lower() for c in cells]
-                if "sentence1" in lowered and "sentence2" in lowered:
-                    if score_field.lower() not in lowered:
-                        raise PairsDataError(f"{path}:{number}: the header has no {score_field!r} column "
-                                             f"(columns: {', '.join(cells)})")
-                    columns = (lowered.index("sentence1"), lowered.index("sentence2"),
-                               lowered.index(score_field.lower()))
-                    continue
-                columns = _plain_columns(cells, path, number)
-            width = max(columns) + 1
-            if len(cells) < width:
-                raise PairsDataError(f"{path}:{number}: {len(cells)} tab-separated column(s), expected {width} "
-                                     f"(sentence1, sentence2, score)")
-            first.append(cells[columns[0]])
-            second.append(cells[columns[1]])
-            scores.append(_score(cells[columns[2]], path, number, "score"))
+            columns = _plain_columns(cells, path, number)
+        width = max(columns) + 1
+        if len(cells) < width:
+            raise PairsDataError(f"{path}:{number}: {len(cells)} tab-separated column(s), expected {width} "
+                                 f"(sentence1, sentence2, score)")
+        first.append(cells[columns[0]])
+        second.append(cells[columns[1]])
+        scores.append(_score(cells[columns[2]], path, number, "score"))
     return ScoredPairs(os.path.basename(path), first, second, np.asarray(scores, dtype=np.float64))
 
 

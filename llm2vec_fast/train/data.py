@@ -1,16 +1,16 @@
 """Reading training data: plain text (one sentence or document per line) or JSONL, with line-numbered errors.
 
-Files are UTF-8; a line ends at "\n", "\r\n" or a lone "\r" alike.
+Lines are read by the reader every command shares (`llm2vec_fast.corpus.record_lines`): UTF-8, a line ends at
+"\n", "\r\n" or a lone "\r", a byte-order mark is dropped, lines of more than 1 MiB are refused, and blank lines are
+skipped (they separate documents in plain text and carry no text); see that module for the rule and why encode
+differs on blank lines.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
-# Bytes that are not UTF-8 decode, under errors="surrogateescape", to these code points and to nothing else.
-_UNDECODABLE = re.compile("[\udc80-\udcff]")
+from ..corpus import LineError, parse_json_object, record_lines
 
 
 class DataError(ValueError):
@@ -49,38 +49,25 @@ def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
 
 
 def _records(path: str, field: str | None):
+    """(line number, record) of every non-blank line: the line itself (.txt), else its JSON object, or the object's
+    `field` when one is given."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     jsonl = path.endswith(".jsonl")
-    # newline=None (universal newlines) turns "\r\n" and a lone "\r" into "\n" before lines are split.
-    with open(path, encoding="utf-8", errors="surrogateescape", newline=None) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            _check_utf8(path, number, line)
-            if jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{number}: expected a JSON object")
-                if field is None:
-                    yield number, obj
-                elif field not in obj:
-                    raise DataError(f"{path}:{number}: missing field {field!r}")
-                else:
-                    yield number, obj[field]
-            else:
-                if not line.strip():
-                    continue  # blank lines separate documents in plain text; they carry no text
+    try:
+        for number, line in record_lines(path):
+            if not jsonl:
                 yield number, line
-
-
-def _check_utf8(path: str, number: int, line: str) -> None:
-    bad = _UNDECODABLE.search(line)
-    if bad:
-        byte = ord(bad.group()) - 0xDC00
-        raise DataError(f"{path}:{number}: not valid UTF-8 (byte 0x{byte:02x} at character {bad.start() + 1}); "
-                        f"convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)")
+                continue
+            try:
+                obj = parse_json_object(line)
+            except ValueError as error:
+                raise DataError(f"{path}:{number}: {error}") from None
+            if field is None:
+                yield number, obj
+            elif field not in obj:
+                raise DataError(f"{path}:{number}: missing field {field!r}")
+            else:
+                yield number, obj[field]
+    except LineError as error:
+        raise DataError(str(error)) from None
