@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import uuid
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -27,7 +28,8 @@ from .inputs import normalize_inputs
 from .kernels.pooling import segment_pool
 from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES, adapter_base_name,
                       apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
-                      read_adapter_config, read_llm2vec_config, resolve_directory)
+                      make_reference_loadable, read_adapter_config, read_llm2vec_config, resolve_directory,
+                      split_loading_kwargs)
 from .modeling import (base_model, check_supported, is_bidirectional, native_cpu_ops, patch, run_packed, run_padded,
                        use_native_cpu_ops)
 from .tokenization import RowTokenizer, TokenizedRow
@@ -92,12 +94,17 @@ class LLM2Vec(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft: bool = False,
                         enable_bidirectional: bool = True, **kwargs) -> "LLM2Vec":
-        """Load an encoder from a local directory, a released LLM2Vec adapter layout, or the embedded default.
+        """Load an encoder from a local directory, a model in the local Hugging Face cache, a released LLM2Vec
+        adapter layout, or the embedded default.
 
         Encoder arguments (pooling_mode, max_length, doc_max_length, skip_instruction, engine, max_batch_tokens)
-        are taken from kwargs, then from `llm2vec_config.json` (of the adapter if given, else of the base);
-        every other kwarg goes to Hugging Face `from_pretrained` (dtype, device_map, config overrides such as
-        attention_dropout=0.3).
+        are taken from kwargs, then from `llm2vec_config.json` (of the adapter if given, else of the base).
+        Hub arguments (cache_dir, revision, subfolder, local_files_only, token) say where a hub id is cached, as
+        for `AutoModel.from_pretrained` but never downloading: cache_dir applies to the base and the adapter,
+        revision and subfolder to the base (the base an adapter config names is taken at that config's revision).
+        Every other kwarg goes to Hugging Face `from_pretrained` (dtype, device_map, config overrides such as
+        attention_dropout=0.3); `torch_dtype` is accepted as the old name of dtype, and attn_implementation is
+        replaced by our attention (a warning says so for a value whose substance we do not keep).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -106,9 +113,11 @@ class LLM2Vec(nn.Module):
                             "or max_batch_tokens= here for a default token budget.")
         encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
         runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens") if k in kwargs}
-        kwargs.pop("attn_implementation", None)  # we install our own attention
+        hub, kwargs = split_loading_kwargs(kwargs)
+        cache = {"cache_dir": hub.get("cache_dir")}
 
-        base_dir = resolve_directory(base_model_name_or_path, "base model")
+        base_dir = resolve_directory(base_model_name_or_path, "base model", revision=hub.get("revision"),
+                                     subfolder=hub.get("subfolder"), **cache)
         check_model_directory(base_dir)
         if is_adapter_directory(base_dir):
             read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
@@ -117,15 +126,17 @@ class LLM2Vec(nn.Module):
         weights_dir = base_dir
         if is_adapter_directory(base_dir) and not has_weights(base_dir):
             # The released LLM2Vec layout: base config + adapter; the weights are those of the adapter's base.
-            weights_dir = resolve_directory(adapter_base_name(base_dir), "base model named in the adapter config")
+            weights_dir = resolve_directory(adapter_base_name(base_dir), "base model named in the adapter config",
+                                            revision=read_adapter_config(base_dir).get("revision"), **cache)
         model = load_base_model(AutoModel, weights_dir, **kwargs)
+        _warn_if_spread(model)
         model.config._name_or_path = _name_of(base_model_name_or_path, base_dir)
         if is_adapter_directory(base_dir):
             model = apply_adapter(model, base_dir, merge=True)
 
         adapter_dir = None
         if peft_model_name_or_path is not None:
-            adapter_dir = resolve_directory(peft_model_name_or_path, "adapter")
+            adapter_dir = resolve_directory(peft_model_name_or_path, "adapter", **cache)
             model = apply_adapter(model, adapter_dir, merge=merge_peft)
 
         tokenizer = _load_tokenizer(AutoTokenizer, base_dir, weights_dir)
@@ -289,6 +300,124 @@ class LLM2Vec(nn.Module):
         if device.type == "cpu" and native_cpu_ops(self.model) is None:
             use_native_cpu_ops(self.model)  # once per model; an explicit use_native_cpu_ops(..., enable=False) stays
 
+    # ------------------------------------------------------------------------------------ model methods
+
+    # What code written for the reference and HF Trainer call on an LLM2Vec, delegated to the wrapped Hugging Face
+    # model (the decoder inside a PEFT wrapper). The reference has only resize_token_embeddings and
+    # gradient_checkpointing_enable; the rest are what Trainer and PEFT-era training scripts reach for.
+
+    supports_gradient_checkpointing = True
+    main_input_name = "input_ids"
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's first parameter."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's first floating-point parameter."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """Recompute each decoder layer's activations in the backward pass (HF's method, on the wrapped model).
+
+        gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); kwargs:
+        the HF method's others (every_n_layers, offload on transformers versions that have them)."""
+        target = base_model(self.model)
+        # transformers >= 5.2x renamed the method and warns on the old name; 5.17 has only the old one.
+        if hasattr(target, "activation_checkpointing_enable"):
+            target.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
+                                                   **kwargs)
+        else:
+            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        **kwargs) -> None:
+        """transformers 5's name for `gradient_checkpointing_enable` (what its Trainer calls)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Undo `gradient_checkpointing_enable`."""
+        target = base_model(self.model)
+        if hasattr(target, "activation_checkpointing_disable"):
+            target.activation_checkpointing_disable()
+        else:
+            target.gradient_checkpointing_disable()
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any decoder layer recomputes its activations in the backward pass."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad, so that reentrant checkpointing reaches the adapter."""
+        base_model(self.model).enable_input_require_grads()
+
+    def disable_input_require_grads(self) -> None:
+        """Undo `enable_input_require_grads`."""
+        base_model(self.model).disable_input_require_grads()
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The token embedding module of the wrapped model."""
+        return base_model(self.model).get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding module of the wrapped model."""
+        base_model(self.model).set_input_embeddings(value)
+
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                **kwargs) -> nn.Embedding:
+        """Resize the token embeddings (after adding tokens to the tokenizer); returns the new embedding module.
+
+        kwargs: the HF method's others (mean_resizing)."""
+        return base_model(self.model).resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
+
+    def tie_weights(self, *args, **kwargs):
+        """Tie the wrapped model's shared weights (HF Trainer calls it after loading a checkpoint)."""
+        return base_model(self.model).tie_weights(*args, **kwargs)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (HF's method on the wrapped model; counts an unmerged adapter's too)."""
+        if not exclude_embeddings:
+            return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+        return base_model(self.model).num_parameters(only_trainable=only_trainable, exclude_embeddings=True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as PEFT's method of that name."""
+        return self.num_parameters(only_trainable=True), self.num_parameters()
+
+    def print_trainable_parameters(self) -> None:
+        """Print the trainable and total parameter counts (PEFT's output, for an unmerged adapter or not)."""
+        if hasattr(self.model, "print_trainable_parameters"):
+            self.model.print_trainable_parameters()
+            return
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None,
+                        safe_serialization: bool = True, **kwargs) -> None:
+        """`save(save_directory)` under HF's name and signature (as Trainer-style code calls it).
+
+        state_dict: weights to write instead of the module's own, keyed as `self.state_dict()` is (e.g. gathered
+        by a distributed trainer). safe_serialization: only True (safetensors) is supported. kwargs go to the
+        wrapped model's save_pretrained (max_shard_size, is_main_process, ...)."""
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False) is not supported: llm2vec-fast writes "
+                             "safetensors only. Drop the argument.")
+        if state_dict is not None:
+            prefix = "model."
+            if any(not k.startswith(prefix) for k in state_dict):
+                raise ValueError("save_pretrained(state_dict=...) expects the keys of LLM2Vec.state_dict() "
+                                 "('model.' + the wrapped model's keys).")
+            kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items()}
+        self._save(save_directory, merge_before_save=False, save_config=True, model_kwargs=kwargs)
+
     # ------------------------------------------------------------------------------------------------- save
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
@@ -299,7 +428,11 @@ class LLM2Vec(nn.Module):
         atomic; a symlink planted at a destination is replaced, never written through). Files of an earlier
         save that would change what the directory loads as (adapter files beside new merged weights, weights
         beside a new adapter, an llm2vec_config.json when save_config=False) are removed; other files are kept.
+        The files are also loadable by llm2vec 0.2.3 and its transformers 4.4x (see `make_reference_loadable`).
         """
+        self._save(output_path, merge_before_save, save_config, model_kwargs={})
+
+    def _save(self, output_path, merge_before_save: bool, save_config: bool, model_kwargs: dict) -> None:
         from peft import PeftModel
 
         if merge_before_save and isinstance(self.model, PeftModel):
@@ -309,13 +442,14 @@ class LLM2Vec(nn.Module):
             raise FileExistsError(f"{output_path!r} exists and is not a directory; pass a directory to save into.")
         staging = _make_staging_directory(output_path)
         try:
-            self.model.save_pretrained(staging)
+            self.model.save_pretrained(staging, **model_kwargs)
             if isinstance(self.model, PeftModel):
                 self.model.get_base_model().config.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
             if save_config:
                 with open(os.path.join(staging, LLM2VEC_CONFIG), "w") as f:
                     json.dump({k: getattr(self, k) for k in ENCODER_ARGS}, f, indent=4)
+            make_reference_loadable(staging, self.tokenizer)
             _install_saved_files(staging, output_path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -451,6 +585,15 @@ def _is_managed(name: str) -> bool:
     # Sharded weights: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
     sharded = name.startswith(("model-", "pytorch_model-")) and "-of-" in name and name.endswith(_SHARD_SUFFIXES)
     return name in _SAVE_MANAGED or sharded
+
+
+def _warn_if_spread(model) -> None:
+    # A device_map is honoured at load, but encode runs the whole model on one device and moves it there.
+    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1:
+        warnings.warn(f"device_map placed the model on {len(devices)} devices ({', '.join(devices)}); "
+                      f"encode() runs the whole model on one device and moves it there (encode(device=...)). "
+                      f"For several GPUs, run one process per GPU instead.", stacklevel=3)
 
 
 def _name_of(requested, directory: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 
 from .default_model import default_model_dir, is_default_model_name
 
@@ -28,27 +29,90 @@ _DROPPED_HEAD_PREFIXES = ("lm_head.",)
 _KEYS_SHOWN = 5
 
 
-def resolve_directory(name_or_path: str, what: str = "model") -> str:
-    """A local directory for `name_or_path`: the embedded default, a directory, or a model in the local HF cache."""
+# Hugging Face from_pretrained arguments that say where a hub id's files are (token and local_files_only only
+# matter for a download, which never happens). We resolve the id to a local directory ourselves, so they are
+# consumed rather than passed on (a subfolder would be applied twice).
+HUB_ARGS = ("cache_dir", "revision", "subfolder", "local_files_only", "token")
+
+
+# attn_implementation values whose substance we keep: "sdpa" is what the padded path calls, and our packed path is
+# a varlen flash-attention kernel (flash_attention_2's algorithm, without its package). Any other is replaced.
+_ATTENTION_KEPT = (None, "sdpa", "flash_attention_2", "flash_attention_3", "llm2vec_fast")
+
+
+def split_loading_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    """(hub arguments, Hugging Face from_pretrained arguments) of `LLM2Vec.from_pretrained`'s remaining kwargs.
+
+    Arguments we override are named, never dropped silently: `torch_dtype` becomes `dtype` (both with different
+    values is an error); an `attn_implementation` we do not run warns; `trust_remote_code=True` warns (only the
+    built-in classes of the supported families are loaded).
+    """
+    kwargs = dict(kwargs)
+    hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
+    if "torch_dtype" in kwargs:
+        torch_dtype = kwargs.pop("torch_dtype")
+        if kwargs.get("dtype") is not None and kwargs["dtype"] != torch_dtype:
+            raise ValueError(f"dtype={kwargs['dtype']!r} and torch_dtype={torch_dtype!r} disagree; torch_dtype is "
+                             f"the old name of dtype: pass only dtype.")
+        kwargs["dtype"] = torch_dtype  # transformers 5 warns on the old name
+    attention = kwargs.pop("attn_implementation", None)
+    if attention not in _ATTENTION_KEPT:
+        warnings.warn(f"attn_implementation={attention!r} is not used: llm2vec-fast runs its own attention (PyTorch "
+                      f"SDPA for padded batches, a varlen flash-attention kernel for packed ones), which computes the "
+                      f"same attention; drop the argument.", stacklevel=3)
+    if kwargs.pop("trust_remote_code", False):
+        warnings.warn("trust_remote_code=True is not used: llm2vec-fast loads the built-in transformers class of "
+                      "the supported families (Llama, Mistral, Qwen2, Gemma), never a repository's own code.",
+                      stacklevel=3)
+    return hub, kwargs
+
+
+def resolve_directory(name_or_path: str, what: str = "model", *, cache_dir=None, revision: str | None = None,
+                      subfolder: str | None = None) -> str:
+    """A local directory for `name_or_path`: the embedded default, a directory, or a model in the local HF cache.
+
+    A hub id is looked up as `AutoModel.from_pretrained` looks it up offline: in `cache_dir`, else the cache that
+    HF_HUB_CACHE / HF_HOME name (read when huggingface_hub is imported), at `revision` (a branch, tag or commit;
+    default main). subfolder: a folder inside the directory or snapshot. Never downloads: an id that is not cached
+    is a FileNotFoundError naming the `hf download` command that fetches it.
+    """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a directory path or a model name, got {type(name_or_path).__name__}")
     name_or_path = os.fspath(name_or_path)
     if is_default_model_name(name_or_path):
         return default_model_dir()
     if os.path.isdir(name_or_path):
-        return name_or_path
+        return _in_subfolder(name_or_path, subfolder, what)
     if os.path.exists(name_or_path):
         raise ValueError(f"{what} path {name_or_path!r} is a file; pass the directory that holds config.json.")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return snapshot_download(name_or_path, local_files_only=True)
+    try:
+        snapshot = snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception:
-        raise FileNotFoundError(
-            f"{what} {name_or_path!r} is neither a local directory nor in the local Hugging Face cache, and "
-            f"llm2vec-fast never downloads at run time. Download it once (e.g. `huggingface-cli download "
-            f"{name_or_path} --local-dir DIR`) and pass DIR, or use 'smollm2-135m' for the embedded model."
-        ) from None
+        raise FileNotFoundError(_not_cached_message(name_or_path, what, cache_dir, revision)) from None
+    return _in_subfolder(snapshot, subfolder, what)
+
+
+def _in_subfolder(directory: str, subfolder: str | None, what: str) -> str:
+    if not subfolder:
+        return directory
+    path = os.path.join(directory, subfolder)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {directory!r} has no subfolder {subfolder!r}; check subfolder=.")
+    return path
+
+
+def _not_cached_message(name: str, what: str, cache_dir, revision: str | None) -> str:
+    from huggingface_hub import constants
+
+    at_revision = f" --revision {revision}" if revision else ""
+    into_cache = at_revision + (f" --cache-dir {os.fspath(cache_dir)}" if cache_dir else "")
+    where = f"the Hugging Face cache {os.fspath(cache_dir or constants.HF_HUB_CACHE)!r}"
+    at = f" at revision {revision!r}" if revision else ""
+    return (f"{what} {name!r} is neither a local directory nor in {where}{at}, and llm2vec-fast never downloads at "
+            f"run time. Download it once with `hf download {name}{into_cache}` and run again, or into a directory "
+            f"(`hf download {name}{at_revision} --local-dir DIR`) and pass DIR; 'smollm2-135m' is the embedded model.")
 
 
 def has_weights(directory: str) -> bool:
@@ -231,3 +295,98 @@ def _adapter_file_keys(adapter_dir: str) -> set:
     from peft.utils import load_peft_weights
 
     return set(load_peft_weights(adapter_dir))
+
+
+# ------------------------------------------------------------------------------- files the reference can read
+
+# tokenizer_class names of transformers 5 that transformers 4.4x (llm2vec 0.2.3's pin) cannot resolve, and the 4.4x
+# class that reads the same tokenizer.json as is (no post-processor rebuilt from flags, unlike the family classes).
+_TOKENIZER_CLASS_FOR_REFERENCE = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+# Adapter config keys that are kept even at their default, so that the file still says what the adapter is.
+_ADAPTER_KEYS_KEPT = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules")
+# Recorded by recent peft for information (filled in with the running version when absent); peft 0.12 rejects it
+# as an unknown LoraConfig field.
+_ADAPTER_METADATA_KEYS = ("peft_version",)
+
+
+def make_reference_loadable(directory: str, tokenizer=None) -> None:
+    """Rewrite what transformers 5 and peft just saved in `directory` so that llm2vec 0.2.3 (transformers 4.43-4.44,
+    tokenizers 0.19, peft 0.12) loads it too; current versions load the rewritten files identically.
+
+    tokenizer: the tokenizer that was saved; its `model_input_names` are written down, since 4.4x's generic fast
+    tokenizer would otherwise also emit token_type_ids, which the reference passes to a model that refuses them.
+    """
+    _rewrite_json(directory, "tokenizer_config.json", lambda c: _reference_tokenizer_config(c, tokenizer))
+    _rewrite_json(directory, "tokenizer.json", _reference_tokenizer_json)
+    _rewrite_json(directory, "config.json", _reference_model_config)
+    _rewrite_json(directory, ADAPTER_CONFIG, _reference_adapter_config)
+
+
+def _rewrite_json(directory: str, name: str, rewrite) -> None:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        content = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rewrite(content), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _reference_tokenizer_config(config: dict, tokenizer) -> dict:
+    name = config.get("tokenizer_class")
+    config["tokenizer_class"] = _TOKENIZER_CLASS_FOR_REFERENCE.get(name, name)
+    names = getattr(tokenizer, "model_input_names", None)
+    if names and "model_input_names" not in config:
+        config["model_input_names"] = list(names)
+    return config
+
+
+def _reference_tokenizer_json(content: dict) -> dict:
+    # tokenizers >= 0.20 writes BPE merges as [left, right] pairs, which 0.19 cannot parse; the older "left right"
+    # strings are read by every version, but are ambiguous (so left alone) when a token holds a space.
+    model = content.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") == "BPE" and merges and all(isinstance(m, list) and len(m) == 2 for m in merges) \
+            and not any(" " in part for m in merges for part in m):
+        model["merges"] = [" ".join(m) for m in merges]
+    return content
+
+
+def _reference_model_config(config: dict) -> dict:
+    # transformers 5 keeps rope_theta (and any scaling) inside rope_parameters; 4.4x reads only the top-level
+    # rope_theta / rope_scaling and would silently use its default theta. transformers 5 reads both spellings.
+    # (torch_dtype is not added beside dtype: transformers 5 logs a deprecation warning on reading it, and 4.4x's
+    # torch_dtype="auto" falls back to the weights' dtype without it.)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return config
+
+
+def _reference_adapter_config(config: dict) -> dict:
+    # peft 0.12 builds its LoraConfig from every key of the file and fails on any it does not know; the keys added
+    # since are new features, so leaving out those at their default changes nothing for any version. A feature
+    # actually used stays, and an old peft then names it.
+    defaults = _peft_config_defaults(config.get("peft_type"))
+    return {k: v for k, v in config.items()
+            if k in _ADAPTER_KEYS_KEPT or (k not in _ADAPTER_METADATA_KEYS and not (k in defaults and defaults[k] == v))}
+
+
+def _peft_config_defaults(peft_type) -> dict:
+    import dataclasses
+
+    from peft import PeftConfig
+
+    try:
+        config = PeftConfig.from_peft_type(peft_type=peft_type)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {f.name: _json_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _json_value(value):
+    # The file holds JSON (lists, strings for enums); compare defaults in that form.
+    return json.loads(json.dumps(value, default=str))

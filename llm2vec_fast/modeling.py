@@ -14,6 +14,7 @@ calls the forward it replaced, so training and GPU runs are untouched; `LLM2Vec.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -195,11 +196,16 @@ def _native_rotary(original):
 def _swap_forward(module, forward, **attributes) -> None:
     if "_llm2vec_native_original" in module.__dict__:
         return
-    module._llm2vec_native_original = module.forward  # bound; may itself be an instance override
-    module._llm2vec_native_had_instance_forward = "forward" in module.__dict__
+    # partial(function, module) rather than bound methods: a bound method pickles as getattr(module, its name),
+    # which the unpickled module lacks, while a partial pickles the module-level function by reference (and a
+    # deepcopy rebinds it to the copied module).
+    had_instance_forward = "forward" in module.__dict__
+    module._llm2vec_native_original = (module.forward if had_instance_forward
+                                       else functools.partial(type(module).forward, module))
+    module._llm2vec_native_had_instance_forward = had_instance_forward
     for name, value in attributes.items():
         setattr(module, name, value)
-    module.forward = forward.__get__(module)
+    module.forward = functools.partial(forward, module)
 
 
 def _restore_forward(module) -> None:

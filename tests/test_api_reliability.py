@@ -348,6 +348,22 @@ def test_model_copies_encode(llama_dir):
     assert torch.equal(encode(copy.deepcopy(model), TEXTS), encode(model, TEXTS))
 
 
+def test_model_with_native_cpu_ops_pickles_and_copies(llama_dir):
+    import copy
+    import pickle
+
+    from llm2vec_fast.modeling import native_cpu_ops
+
+    model = load(llama_dir)
+    expected = encode(model, TEXTS)  # a CPU encode turns the native ops on
+    if not native_cpu_ops(model.model):
+        pytest.skip("the native CPU ops could not be built here")
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        layer = clone.model.layers[0]
+        assert layer.forward.args[0] is layer and layer.mlp.forward.args[0] is layer.mlp  # bound to the clone
+        assert torch.equal(encode(clone, TEXTS), expected)
+
+
 # ------------------------------------------------------------------------------------------- bad values
 
 
