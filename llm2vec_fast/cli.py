@@ -3,6 +3,8 @@
 Each subcommand lives in its own module that exposes `register(subparsers)`, which adds its parser and sets
 `func` (args -> exit status) as the parser's default; adding a command means adding its module to COMMANDS.
 Mistakes the user can fix (`UserError`) are printed as ``llm2vec-fast: error: ...`` without a traceback.
+Shared by the subcommands: `positive_int` (argparse type), `DefaultsHelpFormatter` (``--help`` shows each default
+once) and `silence_progress_bars` (what ``--no-progress`` does beyond our own bars).
 """
 
 from __future__ import annotations

@@ -284,7 +284,7 @@ def parse_json_object(line: str, expected: str = "an object") -> dict:
         # Some of json's messages end in "at" ("Unterminated string starting at"): the column completes them.
         raise ValueError(f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"a JSON {_json_kind(record).removeprefix('a ').removeprefix('an ')}, expected {expected}")
+        raise ValueError(f"a JSON {_json_type(record)}, expected {expected}")
     return record
 
 
@@ -368,9 +368,15 @@ def bad_lines_error(name: str, bad: list[BadLine]) -> UserError:
         + describe_bad_lines(name, bad))
 
 
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+               dict: "object"}
+
+
+def _json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _json_kind(value) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(
-        type(value), type(value).__name__)
+    """The JSON type of a value with its article ("a number", "an object"; "null")."""
+    kind = _json_type(value)
+    return kind if kind == "null" else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"

@@ -1,5 +1,6 @@
 """`llm2vec-fast encode` end to end on a tiny Llama: round trips, stdin, resume after SIGKILL, argument mismatch,
-bad lines, user errors, and a 2-process torchrun run that must equal the single-process one."""
+bad lines, user errors, and a 2-process torchrun run that must equal the single-process one; then the CLI items of
+issue 11: --peft-model, --output -, the output of a run that failed early, --no-progress, --help and choices."""
 
 import argparse
 import io
@@ -8,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,7 +336,7 @@ def test_a_run_that_failed_before_encoding_leaves_the_output_reusable(llama_dir,
                                                                       tmp_path, capsys):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "config.json").write_text((open(os.path.join(llama_dir, "config.json")).read()))  # no weights
+    (broken / "config.json").write_bytes((Path(llama_dir) / "config.json").read_bytes())  # and no weights
     out = tmp_path / "out"
     assert main(encode_args(str(broken), txt_file, out)) == 1
     assert "cannot load --model" in capsys.readouterr().err
