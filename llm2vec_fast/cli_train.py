@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from .cli import silence_progress_bars
 from .errors import UserError
 from .train.config import DTYPES, STAGES, ConfigWarning, TrainConfig, stage_defaults, stages_using
 
@@ -67,7 +68,8 @@ def register(subparsers) -> None:
                         help="continue the run in --output from its newest intact checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the training run in --output (only the files training wrote are removed)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (neither ours nor transformers' and huggingface_hub's)")
     parser.set_defaults(func=run)
 
 
@@ -91,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     from .train.loop import train
     from .train.output import check_output
 
+    if args.no_progress:
+        silence_progress_bars()
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _FLAGS}
     if args.no_gradient_checkpointing:
         overrides["gradient_checkpointing"] = False

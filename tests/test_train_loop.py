@@ -17,6 +17,7 @@ from llm2vec_fast.train.config import TrainConfig
 from llm2vec_fast.train.loop import seed_dropout_per_rank, train
 from llm2vec_fast.train.mntp import MNTPStage
 from llm2vec_fast.train.simcse import SimCSEStage
+from test_dropin import PEFT_0_12_LORA_FIELDS
 from tiny_models import corpus
 
 
@@ -95,6 +96,12 @@ def test_recipe_outputs_load_in_llm2vec(llama_dir, text_file, tmp_path):
     encoder = LLM2Vec.from_pretrained(str(tmp_path / "mntp"), peft_model_name_or_path=str(tmp_path / "simcse"))
     after_simcse = encoder.encode(["the cat sat"], show_progress_bar=False)
     assert (after_simcse - after_mntp).abs().max() > 1e-4
+    # Both outputs are written in the files llm2vec 0.2.3 (peft 0.12, transformers 4.44) loads too.
+    for stage in ("mntp", "simcse"):
+        with open(tmp_path / stage / "adapter_config.json") as f:
+            assert set(json.load(f)) <= PEFT_0_12_LORA_FIELDS
+        with open(tmp_path / stage / "tokenizer_config.json") as f:
+            assert json.load(f)["tokenizer_class"] != "TokenizersBackend"
 
 
 def test_train_cli(llama_dir, text_file, tmp_path, capsys):

@@ -160,6 +160,8 @@ class ContrastiveStage:
         import json
         import os
 
+        from ..loading import make_reference_loadable
+
         self.model.save_pretrained(directory)
         self.encoder.tokenizer.save_pretrained(directory)
         _point_adapter_at(directory, self.encoder.config._name_or_path)
@@ -167,6 +169,7 @@ class ContrastiveStage:
             json.dump({"pooling_mode": self.encoder.pooling_mode, "max_length": self.encoder.max_length,
                        "doc_max_length": self.encoder.doc_max_length,
                        "skip_instruction": self.encoder.skip_instruction}, f, indent=4)
+        make_reference_loadable(directory, self.encoder.tokenizer)  # llm2vec 0.2.3 loads the adapter too
 
 
 def _point_adapter_at(directory: str, base: str) -> None:

@@ -155,10 +155,12 @@ class MNTPStage:
         return float(loss.detach() * share), batch.num_tokens
 
     def save(self, directory: str) -> None:
-        """The released LLM2Vec MNTP layout: base config + adapter + tokenizer (+ llm2vec_config.json)."""
+        """The released LLM2Vec MNTP layout: base config + adapter + tokenizer (+ llm2vec_config.json), in files
+        that llm2vec 0.2.3 loads too."""
         import json
         import os
 
+        from ..loading import make_reference_loadable
         from .contrastive import _point_adapter_at
 
         self.model.save_pretrained(directory)
@@ -169,6 +171,7 @@ class MNTPStage:
         with open(os.path.join(directory, "llm2vec_config.json"), "w") as f:
             json.dump({"pooling_mode": "mean", "max_length": 512, "doc_max_length": 400, "skip_instruction": True},
                       f, indent=4)
+        make_reference_loadable(directory, self.tokenizer)
 
 
 def _scored_share(local_count: int, device) -> float:
