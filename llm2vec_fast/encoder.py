@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import threading
-import uuid
 import warnings
 from contextlib import contextmanager
 from typing import Optional
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .batching import (PackedBatch, PaddedBatch, check_pooling_mode, check_positive_int, kernel_mode, pack, pad,
                        pooling_range, token_budget_batches)
+from .files import staging_beside
 from .inputs import normalize_inputs
 from .kernels.pooling import segment_pool
 from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES, adapter_base_name,
@@ -440,7 +440,7 @@ class LLM2Vec(nn.Module):
         output_path = os.fspath(output_path)
         if os.path.lexists(output_path) and not os.path.isdir(output_path):
             raise FileExistsError(f"{output_path!r} exists and is not a directory; pass a directory to save into.")
-        staging = _make_staging_directory(output_path)
+        staging = staging_beside(output_path, "saving")
         try:
             self.model.save_pretrained(staging, **model_kwargs)
             if isinstance(self.model, PeftModel):
@@ -527,39 +527,6 @@ def _usable_device(device) -> torch.device:
         raise ValueError(f"device={str(device)!r} cannot be used here ({str(error)[:200]}); pass 'cpu' or an "
                          f"available accelerator.") from None
     return device
-
-
-def _make_staging_directory(output_path: str) -> str:
-    # Beside the real destination, so that each rename into place stays on one file system; os.mkdir (unlike
-    # mkdtemp) gives the directory the umask's permissions, like the files save_pretrained writes. The name
-    # carries our pid so that the next save can remove what a killed one left.
-    real = os.path.realpath(output_path)
-    parent, prefix = os.path.dirname(real) or ".", f".{os.path.basename(real)}.saving-"
-    os.makedirs(parent, exist_ok=True)
-    _remove_abandoned_staging(parent, prefix)
-    staging = os.path.join(parent, f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-    os.mkdir(staging)
-    return staging
-
-
-def _remove_abandoned_staging(parent: str, prefix: str) -> None:
-    """Remove staging directories of saves to the same destination whose process no longer runs."""
-    for name in os.listdir(parent):
-        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) is not an existence check elsewhere (on Windows it sends CTRL_C_EVENT)
-    try:
-        os.kill(pid, 0)  # signal 0: checks that the process exists, delivers nothing
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists and belongs to another user
-    return True
 
 
 def _install_saved_files(staging: str, output_path: str) -> None:

@@ -9,16 +9,14 @@ optimisation only: an unreadable or unwritable cache means hashing again, never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import time
 
 from .default_model import cache_root
+from .files import sha256_file, write_atomic
 
 CACHE_FILE = "file_hashes.json"
-CHUNK_BYTES = 1 << 20
 # A file changed twice within one timestamp tick keeps its mtime and ctime; a hash taken right after a change is
 # therefore not cached, or a second same-size write in that tick would be missed.
 RACY_SECONDS = 2.0
@@ -39,7 +37,7 @@ def file_sha256(path: str) -> str:
     entry = cache.get(real)
     if entry is not None and entry.get("key") == key:
         return entry["sha256"]
-    digest = _hash_file(real)
+    digest = sha256_file(real)
     if started - stat.st_ctime_ns / 1e9 > RACY_SECONDS:
         cache[real] = {"key": key, "sha256": digest}
         _write_cache(cache)
@@ -59,14 +57,6 @@ def _matters(name: str) -> bool:
     return not (name in _IGNORED_NAMES or name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES))
 
 
-def _hash_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_path() -> str:
     return os.path.join(cache_root(), CACHE_FILE)
 
@@ -84,15 +74,8 @@ def _write_cache(cache: dict) -> None:
     # Several processes (torchrun ranks) may write at once: each writes its own temporary file and renames it, so
     # the cache is always whole JSON; an entry lost to a concurrent writer is only hashed again.
     path = _cache_path()
-    temp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(temp, path)
+        write_atomic(path, json.dumps(cache).encode())
     except OSError:
-        try:
-            os.remove(temp)
-        except OSError:
-            pass
+        pass

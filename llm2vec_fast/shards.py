@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .files import TEMP_MARK, create_exclusive, remove_if_present, write_atomic
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
@@ -48,9 +49,7 @@ PROGRESS_DIR = "progress"
 WRITTEN_BY = "llm2vec-fast encode"
 _SHARD_FILE = re.compile(r"shard-\d{6,}(\.lines)?\.npy")
 _PROGRESS_FILE = re.compile(r"rank\d+\.json")
-_TEMP_MARK = ".tmp-"
 _PROBE_MARK = ".write-probe-"
-_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # Test-only: "K" kills the process (SIGKILL) after it recorded K shards; "K:temp" while the (K+1)-th shard is
 # still a temporary file; "K:unrecorded" after that shard is in place but before it is recorded.
 TEST_KILL_ENV = "LLM2VEC_FAST_TEST_KILL_AFTER_SHARDS"
@@ -61,35 +60,9 @@ def shard_stem(index: int) -> str:
 
 
 def atomic_write(path: str, data: bytes, before_rename=None) -> None:
-    """Write `data` to `path` so that readers (and a later run after a crash) see either nothing or all of it.
-
-    The temporary file gets a name nobody can guess and is created exclusively, never through a link planted
-    under its name; its mode is that of any new file (0o666 less the umask). A failure (a full disk) removes it
-    and raises UserError naming `path`.
-    """
-    directory, name = os.path.split(path)
-    temp = os.path.join(directory, f".{name}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    """`files.write_atomic`, with a failure (a full disk) turned into a UserError naming `path` and the fix."""
     with _write_errors(path):
-        fd = os.open(temp, _NEW_FILE_FLAGS, 0o666)
-        try:
-            try:
-                _write_fully(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if before_rename is not None:
-                before_rename()
-            os.replace(temp, path)  # replaces a link planted at `path` itself, never what it points to
-        except BaseException:
-            _remove_if_present(temp)
-            raise
-        _fsync_directory(directory)
-
-
-def _write_fully(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        write_atomic(path, data, before_rename)
 
 
 @contextmanager
@@ -104,13 +77,6 @@ def _write_errors(path: str):
                         f"resume (finished shards are kept).") from None
 
 
-def _remove_if_present(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -119,15 +85,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def json_bytes(value) -> bytes:
     return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _fsync_directory(directory: str) -> None:
-    # The rename itself must reach the disk too, or a power cut could forget a shard that progress recorded.
-    fd = os.open(directory or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputDir:
@@ -174,7 +131,7 @@ class OutputDir:
         try:
             os.makedirs(self.path, exist_ok=True)
             probe = self.file(f"{_PROBE_MARK}{os.getpid()}-{self.rank}-{secrets.token_hex(4)}")
-            os.close(os.open(probe, _NEW_FILE_FLAGS, 0o666))
+            create_exclusive(probe)
             os.remove(probe)
         except OSError as error:
             raise UserError(f"cannot write to --output {self.path!r} ({error.strerror or error}); choose a writable "
@@ -243,7 +200,7 @@ class OutputDir:
         # then progress before shards, so that no shard still recorded as done loses its files. Files of other
         # names (the user's) are kept, and so are the subdirectories holding them.
         for name in (MANIFEST, LINE_NUMBERS):
-            _remove_if_present(self.file(name))
+            remove_if_present(self.file(name))
         for sub, pattern in ((PROGRESS_DIR, _PROGRESS_FILE), (SHARD_DIR, _SHARD_FILE)):
             directory = self.file(sub)
             if not os.path.isdir(directory):
@@ -421,7 +378,7 @@ def _stamped(fingerprint: dict) -> dict:
 
 def _is_leftover(name: str) -> bool:
     """A file a killed run of ours can leave behind: a write probe or a temporary file."""
-    return name.startswith(_PROBE_MARK) or (name.startswith(".") and _TEMP_MARK in name)
+    return name.startswith(_PROBE_MARK) or (name.startswith(".") and TEMP_MARK in name)
 
 
 def _difference(key: str, stored, now) -> str:

@@ -20,7 +20,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from llm2vec_fast import fingerprint, shards
+from llm2vec_fast import files, fingerprint, shards
 from llm2vec_fast.cli import main
 from llm2vec_fast.corpus import InputSpec, OverlongLine, input_identity, numbered_lines
 from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
@@ -216,7 +216,7 @@ def test_hash_cache_is_used_and_notices_a_rewrite_with_restored_mtime(tmp_path, 
     first = fingerprint.file_sha256(str(path))
     stat = os.stat(path)
     with monkeypatch.context() as patch:
-        patch.setattr(fingerprint, "_hash_file", lambda _: pytest.fail("the cached hash was not used"))
+        patch.setattr(fingerprint, "sha256_file", lambda _: pytest.fail("the cached hash was not used"))
         assert fingerprint.file_sha256(str(path)) == first
     time.sleep(0.01)
     path.write_bytes(b"b" * 1000)
@@ -427,18 +427,17 @@ def test_a_link_planted_at_a_shard_name_is_replaced_not_followed(llama_dir, txt_
 
 def test_disk_full_is_one_line_and_resume_equals_an_uninterrupted_run(llama_dir, txt_file, reference, tmp_path,
                                                                       monkeypatch, capsys):
-    real_write = shards._write_fully
-    writes = []
+    real_write = files._write_fully
+    out = tmp_path / "out"
 
     def fill_up(fd, data):
-        writes.append(len(data))
-        if len(writes) == 6:  # fingerprint, then lines, embeddings and progress per shard: shard 1's embeddings
+        # The disk fills up while shard 1's embeddings are written (the temporary file is named after it).
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".shard-000001.npy"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(fd, data)
 
-    out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(shards, "_write_fully", fill_up)
+        patch.setattr(files, "_write_fully", fill_up)
         err = error_of(encode_args(llama_dir, txt_file, out), capsys)
     assert err.count("\n") == 1
     assert f"cannot write {out / 'shards' / 'shard-000001.npy'} (No space left on device); free some space" in err

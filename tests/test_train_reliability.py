@@ -20,7 +20,7 @@ from llm2vec_fast.cli import main as cli_main
 from llm2vec_fast.train.checkpoint import TEST_KILL_ENV, decode_state, encode_state
 from llm2vec_fast.train.config import TrainConfig
 from llm2vec_fast.train.data import DataError, read_jsonl, read_texts
-from llm2vec_fast.train.files import TEMP_MARK
+from llm2vec_fast.files import TEMP_MARK
 from llm2vec_fast.train.loop import train
 from llm2vec_fast.train.mntp import MNTPStage
 from llm2vec_fast.train.simcse import SimCSEStage

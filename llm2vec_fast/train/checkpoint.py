@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
-from .files import (fsync_directory, is_plain_name, make_staging, remove_entry, remove_orphans, seal, sha256_file,
+from ..files import (fsync_directory, is_plain_name, make_staging, remove_entry, remove_orphans, seal, sha256_file,
                     write_atomic)
 
 MANIFEST = "checkpoint.json"

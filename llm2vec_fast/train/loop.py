@@ -23,7 +23,7 @@ from ..errors import UserError
 from .checkpoint import clean_checkpoints, find_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DataError
-from .files import make_staging, move_files, seal, write_atomic
+from ..files import make_staging, move_files, seal, write_atomic
 from .output import CHECKPOINTS, RUN_CONFIG, check_output, prepare_output, record_outputs, stored_config
 
 

@@ -15,7 +15,7 @@ import os
 from ..default_model import is_default_model_name
 from ..errors import UserError
 from ..loading import resolve_directory
-from .files import is_plain_name, remove_entry, remove_orphans, write_atomic
+from ..files import is_plain_name, remove_entry, remove_orphans, write_atomic
 
 RUN_CONFIG = "train_config.json"
 OUTPUT_LIST = "train_output.json"  # the names of the files the final save moved into the directory
