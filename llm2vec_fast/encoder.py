@@ -16,7 +16,6 @@ import warnings
 from contextlib import contextmanager
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm

@@ -18,61 +18,14 @@ import torch
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.cli import main
 from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
-from tiny_models import corpus
+from encode_helpers import (N_LINES, SHARD, assert_same_output, encode_args, private_hash_cache,  # noqa: F401
+                            reference, subprocess_env, texts, txt_file)
 
-N_LINES, SHARD = 45, 10  # five shards, the last one partial
-FAST = ["--no-progress", "--shard-size", str(SHARD)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_hash_cache(tmp_path_factory):
-    """Content hashes are cached under LLM2VEC_FAST_CACHE: keep them out of the user's cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path_factory.mktemp("hash_cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return corpus(N_LINES, seed=7)
-
-
-@pytest.fixture(scope="module")
-def txt_file(tmp_path_factory, texts):
-    path = tmp_path_factory.mktemp("inputs") / "corpus.txt"
-    path.write_text("\n".join(texts) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def model(llama_dir):
     return LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def reference(llama_dir, txt_file, tmp_path_factory):
-    """An uninterrupted single-process run over txt_file: the output every other run must reproduce."""
-    out = str(tmp_path_factory.mktemp("reference") / "out")
-    assert main(["encode", "--model", llama_dir, "--input", txt_file, "--output", out, *FAST]) == 0
-    return load_embeddings(out)
-
-
-def encode_args(llama_dir, input_path, out, *extra):
-    return ["encode", "--model", llama_dir, "--input", input_path, "--output", str(out), *FAST, *extra]
-
-
-def subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
-def assert_same_output(out, reference):
-    embeddings, lines = load_embeddings(str(out))
-    ref_embeddings, ref_lines = reference
-    np.testing.assert_array_equal(lines, ref_lines)
-    assert len(np.unique(lines)) == len(lines)
-    np.testing.assert_array_equal(embeddings, ref_embeddings)  # bitwise: same shards, same batches
 
 
 def test_txt_round_trip(reference, model, texts, tmp_path):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from llm2vec_fast import LLM2Vec
 from llm2vec_fast.loading import make_reference_loadable
 from test_encoder import TEXTS, encode, load, make_adapter
 

@@ -20,57 +20,20 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from llm2vec_fast import files, fingerprint, shards
+from llm2vec_fast import files, fingerprint
 from llm2vec_fast.cli import main
 from llm2vec_fast.corpus import InputSpec, OverlongLine, input_identity, numbered_lines
 from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
-from tiny_models import build_model_dir, corpus
+from encode_helpers import (SHARD, assert_same_output, encode_args, private_hash_cache, reference,  # noqa: F401
+                            texts, txt_file)
+from tiny_models import build_model_dir
 
-N_LINES, SHARD = 45, 10
-FAST = ["--no-progress", "--shard-size", str(SHARD)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_hash_cache(tmp_path_factory):
-    """Content hashes are cached under LLM2VEC_FAST_CACHE: keep them out of the user's cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path_factory.mktemp("hash_cache")))
-        yield
-
-
-@pytest.fixture(scope="module")
-def texts():
-    return corpus(N_LINES, seed=7)
-
-
-@pytest.fixture(scope="module")
-def txt_file(tmp_path_factory, texts):
-    path = tmp_path_factory.mktemp("inputs") / "corpus.txt"
-    path.write_text("\n".join(texts) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def reference(llama_dir, txt_file, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("reference") / "out")
-    assert main(encode_args(llama_dir, txt_file, out)) == 0
-    return load_embeddings(out)
 
 
 @pytest.fixture(scope="module")
 def wide_model_dir(tmp_path_factory):
     """A tiny Llama whose weight file is over 1 MiB (the old fingerprint hashed only the first MiB)."""
     return build_model_dir(str(tmp_path_factory.mktemp("wide") / "model"), "llama", intermediate_size=1024)
-
-
-def encode_args(model_dir, input_path, out, *extra):
-    return ["encode", "--model", str(model_dir), "--input", str(input_path), "--output", str(out), *FAST, *extra]
-
-
-def assert_same_output(out, reference):
-    embeddings, lines = load_embeddings(str(out))
-    np.testing.assert_array_equal(lines, reference[1])
-    np.testing.assert_array_equal(embeddings, reference[0])
 
 
 def error_of(argv, capsys) -> str:

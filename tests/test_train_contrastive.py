@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from llm2vec_fast import LLM2Vec
 from llm2vec_fast.train.config import TrainConfig
 from llm2vec_fast.train.contrastive import RNGState, grad_cache_step, info_nce
 from llm2vec_fast.train.simcse import SimCSEStage
