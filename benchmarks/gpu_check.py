@@ -261,7 +261,7 @@ def _tokenizer():
 def encode_section(ctx):
     """Encode throughput, reference algorithm vs our engine, bf16, on randomly initialised models of real shapes
     (the embedded GGUF does not travel to the GPU machine): SmolLM2-135M and Mistral-7B. MFU against 790 TFLOP/s
-    (H200 bf16 matmul, NOTES.md 3)."""
+    (the bf16 matmul rate measured on the H200)."""
     import copy
 
     import bench_encode

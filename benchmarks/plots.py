@@ -106,6 +106,8 @@ def plot_bench(bench: dict, path: str, title: str) -> str:
                 if ratio is not None:
                     ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                                 ha="center", va="bottom", fontsize=7)
+        # Headroom above the tallest bar, so its ratio label stays clear of the panel title.
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
         ax.set_xticks(range(len(shapes)))
         ax.set_xticklabels(shapes, fontsize=7, rotation=10)
         units = {r.get("unit", "") for r in rows}
