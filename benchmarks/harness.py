@@ -22,12 +22,15 @@ import torch
 
 
 def git_commit():
+    """The commit measured: HEAD, with "+dirty" when tracked code differs from it. Result files are left out of
+    that check: a benchmark run right after another has only the other's outputs changed, not what it measures."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                              timeout=10)
         commit = out.stdout.strip() if out.returncode == 0 else "uncommitted"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)benchmarks/results"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
