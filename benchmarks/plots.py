@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,9 +34,11 @@ def _pyplot():
     return plt
 
 
-def shape_label(shape) -> str:
+def shape_label(shape, width: int = 36) -> str:
     if isinstance(shape, dict):
-        return ", ".join(f"{k}={v}" for k, v in shape.items())
+        # The op is the panel's title already; long shapes wrap so that neighbouring labels do not overlap.
+        text = ", ".join(f"{k}={v}" for k, v in shape.items() if k != "op")
+        return textwrap.fill(text, width=width)
     return str(shape)
 
 
@@ -90,12 +93,13 @@ def plot_bench(bench: dict, path: str, title: str) -> str:
     fig, axes = plt.subplots(len(ops), 1, figsize=(8, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         rows = [r for r in bench["rows"] if r["op"] == op and r.get("rate") is not None]
-        shapes = list(dict.fromkeys(shape_label(r["shape"]) for r in rows))
+        chars = max(18, 110 // max(1, len({str(r["shape"]) for r in rows})))  # characters per label line
+        shapes = list(dict.fromkeys(shape_label(r["shape"], chars) for r in rows))
         backends = list(dict.fromkeys(r["backend"] for r in rows))
         width = 0.8 / max(1, len(backends))
         for b, backend in enumerate(backends):
             for s, shape in enumerate(shapes):
-                match = [r for r in rows if r["backend"] == backend and shape_label(r["shape"]) == shape]
+                match = [r for r in rows if r["backend"] == backend and shape_label(r["shape"], chars) == shape]
                 if not match:
                     continue
                 row = match[0]
@@ -109,13 +113,13 @@ def plot_bench(bench: dict, path: str, title: str) -> str:
         # Headroom above the tallest bar, so its ratio label stays clear of the panel title.
         ax.set_ylim(top=ax.get_ylim()[1] * 1.15)
         ax.set_xticks(range(len(shapes)))
-        ax.set_xticklabels(shapes, fontsize=7, rotation=10)
+        ax.set_xticklabels(shapes, fontsize=7)
         units = {r.get("unit", "") for r in rows}
         ax.set_ylabel(" / ".join(sorted(u for u in units if u)) or "rate")
         ax.set_title(op, fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: {bench.get('device', '')} (commit {bench.get('commit', '?')})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the first panel's title clear
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
