@@ -20,6 +20,7 @@ _KERNEL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "
 
 
 def check_pooling_mode(pooling_mode: str) -> None:
+    """Raise ValueError unless `pooling_mode` is one of POOLING_MODES."""
     if pooling_mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling_mode {pooling_mode!r}; choose one of {', '.join(POOLING_MODES)}.")
 
@@ -34,6 +35,7 @@ def check_positive_int(name: str, value) -> None:
 
 
 def kernel_mode(pooling_mode: str) -> str:
+    """The pooling kernel's mode ("mean", "weighted_mean", "last" or "first") for one of POOLING_MODES."""
     return _KERNEL_MODE[pooling_mode]
 
 
@@ -69,9 +71,11 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
+        """T, the number of tokens in the batch (a packed batch has no padding)."""
         return int(self.input_ids.numel())
 
     def to(self, device) -> "PackedBatch":
+        """The batch with every tensor moved to `device`."""
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
                            self.max_seqlen, self.pool_starts.to(device), self.pool_ends.to(device))
 
@@ -87,14 +91,21 @@ class PaddedBatch:
 
     @property
     def num_tokens(self) -> int:
+        """The number of real (not padding) tokens: the sum of attention_mask."""
         return int(self.attention_mask.sum())
 
     def to(self, device) -> "PaddedBatch":
+        """The batch with every tensor moved to `device`."""
         return PaddedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.pool_starts.to(device),
                            self.pool_ends.to(device))
 
 
 def pack(rows: list[TokenizedRow], ranges: list[tuple[int, int]]) -> PackedBatch:
+    """Concatenate `rows` into one PackedBatch.
+
+    ranges: each row's row-relative [start, end) pooling range (from `pooling_range`); the batch holds them as
+    offsets into the packed [T] tokens.
+    """
     lengths = [len(row) for row in rows]
     offsets = [0]
     for n in lengths:
@@ -108,6 +119,11 @@ def pack(rows: list[TokenizedRow], ranges: list[tuple[int, int]]) -> PackedBatch
 
 
 def pad(rows: list[TokenizedRow], ranges: list[tuple[int, int]], pad_id: int) -> PaddedBatch:
+    """Right-pad `rows` (at least one) with `pad_id` into a PaddedBatch [B, S], S the longest row's length.
+
+    ranges: each row's row-relative [start, end) pooling range (from `pooling_range`); the batch holds them as
+    offsets into the flattened [B * S] rows.
+    """
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)

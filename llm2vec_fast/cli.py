@@ -56,6 +56,7 @@ def silence_progress_bars() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `llm2vec-fast` argument parser, with the subcommands of every module in COMMANDS."""
     parser = argparse.ArgumentParser(prog=PROG, description="Decoder LLMs as text encoders (LLM2Vec), fast.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default: sys.argv[1:]) and return its exit status.
+
+    A UserError is printed as one line without a traceback (status 1); Ctrl-C gives status 130.
+    """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -34,6 +34,7 @@ FINGERPRINT_VERSION = 2
 
 
 def register(subparsers) -> None:
+    """Add the `encode` subcommand's parser to `subparsers` (what `add_subparsers` returned)."""
     parser = subparsers.add_parser(
         "encode", help="embed a text or JSON-lines corpus into .npy shards (resumable, multi-process)",
         formatter_class=DefaultsHelpFormatter,
@@ -88,6 +89,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    """Embed args.input into .npy shards under args.output and return the exit status 0.
+
+    Under torchrun this rank encodes its own shards and rank 0 writes the manifest; an interrupted run resumes, a
+    complete one is left as it is. Bad input, bad options or a changed input raise UserError.
+    """
     if args.no_progress:
         silence_progress_bars()
     if args.output == "-":

@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
+    """Add the `eval` subcommand's parser, with its `similarity` and `probe` subcommands, to `subparsers`."""
     parser = subparsers.add_parser("eval", help="evaluate an encoder (similarity correlations, word-level probe)",
                                    description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
@@ -88,6 +89,10 @@ def _model_arguments(parser) -> None:
 
 
 def load_encoder(args):
+    """The LLM2Vec encoder that args name (--model, --peft-model, --causal, --dtype, --pooling, --max-length).
+
+    A model that cannot be loaded raises UserError.
+    """
     if args.no_progress:
         silence_progress_bars()  # before loading: transformers draws its "Loading weights" bar there
     import torch
@@ -120,6 +125,11 @@ def _write(path: str | None, payload: dict) -> None:
 
 
 def run_similarity(args: argparse.Namespace) -> int:
+    """Run `eval similarity` and return the exit status 0.
+
+    Correlates cosine similarity with the human scores of each pair set (the --data files, the --builtin sets,
+    Lee et al. when neither is given), prints the table and writes it as JSON to --output when given.
+    """
     from .evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
         read_pairs
 
@@ -149,6 +159,11 @@ def run_similarity(args: argparse.Namespace) -> int:
 
 
 def run_probe(args: argparse.Namespace) -> int:
+    """Run `eval probe` and return the exit status 0.
+
+    Trains a word-level linear probe on the labels of one column of args.train, scores it on every --eval file,
+    prints the results and writes them as JSON to --output when given.
+    """
     from .evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
     from .evaluation.probe import run_probe as probe
 

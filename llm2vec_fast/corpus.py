@@ -71,15 +71,19 @@ class InputSpec:
 
     @property
     def name(self) -> str:
+        """The input's name in messages: its path, or "<stdin>"."""
         return "<stdin>" if self.path == STDIN else self.path
 
     @property
     def is_stdin(self) -> bool:
+        """True when the input is standard input (path "-")."""
         return self.path == STDIN
 
 
 @dataclass(frozen=True)
 class BadLine:
+    """An input line that cannot be encoded: its line number (from 1) and the reason."""
+
     line: int
     reason: str
 
@@ -92,6 +96,7 @@ class OverlongLine:
     limit: int
 
     def digest_bytes(self) -> bytes:
+        """The bytes that stand for this line in its shard's sha256: a marker and the line's size."""
         # What a shard's hash covers in place of the line's content, which was never kept.
         return f"\0overlong line of {self.size} bytes".encode()
 
@@ -125,6 +130,7 @@ class Scan:
     bad: list[BadLine]
 
     def valid_lines_per_shard(self, shard_size: int) -> list[int]:
+        """The number of valid (not bad) lines in each shard of `shard_size` input lines, in shard order."""
         counts = [min(shard_size, self.num_lines - k * shard_size) for k in range(-(-self.num_lines // shard_size))]
         for b in self.bad:
             counts[(b.line - 1) // shard_size] -= 1
@@ -144,6 +150,7 @@ def resolve_format(path: str, requested: str) -> str:
 
 
 def check_input(path: str) -> None:
+    """Raise UserError unless `path` is "-" (stdin) or a readable file that exists and is not a directory."""
     if path == STDIN:
         return
     if not os.path.exists(path):
@@ -167,6 +174,7 @@ def input_identity(spec: InputSpec) -> dict:
 
 @contextmanager
 def open_input(spec: InputSpec):
+    """Context manager: the input as a binary stream, the file at spec.path (closed afterwards) or stdin's buffer."""
     if spec.is_stdin:
         yield sys.stdin.buffer
     else:
@@ -327,6 +335,7 @@ def parse_line(raw: bytes | OverlongLine, spec: InputSpec) -> tuple[str, str]:
 
 
 def parse_shard(raw: RawShard, spec: InputSpec) -> ParsedShard:
+    """The ParsedShard of `raw`: (instruction, text) and line number of each valid line, a BadLine per other line."""
     parsed = ParsedShard(raw.index, raw.sha256, [], [], [])
     for number, line in raw.lines:
         try:
@@ -361,6 +370,7 @@ def describe_bad_lines(name: str, bad: list[BadLine], limit: int = 10) -> str:
 
 
 def bad_lines_error(name: str, bad: list[BadLine]) -> UserError:
+    """The UserError for `bad` (at least one) lines of input `name`: the first, the count, the fix and a list."""
     first = bad[0]
     return UserError(
         f"{name}:{first.line}: {first.reason}; {len(bad)} bad line(s) in total, nothing was encoded from them. Fix "

@@ -94,6 +94,7 @@ def silu_mul(gate, up):
 
 
 def silu_mul_reference(gate, up):
+    """silu(gate) * up in plain PyTorch, the reference for `silu_mul`; gate, up [..., I]."""
     return F.silu(gate) * up
 
 

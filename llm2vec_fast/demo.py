@@ -31,6 +31,11 @@ PASSAGES = [
 
 
 def main(argv=None) -> int:
+    """Run the demo and return 0; argv: its arguments (default: sys.argv[1:]).
+
+    Loads --model and prints the cosine similarities of sample sentences (paraphrase pairs among unrelated
+    ones), a small retrieval with an instruction on the query side and the encode throughput.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="model directory or the embedded default's name")
     # float32 by default: on CPUs without AMX, bf16 matmuls are no faster and round the untrained model's embeddings.

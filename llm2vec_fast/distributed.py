@@ -19,16 +19,23 @@ BARRIER_TIMEOUT = datetime.timedelta(days=7)
 
 @dataclass(frozen=True)
 class Ranks:
+    """This process's place in a launch: rank of world_size processes, local_rank its index on its node."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
+        """True for rank 0, which prepares the output and reports."""
         return self.rank == 0
 
     @classmethod
     def from_env(cls) -> "Ranks":
+        """The ranks that torchrun set in RANK, WORLD_SIZE and LOCAL_RANK (default: one process).
+
+        LOCAL_RANK defaults to RANK; a RANK outside WORLD_SIZE raises ValueError.
+        """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -59,6 +66,7 @@ class ProcessGroup:
         return self
 
     def barrier(self) -> None:
+        """Wait until every rank has reached this barrier (a no-op for a single process)."""
         if self.active:
             import torch.distributed as dist
 

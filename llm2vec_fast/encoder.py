@@ -195,6 +195,8 @@ class LLM2Vec(nn.Module):
         return "packed" if is_bidirectional(self.model) else "padded"
 
     def make_batch(self, rows: list[TokenizedRow]) -> PackedBatch | PaddedBatch:
+        """The model batch of tokenized `rows` with their pooling ranges: a PackedBatch for a bidirectional model
+        (or engine="packed"), else a PaddedBatch."""
         ranges = self._ranges(rows)
         if self._resolved_engine() == "packed":
             return pack(rows, ranges)

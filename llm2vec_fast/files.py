@@ -35,6 +35,7 @@ _DIR_MODE = 0o777 & ~_umask()
 
 
 def temp_prefix(name: str) -> str:
+    """The prefix of the temporary files that stand for `name` while it is written: ".NAME.tmp-"."""
     return f".{name}{TEMP_MARK}"
 
 
@@ -171,6 +172,7 @@ def is_plain_name(name) -> bool:
 
 
 def fsync_directory(directory: str) -> None:
+    """fsync `directory` ("" for the current one) so that the renames in it reach the disk."""
     # The rename itself must reach the disk, or a power cut could forget a file that a later step relies on.
     fd = os.open(directory or ".", os.O_RDONLY)
     try:
@@ -180,6 +182,7 @@ def fsync_directory(directory: str) -> None:
 
 
 def remove_if_present(path: str) -> None:
+    """Remove the file `path`; a file that does not exist is no error."""
     try:
         os.remove(path)
     except FileNotFoundError:

@@ -116,14 +116,17 @@ def _not_cached_message(name: str, what: str, cache_dir, revision: str | None) -
 
 
 def has_weights(directory: str) -> bool:
+    """True when `directory` holds a weights file (one of WEIGHT_FILES)."""
     return any(os.path.isfile(os.path.join(directory, f)) for f in WEIGHT_FILES)
 
 
 def is_adapter_directory(directory: str) -> bool:
+    """True when `directory` holds a PEFT adapter (an adapter_config.json)."""
     return os.path.isfile(os.path.join(directory, ADAPTER_CONFIG))
 
 
 def check_model_directory(directory: str) -> None:
+    """Raise FileNotFoundError unless `directory` has a config.json and weights or an adapter."""
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(
             f"{directory!r} has no config.json, so it is not a model directory. Pass the directory that "
@@ -148,10 +151,12 @@ def read_json_object(path: str) -> dict:
 
 
 def read_adapter_config(adapter_dir: str) -> dict:
+    """The adapter_config.json of `adapter_dir`, as a dict (ValueError if it is not a JSON object)."""
     return read_json_object(os.path.join(adapter_dir, ADAPTER_CONFIG))
 
 
 def adapter_base_name(adapter_dir: str) -> str | None:
+    """The base model that the adapter in `adapter_dir` names (base_model_name_or_path), or None."""
     return read_adapter_config(adapter_dir).get("base_model_name_or_path")
 
 

@@ -58,6 +58,7 @@ AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def check_supported(config) -> None:
+    """Raise ValueError unless the model `config`'s model_type is one of SUPPORTED_MODEL_TYPES."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -99,6 +100,7 @@ def patch(model, bidirectional: bool = True):
 
 
 def is_bidirectional(model) -> bool:
+    """True when `patch` made `model` (the decoder inside it) bidirectional."""
     return getattr(base_model(model), "_llm2vec_fast_bidirectional", False)
 
 

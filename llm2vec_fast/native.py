@@ -70,10 +70,12 @@ def source() -> str | None:
 
 
 def has_op(name: str) -> bool:
+    """True when the native library is loaded and has the op ``torch.ops.llm2vec_fast.<name>``."""
     return load() is not None and hasattr(torch.ops.llm2vec_fast, name)
 
 
 def build_directory() -> str:
+    """The JIT build's cached directory, keyed on the torch version and the CPU: ``<cache>/build/torch<v>-<cpu>``."""
     from .default_model import cache_root
 
     return os.path.join(cache_root(), "build", f"torch{torch.__version__.replace('+', '_')}-{_cpu_tag()}")

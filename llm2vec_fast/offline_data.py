@@ -16,6 +16,7 @@ _WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.b
 
 
 def gensim_test_data_dir() -> str:
+    """The directory of the gensim package's test data; RuntimeError when gensim is not installed."""
     try:
         from gensim.test.utils import datapath
     except ImportError:
@@ -47,6 +48,7 @@ def wikipedia_sentences(min_words: int = 5, max_words: int = 60) -> tuple[str, .
 
 @functools.lru_cache(maxsize=None)
 def lee_background_documents() -> tuple[str, ...]:
+    """The documents of Lee et al. (2005)'s background corpus: the non-empty lines of lee_background.cor."""
     with open(os.path.join(gensim_test_data_dir(), "lee_background.cor"), encoding="latin-1") as f:
         return tuple(line.strip() for line in f if line.strip())
 

@@ -27,6 +27,9 @@ _END = object()
 
 @dataclass
 class PreparedShard:
+    """A shard ready to encode: its parsed lines, their tokenized rows, and the first and last input line numbers
+    it spans."""
+
     parsed: ParsedShard
     rows: list[TokenizedRow]
     first_line: int
@@ -34,6 +37,7 @@ class PreparedShard:
 
     @property
     def index(self) -> int:
+        """The shard's index in the input."""
         return self.parsed.index
 
 
@@ -53,6 +57,7 @@ class ShardSource:
         self.num_lines: int | None = None
 
     def owns(self, index: int) -> bool:
+        """True when shard `index` is this rank's to encode."""
         # Round robin: every rank gets shards spread over the whole input, so the ranks finish together.
         return index % self.world_size == self.rank
 
@@ -141,15 +146,19 @@ def token_slices(lengths: list[int], tokens_per_slice: int) -> list[tuple[int, i
 
 @dataclass
 class Throughput:
+    """The texts and tokens encoded since `started` (a time.perf_counter reading)."""
+
     texts: int = 0
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     @property
     def seconds(self) -> float:
+        """Seconds since `started` (at least 1e-9, so a rate never divides by zero)."""
         return max(time.perf_counter() - self.started, 1e-9)
 
     def rates(self) -> str:
+        """Texts and tokens per second, as text ("1,234.5 texts/s, 56,789 tokens/s")."""
         return f"{self.texts / self.seconds:,.1f} texts/s, {self.tokens / self.seconds:,.0f} tokens/s"
 
 

@@ -56,6 +56,7 @@ TEST_KILL_ENV = "LLM2VEC_FAST_TEST_KILL_AFTER_SHARDS"
 
 
 def shard_stem(index: int) -> str:
+    """The path of shard `index`'s files in the output directory, without suffix: "shards/shard-000042"."""
     return f"{SHARD_DIR}/shard-{index:06d}"
 
 
@@ -78,12 +79,14 @@ def _write_errors(path: str):
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
+    """`array` as the bytes of a .npy file (pickled objects refused)."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
 def json_bytes(value) -> bytes:
+    """`value` as the bytes of indented JSON with sorted keys and a final newline."""
     return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
 
 
@@ -98,6 +101,7 @@ class OutputDir:
         self._kill = _parse_test_kill(os.environ.get(TEST_KILL_ENV))
 
     def file(self, name: str) -> str:
+        """The path of `name` inside the output directory."""
         return os.path.join(self.path, name)
 
     # -------------------------------------------------------------------------------------------- setup
@@ -212,6 +216,7 @@ class OutputDir:
                 os.rmdir(directory)
 
     def is_complete(self) -> bool:
+        """True when the run is finished: its manifest is written."""
         return os.path.isfile(self.file(MANIFEST))
 
     # ----------------------------------------------------------------------------------------- progress

@@ -55,6 +55,10 @@ class TokenizationReport:
     characters_cut: int = 0
 
     def warn(self, max_length: int, doc_max_length: int) -> None:
+        """Warn once for each kind of change counted here, saying how to avoid it.
+
+        max_length, doc_max_length: the encoder's limits, which the messages name.
+        """
         if self.characters_cut:
             warnings.warn(
                 f"{self.characters_cut} input(s) had an instruction or text so long that only its first characters "

@@ -38,6 +38,8 @@ class ConllDataError(ValueError):
 
 @dataclass
 class Sentence:
+    """One CoNLL sentence: its words and one label per word."""
+
     words: list[str]
     labels: list[str]
 
@@ -131,6 +133,7 @@ class WordFeatures:
 
     @property
     def num_kept(self) -> int:
+        """N, the number of words that have a feature row."""
         return sum(len(k) for k in self.kept)
 
 
@@ -259,6 +262,7 @@ class Standardize(torch.nn.Module):
         self.register_buffer("std", features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones_like(features[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] standardised with the training features' per-feature mean and std."""
         return (x - self.mean) / self.std
 
 

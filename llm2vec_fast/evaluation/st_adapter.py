@@ -62,6 +62,7 @@ class LLM2VecModule(InputModule):
 
     @property
     def max_seq_length(self) -> int:
+        """The encoder's max_length: tokens per input, instruction included (setting it sets the encoder's)."""
         return self.encoder.max_length
 
     @max_seq_length.setter
@@ -70,9 +71,11 @@ class LLM2VecModule(InputModule):
 
     @property
     def tokenizer(self):
+        """The encoder's Hugging Face tokenizer."""
         return self.encoder.tokenizer
 
     def get_embedding_dimension(self) -> int:
+        """H, the size of a sentence embedding (the model's hidden size)."""
         return self.encoder.config.hidden_size
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, Any]:
@@ -94,6 +97,11 @@ class LLM2VecModule(InputModule):
                 "pool_starts": batch.pool_starts, "pool_ends": batch.pool_ends}
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        """Embed the batch that `preprocess` made; returns `features` with "sentence_embedding" [B, H] float32 added.
+
+        Also adds "token_embeddings" [B, L, H] float32, each text's pooled tokens right-padded, with their
+        "attention_mask" [B, L] (which replaces the model's).
+        """
         if "cu_seqlens" in features:
             batch = PackedBatch(features["input_ids"], features["position_ids"], features["cu_seqlens"],
                                 int(features["max_seqlen"]), features["pool_starts"], features["pool_ends"])
@@ -107,6 +115,7 @@ class LLM2VecModule(InputModule):
         return features
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """Save the encoder (`LLM2Vec.save`) and this module's config to `output_path`; other arguments are ignored."""
         self.encoder.save(output_path)
         self.save_config(output_path)
 

@@ -49,6 +49,7 @@ TEST_KILL_ENV = "LLM2VEC_FAST_TEST_KILL_CHECKPOINT"
 
 
 def step_directory(checkpoints: str, step: int) -> str:
+    """The directory of checkpoint `step` inside `checkpoints`."""
     return os.path.join(checkpoints, f"step-{step}")
 
 

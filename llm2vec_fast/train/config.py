@@ -30,6 +30,8 @@ class ConfigWarning(UserWarning):
 
 @dataclass
 class TrainConfig:
+    """Every training option: those of all stages, then MNTP's, then those of SimCSE and supervised training."""
+
     # shared
     model: str = "smollm2-135m"
     data: str = ""
@@ -89,6 +91,8 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
+        """Raise ValueError for an option out of range, an unknown dtype, no data or output, or a log_file that is
+        not a plain file name."""
         positive = ("steps", "batch_size", "block_size", "max_length", "lora_r", "save_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -108,6 +112,7 @@ class TrainConfig:
             raise ValueError(f"log_file must be a file name inside --output, got {self.log_file!r}")
 
     def to_dict(self) -> dict:
+        """The options as a dict, field name -> value."""
         return dataclasses.asdict(self)
 
 

@@ -41,6 +41,7 @@ class RNGState:
         self.device = device
 
     def restore(self) -> None:
+        """Set the generators back to this snapshot."""
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
@@ -96,6 +97,7 @@ class ContrastiveStage:
     num_examples: int
 
     def example_rows(self, indices):
+        """The tokenized rows of examples `indices` as (queries, positives, negatives); subclasses implement it."""
         raise NotImplementedError
 
     def check_examples(self, what: str) -> None:
@@ -113,6 +115,7 @@ class ContrastiveStage:
         check_batch_fits(self.num_examples, what, self.config)
 
     def batch_for_step(self, step: int) -> list[int]:
+        """This rank's example indices for step `step` (`loop.batch_indices`)."""
         from .loop import batch_indices
 
         return batch_indices(self.num_examples, self.config.batch_size, step, self.config.seed)
@@ -133,6 +136,10 @@ class ContrastiveStage:
         return info_nce(queries, documents, self.config.scale, offset)
 
     def step(self, step: int) -> tuple[float, int]:
+        """Forward and backward of step `step`'s InfoNCE loss; returns (loss, tokens embedded).
+
+        With config.gradcache_chunk set, the batch goes through GradCache in chunks of that many examples.
+        """
         indices = self.batch_for_step(step)
         self._tokens = 0
         chunk = self.config.gradcache_chunk
@@ -157,6 +164,7 @@ class ContrastiveStage:
         return loss, self._tokens
 
     def save(self, directory: str) -> None:
+        """Write the adapter, the tokenizer and llm2vec_config.json into `directory`, loadable by llm2vec 0.2.3 too."""
         import json
         import os
 

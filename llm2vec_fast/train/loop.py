@@ -84,6 +84,7 @@ def distributed_context() -> tuple[int, int]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators with `seed`."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -31,9 +31,11 @@ class MNTPBatch:
 
     @property
     def num_tokens(self) -> int:
+        """T, the number of tokens in the batch."""
         return int(self.input_ids.numel())
 
     def to(self, device) -> "MNTPBatch":
+        """The batch with every tensor moved to `device`."""
         return MNTPBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
                          self.max_seqlen, self.score_rows.to(device), self.targets.to(device))
 
@@ -139,6 +141,8 @@ class MNTPStage:
         check_batch_fits(len(self.blocks), f"blocks of up to {config.block_size} tokens", config)
 
     def batch(self, step: int) -> MNTPBatch:
+        """The masked, packed batch of step `step` (on the CPU): this rank's blocks, each masked by its own seeded
+        generator."""
         from .loop import batch_indices, example_generator
 
         indices = batch_indices(len(self.blocks), self.config.batch_size, step, self.config.seed)
@@ -146,6 +150,8 @@ class MNTPStage:
                              [example_generator(self.config.seed, step, i) for i in indices])
 
     def step(self, step: int) -> tuple[float, int]:
+        """Forward and backward of step `step`'s MNTP loss, weighted by this rank's share of the scored tokens;
+        returns (weighted loss, tokens in the batch)."""
         batch = self.batch(step).to(self.device)
         loss = mntp_loss(self.model, self.lm_head_weight, batch)
         # Under torchrun the loop averages gradients over ranks; weighting each rank's mean by its share of the

@@ -10,6 +10,7 @@ from .config import TrainConfig
 
 
 def lora_config(config: TrainConfig):
+    """The peft LoraConfig for `config`: rank, alpha, dropout and target modules; biases not trained."""
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

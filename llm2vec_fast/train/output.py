@@ -55,6 +55,7 @@ def check_output(config, resume: bool, overwrite: bool) -> None:
 
 
 def holds_run(output: str) -> bool:
+    """True when `output` holds a training run: its RUN_CONFIG file or its checkpoints directory."""
     return os.path.isfile(os.path.join(output, RUN_CONFIG)) or os.path.isdir(os.path.join(output, CHECKPOINTS))
 
 

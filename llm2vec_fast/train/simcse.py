@@ -25,6 +25,8 @@ def load_encoder(config: TrainConfig) -> LLM2Vec:
 
 
 class SimCSEStage(ContrastiveStage):
+    """Unsupervised SimCSE on the texts of config.data: a text's positive is itself under other dropout masks."""
+
     name = "simcse"
 
     def __init__(self, config: TrainConfig, encoder: LLM2Vec | None = None):
@@ -36,5 +38,6 @@ class SimCSEStage(ContrastiveStage):
         self.check_examples("texts")
 
     def example_rows(self, indices):
+        """The rows of texts `indices` as queries, the same rows as positives, and no negatives."""
         rows = [self.rows[i] for i in indices]
         return rows, list(rows), []

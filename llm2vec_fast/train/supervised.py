@@ -18,6 +18,8 @@ from .simcse import load_encoder
 
 
 class SupervisedStage(ContrastiveStage):
+    """Supervised contrastive training on the (query, positive, negatives) examples of config.data."""
+
     name = "supervised"
 
     def __init__(self, config: TrainConfig, encoder: LLM2Vec | None = None):
@@ -61,6 +63,7 @@ class SupervisedStage(ContrastiveStage):
         return batches
 
     def batch_for_step(self, step: int) -> list[int]:
+        """This rank's slice of batch `step`: one dataset's batch, the batches shuffled anew (seeded) each epoch."""
         epoch, position = divmod(step, len(self.batches))
         order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.config.seed + epoch))
         rank, _ = distributed_context()
@@ -68,6 +71,7 @@ class SupervisedStage(ContrastiveStage):
         return self.batches[order[position]][rank * size:(rank + 1) * size]
 
     def example_rows(self, indices):
+        """The query rows, positive rows and all hard-negative rows of examples `indices`."""
         queries = [self.query_rows[i] for i in indices]
         positives = [self.positive_rows[i] for i in indices]
         negatives = [row for i in indices for row in self.negative_rows[i]]
