@@ -340,13 +340,25 @@ def _check_inputs(q, k, v, cu_seqlens):
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype, or run "
+                         "under torch.autocast, which casts them to its dtype as it does for SDPA")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"Hq={q.shape[1]} is not a multiple of Hkv={k.shape[1]}")
     if q.shape[2] > 256:
         raise ValueError(f"head dim {q.shape[2]} > 256 is not supported")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError("cu_seqlens must be a 1-D int32 tensor [B+1]")
+
+
+def _autocast_inputs(q, k, v):
+    """q, k, v as SDPA receives them: while torch.autocast is on for their device, every floating tensor but
+    float64 is cast to the autocast dtype (fp32 weights with bf16 autocast leave rotated q/k in fp32 and v in
+    bf16); otherwise they are unchanged, and mixed dtypes are refused, as SDPA refuses them."""
+    device_type = q.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
 
 
 def _lastdim_contiguous(x):
@@ -527,8 +539,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropou
     softmax_scale: default 1/sqrt(D). dropout_p: probability of dropping an attention probability (train only).
     deterministic: accepted for API compatibility; the Triton backward is always deterministic (no atomics).
     force_triton: run the Triton kernels on CPU tensors too (Triton interpreter, for tests).
-    Returns out [T, Hq, D] in q's dtype; differentiable w.r.t. q, k, v.
+    Under torch.autocast, q, k, v are first cast to the autocast dtype as SDPA casts them (float64 excepted).
+    Returns out [T, Hq, D] in q's dtype (the autocast dtype under autocast); differentiable w.r.t. q, k, v.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     _check_inputs(q, k, v, cu_seqlens)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")

@@ -1,5 +1,6 @@
 """Varlen bidirectional attention: Triton kernels (through the interpreter on CPU) and the CPU path, against the
-naive per-sequence reference in float64, forward and every gradient."""
+naive per-sequence reference in float64, forward and every gradient, in fp32, fp16 and bf16. bf16 runs the full
+parametrisation (about 10 s more; conftest's ``interpreter_bf16`` makes the interpreter's bf16 match the GPU's)."""
 
 import math
 
@@ -15,7 +16,7 @@ from llm2vec_fast.kernels.attention import (
     varlen_attention_dropout_mask,
 )
 
-FP = {"fp32": torch.float32, "fp16": torch.float16}
+FP = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (lengths, Hq, Hkv, D): odd lengths, GQA ratios 1/3/4, head dims 64/128 and odd ones, an empty entry.
 SHAPES = [
@@ -194,6 +195,38 @@ def test_cpu_path_dropout():
     for x, y in zip(a, b):
         assert torch.equal(x, y) and torch.isfinite(x).all()
     assert not torch.allclose(a[0], c[0])
+
+
+@pytest.mark.parametrize("force_triton", [True, False], ids=["triton", "cpu"])
+def test_autocast_mixed_dtypes_compute_in_autocast_dtype(check, force_triton):
+    # fp32 weights under bf16 autocast: the projections give bf16, rotary embeddings promote q and k back to fp32.
+    # SDPA casts all three to bf16 there; so do we, and each gradient comes back in its input's dtype.
+    lengths = [5, 0, 40, 1, 23]
+    q, k, v, do, cu = make_inputs(lengths, 6, 2, 64, torch.float32)
+    v = v.bfloat16()
+
+    def autocast_attention(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return varlen_attention(q, k, v, cu, 40, force_triton=force_triton)
+
+    got = run(autocast_attention, q, k, v, do)
+    assert [x.dtype for x in got] == [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16]
+    q, k = q.bfloat16(), k.bfloat16()
+    same = run(lambda q, k, v: varlen_attention(q, k, v, cu, 40, force_triton=force_triton), q, k, v, do)
+    for a, b in zip(got, same):
+        assert torch.equal(a, b.to(a.dtype))
+    check_all(check, got, q, k, v, do, cu, torch.bfloat16)
+
+
+def test_mixed_dtypes_outside_autocast_are_refused_like_sdpa():
+    q, k, v, _, cu = make_inputs([9, 4], 2, 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="dtypes differ.*autocast"):
+        varlen_attention(q, k, v.bfloat16(), cu, 9)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v.bfloat16()[None])
+    # Autocast leaves float64 alone (as it does for SDPA): all-float64 inputs stay float64.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert varlen_attention(q.double(), k.double(), v.double(), cu, 9).dtype == torch.float64
 
 
 def test_bad_arguments():

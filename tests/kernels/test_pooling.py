@@ -1,5 +1,5 @@
 """Segment pooling: Triton kernels (through the interpreter on CPU) and the CPU path against the naive loop in
-float64, forward and input gradient."""
+float64, forward and input gradient, in fp32, fp16 and bf16 (every case in each)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from llm2vec_fast.kernels import pooling
 from llm2vec_fast.kernels.pooling import POOLING_MODES, naive_segment_pool, segment_pool
 
-FP = {"fp32": torch.float32, "fp16": torch.float16}
+FP = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # (T, H, ranges): odd sizes, an empty range, a range of one row, overlapping and repeated ranges, uncovered rows.
 CASES = {
