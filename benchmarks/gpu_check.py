@@ -1,16 +1,22 @@
 """One-shot GPU check: correctness at real sizes, then benchmarks, in well under 8 minutes on an H200.
 
-    python benchmarks/gpu_check.py --out $OUT/gpu_check.json [--sections kernels] [--cpu-smoke]
+    python benchmarks/gpu_check.py --out $OUT/gpu_check.json [--sections attention,pooling] [--budget-s 480]
+    python benchmarks/gpu_check.py --cpu-smoke --out /tmp/gpu_check.json
 
-Sections run in order and each returns its rows; a failed correctness check makes the exit status 1. The
-``kernels`` section checks the Triton attention (forward, dQ/dK/dV; GQA; varlen with empty and length-1
-entries; head dims 64/80/128/256; an 8k sequence; dropout determinism, rate, and gradients against the naive
-reference with the identical mask) and pooling in bf16/fp16 against float64 references, sweeps a few attention
-tilings, then runs the kernel benchmark (``bench_kernels.run_gpu(quick=True)``) and reports the targets.
-``--cpu-smoke`` runs the same code at toy sizes on the CPU (Triton interpreter) to prove the script works.
+Sections run in order of value (``SECTIONS``), each in isolation: one that raises is recorded as failed with its
+traceback and the next one runs. The results file is rewritten (temp file + rename) after every check, every
+benchmark row and every section, so a lease that ends mid-run keeps everything measured so far. ``--budget-s``
+is a wall-clock budget: once it is spent, the sections not yet started are recorded as skipped. The correctness
+sections check the Triton attention (forward, dQ/dK/dV; GQA; varlen with empty and length-1 entries; head dims
+64/80/128/256; an 8k sequence; re-run bitwise), its dropout (gradients against the naive reference with the
+identical mask, determinism, rate) and pooling, in bf16/fp16 against float64 references. ``kernel_bench`` times
+attention and pooling (``bench_kernels.run_gpu(quick=True)``; every row checks its own output and refuses a
+speed when that fails) and reports the targets; ``attention_sweep`` times a few tilings, only once the
+``attention`` section has passed. ``kernels`` names all five kernel sections. A failed check or section makes
+the exit status 1. ``--cpu-smoke`` runs the same code at toy sizes on the CPU (Triton interpreter).
 
-To add a section (encode, train): write ``def my_section(ctx) -> list[dict]`` and register it in SECTIONS; use
-``ctx.check(...)`` for pass/fail rows and ``ctx.bench`` (a harness.Bench) for timings.
+To add a section: write ``def my_section(ctx) -> dict`` and register it in SECTIONS; use ``ctx.check(...)`` for
+pass/fail rows, ``ctx.bench`` (a harness.Bench) for timings, and raise ``SectionSkipped`` to skip with a reason.
 """
 
 import argparse
@@ -47,18 +53,68 @@ TARGET_FWDBWD_TFLOPS = 300.0
 TARGET_POOL_GBS = 0.8 * 4300.0
 
 
+class SectionSkipped(Exception):
+    """Raised by a section that cannot run meaningfully (its reason is recorded)."""
+
+
+class SavingBench(Bench):
+    """A harness.Bench that saves the results file after every row it measures."""
+
+    def __init__(self, device, on_row, **kwargs):
+        super().__init__(device, **kwargs)
+        self.on_row = on_row
+
+    def run(self, *args, **kwargs):
+        row = super().run(*args, **kwargs)
+        self.on_row()
+        return row
+
+
 class Context:
-    def __init__(self, device, smoke):
+    """What the sections share: the device, the checks and benchmark rows so far, each section's status, and the
+    results file, rewritten atomically by ``save`` whenever one of them changes."""
+
+    def __init__(self, device, smoke, out=None, budget_s=None):
         self.device = torch.device(device)
         self.smoke = smoke
+        self.out = out
+        self.budget_s = budget_s
+        self.t0 = time.time()
         self.checks = []
-        self.bench = Bench(self.device, repeats=20 if not smoke else 2, max_seconds=3.0)
+        self.sections = {}  # name -> dict(status=pending|running|ok|failed|skipped, seconds, summary, error)
+        self.current = None
+        self.bench = SavingBench(self.device, self.save, repeats=20 if not smoke else 2, max_seconds=3.0)
 
     def check(self, name, ok, **info):
-        row = dict(check=name, ok=bool(ok), **info)
+        row = dict(check=name, ok=bool(ok), section=self.current, **info)
         self.checks.append(row)
         print(f"[{'PASS' if ok else 'FAIL'}] {name} " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+        self.save()
         return row
+
+    def passed(self, section):
+        """True when ``section`` ran to its end in this run with no failed check."""
+        return (self.sections.get(section, {}).get("status") == "ok"
+                and all(c["ok"] for c in self.checks if c["section"] == section))
+
+    def failed(self):
+        """Failed checks, benchmark rows whose correctness check failed, and sections that raised."""
+        return ([c for c in self.checks if not c["ok"]] + self.bench.failures()
+                + [dict(section=n) for n, s in self.sections.items() if s["status"] == "failed"])
+
+    def results(self):
+        return dict(device=self.bench.device_name, commit=self.bench.commit, torch=torch.__version__,
+                    seconds=time.time() - self.t0, budget_s=self.budget_s, sections=self.sections,
+                    checks=self.checks, bench=self.bench.rows, failed=len(self.failed()))
+
+    def save(self):
+        if not self.out:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
+        tmp = f"{self.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results(), f, indent=1, default=str)
+        os.replace(tmp, self.out)
 
 
 def _rel_rule(ctx, name, got, ref64, reflp, dtype):
@@ -150,37 +206,6 @@ def check_pooling(ctx, dtype):
             _rel_rule(ctx, f"pool {mode} T{T}-H{H}-{str(dtype)[6:]} {name}", a, r64, rlp, dtype)
 
 
-def sweep_attention_tilings(ctx):
-    """Time a few forward / backward tilings at S=4096, D=128, bf16 so the defaults can be revisited."""
-    if ctx.smoke:
-        return
-    candidates = [
-        dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3),
-        dict(fwd_bm=128, fwd_bn=128, fwd_warps=8, fwd_stages=2),
-        dict(fwd_bm=128, fwd_bn=64, fwd_warps=4, fwd_stages=4),
-        dict(fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3),
-        dict(bwd_bm=64, bwd_bn=128, dq_bm=128, dq_bn=64, bwd_warps=8, bwd_stages=2),
-        dict(bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32, bwd_warps=4, bwd_stages=3),
-        dict(bwd_bm=64, bwd_bn=64, dq_bm=64, dq_bn=64, bwd_warps=4, bwd_stages=2),
-    ]
-    lengths = [4096] * 4
-    q, k, v, cu = bench_kernels.packed_inputs(lengths, 16, 16, 128, torch.bfloat16, ctx.device, requires_grad=True)
-    do = torch.randn_like(q)
-    flops = bench_kernels.attention_flops(16, 128, lengths)
-    for cand in candidates:
-        backward = "bwd_bm" in cand
-        attn_mod.CONFIG_OVERRIDE = cand
-        try:
-            def fn():
-                out = varlen_attention(q, k, v, cu, 4096)
-                if backward:
-                    torch.autograd.grad(out, (q, k, v), do)
-            ctx.bench.run("sweep_fwdbwd" if backward else "sweep_fwd", json.dumps(cand, separators=(",", ":")),
-                          "uniform-B4-S4096-H16-D128-bf16", fn, flops=flops * (3.5 if backward else 1.0))
-        finally:
-            attn_mod.CONFIG_OVERRIDE = None
-
-
 def report_targets(ctx):
     rows = [r for r in ctx.bench.rows if r["ms"] is not None and "bfloat16" in str(r["shape"])
             and "-D128-" in str(r["shape"])]
@@ -207,11 +232,13 @@ def report_targets(ctx):
     return dict(summary=summary, met=met)
 
 
-def kernels_section(ctx):
-    dev = ctx.device
-    smoke = ctx.smoke
-    dtypes = [torch.bfloat16, torch.float16] if dev.type == "cuda" else [torch.float16]
-    if smoke:
+def _check_dtypes(ctx):
+    # The interpreter computes bf16 dots wrongly (tests/kernels/conftest.py patches it); the CPU smoke uses fp16.
+    return [torch.bfloat16, torch.float16] if ctx.device.type == "cuda" else [torch.float16]
+
+
+def attention_section(ctx):
+    if ctx.smoke:
         cases = [([1, 0, 17, 40], 4, 2, 64), ([33], 3, 1, 80)]
     else:
         cases = [
@@ -221,25 +248,71 @@ def kernels_section(ctx):
             ([300, 0, 911], 4, 1, 256),
             ([8192], 4, 1, 128),
         ]
-    for dtype in dtypes:
+    for dtype in _check_dtypes(ctx):
         for lengths, hq, hkv, d in cases:
             check_attention_case(ctx, lengths, hq, hkv, d, dtype)
-    check_attention_case(ctx, [300, 0, 1, 700] if not smoke else [20, 0, 1, 33], 6, 2, 64, dtypes[0],
+    check_rerun_bitwise(ctx, _check_dtypes(ctx)[0])
+    return {}
+
+
+def dropout_section(ctx):
+    dtype = _check_dtypes(ctx)[0]
+    check_attention_case(ctx, [300, 0, 1, 700] if not ctx.smoke else [20, 0, 1, 33], 6, 2, 64, dtype,
                          dropout_p=0.3)
-    check_dropout_determinism(ctx, dtypes[0])
-    check_rerun_bitwise(ctx, dtypes[0])
-    for dtype in dtypes:
+    check_dropout_determinism(ctx, dtype)
+    return {}
+
+
+def pooling_section(ctx):
+    for dtype in _check_dtypes(ctx):
         check_pooling(ctx, dtype)
-    if any(not c["ok"] for c in ctx.checks):
-        print("# correctness failed: skipping the kernel benchmark", flush=True)
-        return {}
-    if smoke:
+    return {}
+
+
+def kernel_bench_section(ctx):
+    """Attention against each SDPA backend and pooling in GB/s; each row refuses a speed if its check fails."""
+    if ctx.smoke:
         bench_kernels.bench_attention_cpu(ctx.bench, torch.float32, 64, 2, [40, 17, 64], backward=True)
         bench_kernels.bench_pooling(ctx.bench, torch.float32, 512, 64, 64, "mean", use_triton=True)
         return {}
-    sweep_attention_tilings(ctx)
     bench_kernels.run_gpu(ctx.bench, quick=True)
     return report_targets(ctx)
+
+
+def attention_sweep_section(ctx):
+    """Time a few forward / backward tilings at S=4096, D=128, bf16 so the defaults can be revisited. The tiling
+    rows carry no check of their own, so they need the attention section to have passed in this run."""
+    if not ctx.passed("attention"):
+        raise SectionSkipped("needs the attention section to pass in this run")
+    if ctx.smoke:
+        return {}
+    candidates = [
+        dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3),
+        dict(fwd_bm=128, fwd_bn=128, fwd_warps=8, fwd_stages=2),
+        dict(fwd_bm=128, fwd_bn=64, fwd_warps=4, fwd_stages=4),
+        dict(fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3),
+        dict(bwd_bm=64, bwd_bn=128, dq_bm=128, dq_bn=64, bwd_warps=8, bwd_stages=2),
+        dict(bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32, bwd_warps=4, bwd_stages=3),
+        dict(bwd_bm=64, bwd_bn=64, dq_bm=64, dq_bn=64, bwd_warps=4, bwd_stages=2),
+    ]
+    lengths = [4096] * 4
+    q, k, v, cu = bench_kernels.packed_inputs(lengths, 16, 16, 128, torch.bfloat16, ctx.device, requires_grad=True)
+    do = torch.randn_like(q)
+    flops = bench_kernels.attention_flops(16, 128, lengths)
+    for cand in candidates:
+        backward = "bwd_bm" in cand
+        attn_mod.CONFIG_OVERRIDE = cand
+        try:
+            def fn():
+                out = varlen_attention(q, k, v, cu, 4096)
+                if backward:
+                    torch.autograd.grad(out, (q, k, v), do)
+            ctx.bench.run("sweep_fwdbwd" if backward else "sweep_fwd", json.dumps(cand, separators=(",", ":")),
+                          "uniform-B4-S4096-H16-D128-bf16", fn, flops=flops * (3.5 if backward else 1.0))
+        finally:
+            attn_mod.CONFIG_OVERRIDE = None
+    return {}
+
 
 
 def _synthetic_texts(n, seed=0):
@@ -327,50 +400,91 @@ def train_section(ctx):
                                          str(dtype).split(".")[1])
     bench_train.add_simcse_rows(ctx.bench, stage, "smollm2-135m-shape")
     simcse = [r for r in ctx.bench.rows if r["op"] == "simcse_step"][-2:]
-    return dict(mntp_peak_memory_ratio=mntp[1]["peak_mib"] / mntp[0]["peak_mib"],
-                mntp_step_time_ratio=mntp[1]["ratio"], simcse_speedup=simcse[1]["ratio"])
+    # CPU runs measure no peak memory (0 MiB).
+    peak_ratio = mntp[1]["peak_mib"] / mntp[0]["peak_mib"] if mntp[0]["peak_mib"] else None
+    return dict(mntp_peak_memory_ratio=peak_ratio, mntp_step_time_ratio=mntp[1]["ratio"],
+                simcse_speedup=simcse[1]["ratio"])
 
 
-# Sections run in this order: name -> function(ctx) -> dict.
+# Sections run in this order (most valuable first): name -> function(ctx) -> summary dict.
 SECTIONS = {
-    "kernels": kernels_section,
+    "attention": attention_section,
+    "dropout": dropout_section,
+    "pooling": pooling_section,
+    "kernel_bench": kernel_bench_section,
+    "attention_sweep": attention_sweep_section,
     "encode": encode_section,
     "train": train_section,
 }
+# Names that stand for several sections on the command line.
+GROUPS = {"kernels": ("attention", "dropout", "pooling", "kernel_bench", "attention_sweep")}
+DEFAULT_BUDGET_S = 480.0
 
 
-def main(sections=tuple(SECTIONS), out=None, cpu_smoke=False):
+def parse_sections(text):
+    """'kernels,encode' -> ('attention', ..., 'encode') in SECTIONS order; unknown names raise ValueError."""
+    names = [n for part in text.split(",") if part for n in GROUPS.get(part, (part,))]
+    unknown = sorted(set(names) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown sections {unknown}; choose from {list(SECTIONS)} or {list(GROUPS)}")
+    return tuple(n for n in SECTIONS if n in names)
+
+
+def run_section(ctx, name):
+    """Run one section; whatever it raises is recorded (status, traceback) and does not stop the run."""
+    state = ctx.sections[name]
+    state["status"], ctx.current, t = "running", name, time.time()
+    ctx.save()
+    try:
+        state["summary"] = SECTIONS[name](ctx) or {}
+        state["status"] = "ok"
+    except SectionSkipped as exc:
+        state["status"], state["error"] = "skipped", str(exc)
+    except Exception:
+        state["status"], state["error"] = "failed", traceback.format_exc()
+        print(state["error"], file=sys.stderr, flush=True)
+    state["seconds"] = time.time() - t
+    ctx.current = None
+    ctx.save()
+    print(f"# section {name}: {state['status']}, {state['seconds']:.1f} s", flush=True)
+
+
+def main(sections=tuple(SECTIONS), out=None, cpu_smoke=False, budget_s=DEFAULT_BUDGET_S):
     if not torch.cuda.is_available() and not cpu_smoke:
         print("no GPU: run with --cpu-smoke to exercise the script on the CPU", file=sys.stderr)
         return 2
-    ctx = Context("cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu", smoke=cpu_smoke)
+    ctx = Context("cuda" if torch.cuda.is_available() and not cpu_smoke else "cpu", cpu_smoke, out, budget_s)
     print(f"# gpu_check on {ctx.bench.device_name}, torch {torch.__version__}, commit {ctx.bench.commit}", flush=True)
-    summaries, t0 = {}, time.time()
+    ctx.sections = {name: dict(status="pending", seconds=None, summary=None, error=None) for name in sections}
+    ctx.save()
     for name in sections:
-        t = time.time()
-        try:
-            summaries[name] = SECTIONS[name](ctx) or {}
-        except Exception:
-            traceback.print_exc()
-            ctx.check(f"section {name} raised", False)
-        print(f"# section {name}: {time.time() - t:.1f} s", flush=True)
+        spent = time.time() - ctx.t0
+        if budget_s is not None and spent >= budget_s:
+            ctx.sections[name].update(status="skipped", error=f"budget of {budget_s:.0f} s spent ({spent:.0f} s)")
+            ctx.save()
+            print(f"# section {name}: skipped, budget spent", flush=True)
+            continue
+        run_section(ctx, name)
     ctx.bench.print_table()
-    failed = [c for c in ctx.checks if not c["ok"]] + ctx.bench.failures()
+    failed = ctx.failed()
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(dict(device=ctx.bench.device_name, commit=ctx.bench.commit, torch=torch.__version__,
-                           seconds=time.time() - t0, sections=list(sections), summaries=summaries,
-                           checks=ctx.checks, bench=ctx.bench.rows, failed=len(failed)), f, indent=1, default=str)
         print(f"# wrote {out}")
-    print(f"# {len(ctx.checks)} checks, {len(failed)} failed, {time.time() - t0:.1f} s")
+    print(f"# {len(ctx.checks)} checks, {len(failed)} failed, {time.time() - ctx.t0:.1f} s; sections: "
+          + ", ".join(f"{n} {s['status']}" for n, s in ctx.sections.items()))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="results JSON path (e.g. $OUT/gpu_check.json)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {list(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, from {list(SECTIONS)} or {list(GROUPS)}")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help="wall-clock seconds; sections not started when it is spent are skipped (0: no budget)")
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU through the interpreter")
     args = parser.parse_args()
-    sys.exit(main(tuple(s for s in args.sections.split(",") if s), args.out, args.cpu_smoke))
+    try:
+        chosen = parse_sections(args.sections)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.exit(main(chosen, args.out, args.cpu_smoke, args.budget_s or None))
