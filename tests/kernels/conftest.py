@@ -1,4 +1,4 @@
-"""Shared helpers of the kernel tests: NaN-poisoned outputs, the interpreter's bf16 dot, and the tolerance rule."""
+"""Shared helpers of the kernel tests: NaN-poisoned outputs, GPU-faithful bf16 in the interpreter, tolerances."""
 
 import os
 
@@ -42,7 +42,8 @@ def interpreter_bf16(monkeypatch):
     (a) its ``tl.dot`` multiplies those integers (errors ~1e9): bf16 operands are upcast to fp32 here, as tensor
     cores take bf16 exactly and accumulate in fp32; (b) its fp32 -> bf16 cast truncates, which doubles the
     rounding error of every stored output and every probability fed to a dot: it rounds to nearest even here.
-    Loads, stores and elementwise bf16 are right as they are; other dtypes keep the interpreter's own code."""
+    Loads and stores are right as they are. Elementwise bf16 arithmetic is wrong too (it runs on the bit patterns,
+    errors ~1e22, so it fails loudly), and is left alone: the kernels do none, they compute in fp32 and cast."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     builder = interpreter.InterpreterBuilder
