@@ -443,6 +443,9 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scal
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
+    """Autograd of the Triton varlen attention: forward saves (q, k, v, out, lse, rng); the backward regenerates
+    the dropout masks from rng and runs the split dK/dV and dQ kernels."""
+
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
         o, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)

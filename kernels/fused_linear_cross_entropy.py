@@ -107,6 +107,9 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=DEFAUL
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd of the chunked LM head + cross-entropy: the gradients are computed during the forward pass, chunk
+    by chunk, so the full logits never exist; the backward only scales them by the incoming gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_rows, force_triton):
         loss, grad_hidden, grad_weight = fused_linear_cross_entropy_forward(

@@ -156,6 +156,7 @@ def _mode_ranges(starts, ends, mode):
 
 
 def pool_forward(hidden, starts, ends, weighted, out_dtype):
+    """Triton segment pooling: hidden [T, H], starts/ends int32 [B] -> [B, H] in out_dtype (fp32 accumulation)."""
     T, H = hidden.shape
     B = starts.numel()
     cfg = pooling_config(hidden.device, T, B, H)
@@ -171,6 +172,7 @@ def pool_forward(hidden, starts, ends, weighted, out_dtype):
 
 
 def pool_backward(dout, hidden_shape, hidden_dtype, starts, ends, weighted):
+    """Gradient of `pool_forward`: dout [B, H] -> d hidden [T, H] (zero for rows outside every range)."""
     T, H = hidden_shape
     B = starts.numel()
     cfg = pooling_config(dout.device, T, B, H)
@@ -186,6 +188,8 @@ def pool_backward(dout, hidden_shape, hidden_dtype, starts, ends, weighted):
 
 
 class SegmentPoolFunction(torch.autograd.Function):
+    """Autograd of the Triton segment pooling (`pool_forward` / `pool_backward`)."""
+
     @staticmethod
     def forward(ctx, hidden, starts, ends, weighted, out_dtype):
         out = pool_forward(hidden, starts, ends, weighted, out_dtype)
