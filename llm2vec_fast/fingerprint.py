@@ -29,19 +29,7 @@ _IGNORED_SUFFIXES = (".md", ".onnx", ".gguf")
 
 def file_sha256(path: str) -> str:
     """The sha256 (hex) of the file at `path`, taken from the cache when the file is unchanged since last time."""
-    real = os.path.realpath(path)
-    started = time.time()
-    stat = os.stat(real)
-    key = [stat.st_size, stat.st_ino, stat.st_dev, stat.st_mtime_ns, stat.st_ctime_ns]
-    cache = _read_cache()
-    entry = cache.get(real)
-    if entry is not None and entry.get("key") == key:
-        return entry["sha256"]
-    digest = sha256_file(real)
-    if started - stat.st_ctime_ns / 1e9 > RACY_SECONDS:
-        cache[real] = {"key": key, "sha256": digest}
-        _write_cache(cache)
-    return digest
+    return _cached_sha256s([path])[0]
 
 
 def directory_sha256s(directory: str) -> dict[str, str]:
@@ -50,7 +38,28 @@ def directory_sha256s(directory: str) -> dict[str, str]:
     Subdirectories are not read: the loaders read a model directory's top level only.
     """
     names = sorted(n for n in os.listdir(directory) if _matters(n) and os.path.isfile(os.path.join(directory, n)))
-    return {name: file_sha256(os.path.join(directory, name)) for name in names}
+    return dict(zip(names, _cached_sha256s([os.path.join(directory, n) for n in names])))
+
+
+def _cached_sha256s(paths: list[str]) -> list[str]:
+    # The cache is read once and written at most once for all of `paths` (it is rewritten whole each time).
+    cache, changed, digests = _read_cache(), False, []
+    for path in paths:
+        real = os.path.realpath(path)
+        started = time.time()
+        stat = os.stat(real)
+        key = [stat.st_size, stat.st_ino, stat.st_dev, stat.st_mtime_ns, stat.st_ctime_ns]
+        entry = cache.get(real)
+        if entry is not None and entry.get("key") == key:
+            digests.append(entry["sha256"])
+            continue
+        digests.append(sha256_file(real))
+        if started - stat.st_ctime_ns / 1e9 > RACY_SECONDS:
+            cache[real] = {"key": key, "sha256": digests[-1]}
+            changed = True
+    if changed:
+        _write_cache(cache)
+    return digests
 
 
 def _matters(name: str) -> bool:
