@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm2vec_fast.cli import main
-from llm2vec_fast.shards import TEST_KILL_ENV, load_embeddings
+from llm2vec_fast.encode_job.shards import TEST_KILL_ENV, load_embeddings
 from tiny_models import corpus
 
 N_LINES, SHARD = 45, 10  # five shards, the last one partial

@@ -17,7 +17,7 @@ import torch
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.cli import main
-from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
+from llm2vec_fast.encode_job.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
 from encode_helpers import (N_LINES, SHARD, assert_same_output, encode_args, private_hash_cache,  # noqa: F401
                             reference, subprocess_env, texts, txt_file)
 

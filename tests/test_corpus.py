@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from llm2vec_fast import corpus
-from llm2vec_fast.corpus import InputSpec, OverlongLine, numbered_lines, parse_line, read_shards, resolve_format, \
-    scan
+from llm2vec_fast import lines
+from llm2vec_fast.encode_job.corpus import InputSpec, parse_line, read_shards, resolve_format, scan
+from llm2vec_fast.encode_job.pipeline import prefetched, token_slices
 from llm2vec_fast.errors import UserError
-from llm2vec_fast.pipeline import prefetched, token_slices
+from llm2vec_fast.lines import OverlongLine, numbered_lines
 
 
-def lines_of(data: bytes, max_line_bytes: int = corpus.MAX_LINE_BYTES):
+def lines_of(data: bytes, max_line_bytes: int = lines.MAX_LINE_BYTES):
     return list(numbered_lines(io.BytesIO(data), max_line_bytes))
 
 
@@ -25,14 +25,14 @@ def test_line_numbers_split_on_line_endings_only():
 @pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 64])
 def test_cr_lf_and_crlf_break_lines_wherever_a_read_ends(monkeypatch, read_bytes):
     # Every split point of the input falls at the end of some read for one of these sizes, \r|\n included.
-    monkeypatch.setattr(corpus, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(lines, "READ_BYTES", read_bytes)
     data = b"one\rtwo\nthree\r\nfour\r\rsix\n\r\nseven\r\n\r\n"
     assert lines_of(data) == [(1, b"one"), (2, b"two"), (3, b"three"), (4, b"four"), (5, b""), (6, b"six"),
                               (7, b""), (8, b"seven")]
 
 
 def test_a_line_over_the_limit_keeps_only_its_size(monkeypatch):
-    monkeypatch.setattr(corpus, "READ_BYTES", 4)
+    monkeypatch.setattr(lines, "READ_BYTES", 4)
     assert lines_of(b"short\r\n" + b"z" * 11 + b"\rok", max_line_bytes=10) == [
         (1, b"short"), (2, OverlongLine(11, 10)), (3, b"ok")]
     assert lines_of(b"z" * 10 + b"\n", max_line_bytes=10) == [(1, b"z" * 10)]

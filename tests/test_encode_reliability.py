@@ -20,10 +20,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from llm2vec_fast import files, fingerprint
+from llm2vec_fast import files
+from llm2vec_fast.encode_job import fingerprint
 from llm2vec_fast.cli import main
-from llm2vec_fast.corpus import InputSpec, OverlongLine, input_identity, numbered_lines
-from llm2vec_fast.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
+from llm2vec_fast.encode_job.corpus import InputSpec, input_identity
+from llm2vec_fast.lines import OverlongLine, numbered_lines
+from llm2vec_fast.encode_job.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
 from encode_helpers import (SHARD, assert_same_output, encode_args, private_hash_cache, reference,  # noqa: F401
                             texts, txt_file)
 from tiny_models import build_model_dir

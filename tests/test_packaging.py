@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import llm2vec_fast
-from llm2vec_fast import cli_setup, default_model
+from llm2vec_fast import default_model
+from llm2vec_fast.cli import setup as cli_setup
 from llm2vec_fast.cli import main as cli_main
 from llm2vec_fast.kernels import _triton
 

@@ -1,4 +1,4 @@
-"""One line reader for encode, train and eval (llm2vec_fast/corpus.py): the same file read by each of them gives the
+"""One line reader for encode, train and eval (llm2vec_fast/lines.py): the same file read by each of them gives the
 same texts and the same ``file:line: reason`` errors; blank lines inside a file are the one documented difference
 (a bad line for encode, skipped by train and eval). No model needed."""
 
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from llm2vec_fast.corpus import MAX_LINE_BYTES, InputSpec, parse_shard, read_shards, scan
+from llm2vec_fast.encode_job.corpus import InputSpec, parse_shard, read_shards, scan
 from llm2vec_fast.evaluation.probe import ConllDataError, read_conll
 from llm2vec_fast.evaluation.similarity import PairsDataError, read_pairs
+from llm2vec_fast.lines import MAX_LINE_BYTES
 from llm2vec_fast.train.data import DataError, read_texts
 
 TEXTS = ["the cat sat", "a red car", "caf\u00e9 au lait", "sun and moon"]
@@ -101,7 +102,7 @@ def test_every_reader_reads_a_file_alike(tmp_path, fmt, case):
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl"])
 def test_a_blank_line_inside_is_bad_for_encode_and_skipped_by_train_and_eval(tmp_path, fmt):
-    """The one difference, on purpose (see corpus.py): encode promises an embedding per input line."""
+    """The one difference, on purpose (see lines.py): encode promises an embedding per input line."""
     make_line = jsonl_line if fmt == "jsonl" else tsv_line
     path = tmp_path / f"data.{fmt}"
     path.write_bytes(build(make_line, [0, 1, b"", 2, b"  \t", 3]))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..corpus import LineError, text_lines
+from ..lines import LineError, text_lines
 
 TASK_COLUMNS = {"pos": 1, "chunk": 2, "ner": 3}
 WORD_REPRS = ("first", "mean")
@@ -49,7 +49,7 @@ class Sentence:
 def read_conll(path: str, column: int) -> list[Sentence]:
     """Sentences of a CoNLL file with the labels of `column` (0 is the word itself).
 
-    Lines are read as every command reads them (`llm2vec_fast.corpus.text_lines`: UTF-8, any line ending, BOM
+    Lines are read as every command reads them (`llm2vec_fast.lines.text_lines`: UTF-8, any line ending, BOM
     dropped); blank lines end a sentence. A line that cannot be read raises ConllDataError naming the file and line.
     """
     if not os.path.isfile(path):

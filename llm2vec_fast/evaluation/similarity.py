@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..corpus import LineError, parse_json_object, record_lines
+from ..lines import LineError, parse_json_object, record_lines
 
 LEE_DOCUMENTS = "lee.cor"
 LEE_SIMILARITIES = "similarities0-1.txt"
@@ -94,7 +94,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def read_pairs(path: str, score_field: str = "score") -> ScoredPairs:
     """Scored pairs of a .jsonl file or a tab-separated file (.tsv, .txt, .csv with tabs); see the module doc.
 
-    Lines are read as every command reads them (`llm2vec_fast.corpus.record_lines`: UTF-8, any line ending, BOM
+    Lines are read as every command reads them (`llm2vec_fast.lines.record_lines`: UTF-8, any line ending, BOM
     dropped, blank lines skipped); a line that cannot be read raises PairsDataError naming the file and line.
     """
     if not os.path.isfile(path):

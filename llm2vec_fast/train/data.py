@@ -1,6 +1,6 @@
 """Reading training data: plain text (one sentence or document per line) or JSONL, with line-numbered errors.
 
-Lines are read by the reader every command shares (`llm2vec_fast.corpus.record_lines`): UTF-8, a line ends at
+Lines are read by the reader every command shares (`llm2vec_fast.lines.record_lines`): UTF-8, a line ends at
 "\n", "\r\n" or a lone "\r", a byte-order mark is dropped, lines of more than 1 MiB are refused, and blank lines are
 skipped (they separate documents in plain text and carry no text); see that module for the rule and why encode
 differs on blank lines.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..corpus import LineError, parse_json_object, record_lines
+from ..lines import LineError, parse_json_object, record_lines
 
 
 class DataError(ValueError):

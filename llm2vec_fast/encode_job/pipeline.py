@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .corpus import InputSpec, ParsedShard, bad_lines_error, parse_shard, read_shards
-from .errors import UserError
-from .tokenization import TokenizedRow
+from ..errors import UserError
+from ..tokenization import TokenizedRow
 
 # encode_rows is called on slices of about this many batches, so the progress bar moves during a shard. A slice's
 # rows are fixed by the shard's token lengths alone, so a shard is encoded identically in every run.

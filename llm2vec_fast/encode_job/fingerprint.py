@@ -13,8 +13,8 @@ import json
 import os
 import time
 
-from .default_model import cache_root
-from .files import sha256_file, write_atomic
+from ..default_model import cache_root
+from ..files import sha256_file, write_atomic
 
 CACHE_FILE = "file_hashes.json"
 # A file changed twice within one timestamp tick keeps its mtime and ctime; a hash taken right after a change is

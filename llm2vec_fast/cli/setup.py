@@ -15,8 +15,8 @@ import shlex
 import subprocess
 import sys
 
-from . import default_model
-from .errors import UserError
+from .. import default_model
+from ..errors import UserError
 
 
 def register(subparsers) -> None:

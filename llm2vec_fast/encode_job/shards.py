@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .files import TEMP_MARK, create_exclusive, remove_if_present, write_atomic
+from ..errors import UserError
+from ..files import TEMP_MARK, create_exclusive, remove_if_present, write_atomic
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"

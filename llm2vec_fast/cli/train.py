@@ -14,9 +14,9 @@ import os
 import sys
 import warnings
 
-from .cli import silence_progress_bars
-from .errors import UserError
-from .train.config import DTYPES, STAGES, ConfigWarning, TrainConfig, stage_defaults, stages_using
+from .options import silence_progress_bars
+from ..errors import UserError
+from ..train.config import DTYPES, STAGES, ConfigWarning, TrainConfig, stage_defaults, stages_using
 
 # flag -> (type, help); each maps to the TrainConfig field of the same name with dashes as underscores.
 _FLAGS = {
@@ -94,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     Prints the first and last step's loss. Bad options or data raise UserError.
     """
-    from .train.data import DataError
-    from .train.loop import train
-    from .train.output import check_output
+    from ..train.data import DataError
+    from ..train.loop import train
+    from ..train.output import check_output
 
     if args.no_progress:
         silence_progress_bars()
@@ -132,13 +132,13 @@ def _read_config(stage: str, path: str | None, overrides: dict):
 
 def _make_stage(stage: str, config):
     if stage == "mntp":
-        from .train.mntp import MNTPStage
+        from ..train.mntp import MNTPStage
 
         return MNTPStage(config)
     if stage == "simcse":
-        from .train.simcse import SimCSEStage
+        from ..train.simcse import SimCSEStage
 
         return SimCSEStage(config)
-    from .train.supervised import SupervisedStage
+    from ..train.supervised import SupervisedStage
 
     return SupervisedStage(config)

@@ -13,9 +13,9 @@ import json
 import os
 import time
 
-from .batching import POOLING_MODES
-from .cli import DefaultsHelpFormatter, positive_int, silence_progress_bars
-from .errors import UserError
+from ..batching import POOLING_MODES
+from .options import DefaultsHelpFormatter, positive_int, silence_progress_bars
+from ..errors import UserError
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -97,7 +97,7 @@ def load_encoder(args):
         silence_progress_bars()  # before loading: transformers draws its "Loading weights" bar there
     import torch
 
-    from .encoder import LLM2Vec
+    from ..encoder import LLM2Vec
 
     encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
     try:
@@ -130,7 +130,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     Correlates cosine similarity with the human scores of each pair set (the --data files, the --builtin sets,
     Lee et al. when neither is given), prints the table and writes it as JSON to --output when given.
     """
-    from .evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
+    from ..evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
         read_pairs
 
     builtin = list(dict.fromkeys((["lee"] if args.lee or not (args.data or args.builtin) else []) + args.builtin))
@@ -164,8 +164,8 @@ def run_probe(args: argparse.Namespace) -> int:
     Trains a word-level linear probe on the labels of one column of args.train, scores it on every --eval file,
     prints the results and writes them as JSON to --output when given.
     """
-    from .evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
-    from .evaluation.probe import run_probe as probe
+    from ..evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
+    from ..evaluation.probe import run_probe as probe
 
     column = args.column if args.column is not None else TASK_COLUMNS[args.task or "ner"]
     try:

@@ -6,7 +6,7 @@ the --peft-model adapter's files; a directory without any finished shard, left b
 anything, is reused whatever its fingerprint), then encode this rank's shards (shard k belongs to rank
 k % WORLD_SIZE), skipping those already done, and refusing a shard with a non-finite embedding; finally rank 0
 merges every rank's progress into one index.
-See shards.py for the output layout and `load_embeddings` to read it.
+See llm2vec_fast/encode_job/shards.py for the output layout and `load_embeddings` to read it.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import sys
 
 from tqdm.auto import tqdm
 
-from .batching import POOLING_MODES
-from .cli import DefaultsHelpFormatter, positive_int, silence_progress_bars
-from .corpus import FORMATS, MAX_LINE_BYTES, InputSpec, bad_lines_error, check_input, describe_bad_lines, \
+from ..batching import POOLING_MODES
+from .options import DefaultsHelpFormatter, positive_int, silence_progress_bars
+from ..encode_job.corpus import FORMATS, MAX_LINE_BYTES, InputSpec, bad_lines_error, check_input, describe_bad_lines, \
     input_identity, resolve_format, scan
-from .distributed import ProcessGroup, Ranks, default_device
-from .errors import UserError
-from .fingerprint import directory_sha256s
-from .loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
-from .pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
-from .shards import OutputDir
+from ..encode_job.distributed import ProcessGroup, Ranks, default_device
+from ..errors import UserError
+from ..encode_job.fingerprint import directory_sha256s
+from ..loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
+from ..encode_job.pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
+from ..encode_job.shards import OutputDir
 
 DTYPES = ("float32", "bfloat16", "float16")
 SHARD_DTYPES = ("float32", "float16")
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="output directory (created; resumed if it exists). Not a stream: '-' (stdout) is "
                              "refused, since a resumable run needs a directory; read the result with "
-                             "llm2vec_fast.shards.load_embeddings(DIR)")
+                             "llm2vec_fast.encode_job.load_embeddings(DIR)")
     parser.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
                         help="input format; auto: from the file extension (stdin: txt)")
     parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
@@ -99,7 +99,7 @@ def run(args) -> int:
     if args.output == "-":
         raise UserError("--output - (stdout) is not supported: encode writes a resumable directory of shards, not a "
                         "stream. Pass --output DIR and read the embeddings with "
-                        "llm2vec_fast.shards.load_embeddings(DIR).")
+                        "llm2vec_fast.encode_job.load_embeddings(DIR).")
     ranks = Ranks.from_env()
     check_input(args.input)
     spec = InputSpec(args.input, resolve_format(args.input, args.format), args.text_field, args.instruction_field,
@@ -178,7 +178,7 @@ def _resolve_model(name: str, option: str) -> str:
 def _load_model(args, model_dir: str):
     import torch
 
-    from .encoder import LLM2Vec
+    from ..encoder import LLM2Vec
 
     # Unset options are left out so that the model's llm2vec_config.json supplies them.
     encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
@@ -199,7 +199,7 @@ def _device(requested: str | None, ranks: Ranks) -> str:
 
 
 def _default_budget(device: str) -> int:
-    from .encoder import DEFAULT_MAX_BATCH_TOKENS
+    from ..encoder import DEFAULT_MAX_BATCH_TOKENS
 
     return DEFAULT_MAX_BATCH_TOKENS.get(device.split(":")[0], 4096)
 
