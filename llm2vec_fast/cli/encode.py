@@ -18,14 +18,14 @@ from tqdm.auto import tqdm
 
 from ..batching import POOLING_MODES
 from .options import DefaultsHelpFormatter, positive_int, silence_progress_bars
-from ..encode_job.corpus import FORMATS, MAX_LINE_BYTES, InputSpec, bad_lines_error, check_input, describe_bad_lines, \
-    input_identity, resolve_format, scan
+from ..encode_job.corpus import MAX_LINE_BYTES, InputSpec, bad_lines_error, describe_bad_lines
 from ..encode_job.distributed import ProcessGroup, Ranks, default_device
 from ..errors import UserError
 from ..encode_job.fingerprint import directory_sha256s
 from ..loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
 from ..encode_job.pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
-from ..encode_job.shards import OutputDir
+from ..encode_job.shards import OUTPUT_FORMATS, OutputDir
+from ..encode_job.sources import FORMATS, check_input, columns, input_identity, is_table, resolve_format, scan
 
 DTYPES = ("float32", "bfloat16", "float16")
 SHARD_DTYPES = ("float32", "float16")
@@ -36,27 +36,34 @@ FINGERPRINT_VERSION = 2
 def register(subparsers) -> None:
     """Add the `encode` subcommand's parser to `subparsers` (what `add_subparsers` returned)."""
     parser = subparsers.add_parser(
-        "encode", help="embed a text or JSON-lines corpus into .npy shards (resumable, multi-process)",
+        "encode", help="embed a text, JSON-lines, Parquet or datasets corpus into .npy or Parquet shards "
+                       "(resumable, multi-process)",
         formatter_class=DefaultsHelpFormatter,
-        description="Embed every line of a corpus into .npy shards plus an index of input line numbers. "
-                    "Re-running the same command resumes an interrupted run. Run it under torchrun to use "
-                    "several processes/GPUs/nodes.")
+        description="Embed every line (table row) of a corpus into .npy or Parquet shards plus an index of input "
+                    "line numbers. Re-running the same command resumes an interrupted run. Run it under torchrun "
+                    "to use several processes/GPUs/nodes.")
     parser.add_argument("--model", default="smollm2-135m",
                         help="model directory or Hugging Face id, or 'smollm2-135m' for the embedded model; for the "
                              "released two-adapter layout, the MNTP directory (base config + adapter)")
     parser.add_argument("--peft-model", default=None, metavar="DIR",
                         help="an adapter applied on top of --model (e.g. the SimCSE or supervised adapter of a "
                              "released LLM2Vec model); its files are part of the output's fingerprint")
-    parser.add_argument("--input", required=True, help="a .txt (one text per line) or .jsonl file, or - for stdin")
+    parser.add_argument("--input", required=True,
+                        help="a .txt (one text per line) or .jsonl file, - for stdin, a .parquet file or a directory "
+                             "of them, or a directory written by datasets' save_to_disk")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="output directory (created; resumed if it exists). Not a stream: '-' (stdout) is "
                              "refused, since a resumable run needs a directory; read the result with "
                              "llm2vec_fast.encode_job.load_embeddings(DIR)")
     parser.add_argument("--format", choices=("auto",) + FORMATS, default="auto",
-                        help="input format; auto: from the file extension (stdin: txt)")
-    parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text")
+                        help="input format; auto: from the file extension or the directory's files (stdin: txt)")
+    parser.add_argument("--text-field", default="text", help="jsonl: the field holding the text; tables: the column")
     parser.add_argument("--instruction-field", default="instruction",
-                        help="jsonl: the field holding a line's own instruction")
+                        help="jsonl: the field holding a line's own instruction; tables: the column (optional: "
+                             "rows without one, or tables without the column, use --instruction)")
+    parser.add_argument("--id-field", default=None,
+                        help="parquet/dataset: a column of integer or string ids stored with each embedding "
+                             "(needs --output-format parquet); without it rows are identified by their row number")
     parser.add_argument("--instruction", default="",
                         help="instruction for every line that has none of its own")
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
@@ -73,6 +80,9 @@ def register(subparsers) -> None:
                         help="input lines per shard")
     parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default="float32",
                         help="dtype of the stored embeddings")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="npy",
+                        help="npy: shard-K.npy + shard-K.lines.npy; parquet: shard-K.parquet with the columns "
+                             "line, id (--id-field) and embedding (a fixed-size list)")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip lines that are not valid (reported, and listed in manifest.json) instead of "
                              "stopping")
@@ -101,15 +111,19 @@ def run(args) -> int:
                         "stream. Pass --output DIR and read the embeddings with "
                         "llm2vec_fast.encode_job.load_embeddings(DIR).")
     ranks = Ranks.from_env()
-    check_input(args.input)
     spec = InputSpec(args.input, resolve_format(args.input, args.format), args.text_field, args.instruction_field,
-                     args.instruction, args.max_line_bytes)
+                     args.instruction, args.max_line_bytes, args.id_field)
+    check_input(spec)
+    if args.id_field is not None and args.output_format != "parquet":
+        raise UserError("--id-field stores each row's id beside its embedding, which the .npy layout has no place "
+                        "for; pass --output-format parquet (or leave --id-field out: line_numbers.npy then "
+                        "identifies the rows).")
     if spec.is_stdin and ranks.world_size > 1:
         raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
     model_dir = _resolve_model(args.model, "--model")
     adapter_dir = None if args.peft_model is None else _resolve_model(args.peft_model, "--peft-model")
     fingerprint = _fingerprint(args, spec, model_dir, adapter_dir)
-    output = OutputDir(args.output, ranks.rank)
+    output = OutputDir(args.output, ranks.rank, args.output_format, columns(spec).id_kind if is_table(spec) else None)
     output.check(fingerprint, args.overwrite)
     if not args.overwrite and output.is_complete():
         if spec.is_stdin:
@@ -160,7 +174,7 @@ def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corp
                 record = {"first_line": shard.first_line, "last_line": shard.last_line,
                           "input_sha256": shard.parsed.sha256,
                           "skipped": [[b.line, b.reason] for b in shard.parsed.bad]}
-                output.commit_shard(shard.index, embeddings, shard.parsed.line_numbers, record)
+                output.commit_shard(shard.index, embeddings, shard.parsed.line_numbers, record, shard.parsed.ids)
     except KeyboardInterrupt:
         print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
               file=sys.stderr)
@@ -207,14 +221,17 @@ def _default_budget(device: str) -> int:
 def _fingerprint(args, spec: InputSpec, model_dir: str, adapter_dir: str | None) -> dict:
     """Everything that changes the stored embeddings. Device and batch budget are left out on purpose: resuming
     with a smaller budget after an out-of-memory error must stay possible (their effect is float rounding).
-    Without --peft-model the adapter keys are absent, so outputs written before the option existed still resume."""
+    Without --peft-model the adapter keys are absent, and so are --output-format npy and an unset --id-field, so
+    outputs written before those options existed still resume."""
     adapter = {} if adapter_dir is None else {"peft_model": _model_name(args.peft_model),
                                               "peft_model_files": directory_sha256s(adapter_dir)}
+    layout = {k: v for k, v in (("output_format", args.output_format), ("id_field", spec.id_field))
+              if v not in (None, "npy")}
     return {"version": FINGERPRINT_VERSION, "model": _model_name(args.model), **_model_identity(model_dir), **adapter,
             "pooling": args.pooling, "dtype": args.dtype, "max_length": args.max_length,
             "normalize": args.normalize, "shard_size": args.shard_size, "shard_dtype": args.shard_dtype,
             "format": spec.format, "text_field": spec.text_field, "instruction_field": spec.instruction_field,
-            "instruction": spec.instruction, "max_line_bytes": spec.max_line_bytes, **input_identity(spec)}
+            "instruction": spec.instruction, "max_line_bytes": spec.max_line_bytes, **layout, **input_identity(spec)}
 
 
 def _model_name(name: str) -> str:
@@ -245,7 +262,7 @@ def _meta(args, model, spec: InputSpec) -> dict:
             "peft_model": args.peft_model,
             "pooling": model.pooling_mode, "max_length": model.max_length, "model_dtype": args.dtype,
             "normalized": args.normalize, "shard_size": args.shard_size, "input": spec.name,
-            "format": spec.format, "instruction": spec.instruction}
+            "format": spec.format, "instruction": spec.instruction, "id_field": spec.id_field}
 
 
 def _report(args, manifest: dict, throughput: Throughput, ranks: Ranks) -> None:

@@ -30,10 +30,12 @@ STDIN = "-"
 class InputSpec:
     """Where the corpus is and how to read one line of it.
 
-    path: a file, or "-" for stdin. format: "txt" or "jsonl".
-    text_field, instruction_field: the JSON keys of a jsonl line.
+    path: a file, or "-" for stdin; for the table formats (tables.py), a Parquet file or directory, or a
+    `datasets` save_to_disk directory. format: "txt", "jsonl", "parquet" or "dataset".
+    text_field, instruction_field: the JSON keys of a jsonl line (the column names of a table).
     instruction: used for every line that has no instruction of its own ("" = none).
     max_line_bytes: a longer line is a bad line, and is never held in memory.
+    id_field: tables only: the column whose values identify the rows in the output (None: row numbers).
     """
 
     path: str
@@ -42,6 +44,7 @@ class InputSpec:
     instruction_field: str = "instruction"
     instruction: str = ""
     max_line_bytes: int = MAX_LINE_BYTES
+    id_field: str | None = None
 
     @property
     def name(self) -> str:
@@ -74,13 +77,15 @@ class RawShard:
 
 @dataclass
 class ParsedShard:
-    """One shard's valid lines, in input order, and its bad lines."""
+    """One shard's valid lines, in input order, and its bad lines; ids: the valid rows' --id-field values (tables
+    with --id-field only, else None)."""
 
     index: int
     sha256: str
     line_numbers: list[int]
     pairs: list[tuple[str, str]]
     bad: list[BadLine]
+    ids: list | None = None
 
 
 @dataclass
@@ -106,7 +111,8 @@ def resolve_format(path: str, requested: str) -> str:
         return "txt"
     extension = os.path.splitext(path)[1].lower()
     if extension not in _FORMAT_OF_EXTENSION:
-        raise UserError(f"cannot tell the format of {path!r} from its extension; pass --format txt or --format jsonl.")
+        raise UserError(f"cannot tell the format of {path!r} from its extension; pass --format txt, jsonl, "
+                        f"parquet or dataset.")
     return _FORMAT_OF_EXTENSION[extension]
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .corpus import InputSpec, ParsedShard, bad_lines_error, parse_shard, read_shards
+from .corpus import InputSpec, ParsedShard, bad_lines_error
+from .sources import read_shards
 from ..errors import UserError
 from ..tokenization import TokenizedRow
 
@@ -66,13 +67,13 @@ class ShardSource:
 
     def __iter__(self) -> Iterator[PreparedShard]:
         for raw in read_shards(self.spec, self.shard_size, self.owns, on_end=self._set_num_lines):
-            first_line, last_line = raw.index * self.shard_size + 1, raw.lines[-1][0]
+            first_line, last_line = raw.index * self.shard_size + 1, raw.last_line
             record = self.done.get(raw.index)
             if record is not None:
                 if record["input_sha256"] != raw.sha256:
                     raise _changed_input(self.spec, first_line, last_line)
                 continue
-            parsed = parse_shard(raw, self.spec)
+            parsed = raw.parse()
             if parsed.bad and not self.skip_bad_lines:
                 raise bad_lines_error(self.spec.name, parsed.bad)
             rows = self.model.tokenize_inputs(parsed.pairs) if parsed.pairs else []
@@ -86,7 +87,7 @@ def check_input_unchanged(spec: InputSpec, shard_size: int, done: dict[int, dict
     for raw in read_shards(spec, shard_size, lambda index: True):
         record = done.get(raw.index)
         if record is None or record["input_sha256"] != raw.sha256:
-            raise _changed_input(spec, raw.index * shard_size + 1, raw.lines[-1][0])
+            raise _changed_input(spec, raw.index * shard_size + 1, raw.last_line)
         seen += 1
     if seen != len(done):
         raise _changed_input(spec, seen * shard_size + 1, done[max(done)]["last_line"])  # the input got shorter

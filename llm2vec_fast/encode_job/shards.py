@@ -6,6 +6,8 @@ Layout (paths relative to the output directory; S = --shard-size):
                                    are computed from, marked "written_by": "llm2vec-fast encode"
     shards/shard-000007.npy        embeddings of the valid lines among input lines 7*S+1 .. 8*S, [rows, dim]
     shards/shard-000007.lines.npy  their input line numbers (int64, counted from 1)
+    shards/shard-000007.parquet    instead of the two above with --output-format parquet: line numbers, ids
+                                   (--id-field) and embeddings in one file (see parquet_shards.py)
     progress/rank0.json            the shards rank 0 finished, with their skipped lines (rewritten atomically)
     manifest.json                  written last, once every shard is done: count, dim, dtype, model, pooling,
                                    the shards with their row ranges, and every skipped line with its reason
@@ -19,7 +21,8 @@ A directory is ours only if its fingerprint.json carries the WRITTEN_BY mark. We
 directory, and --overwrite deletes only the files named above, in a directory that is ours.
 
 Read the result with `load_embeddings(output_dir)`, which trusts no path in the manifest that leads outside the
-directory and checks every shard against the index.
+directory and checks every shard against the index; `load_embeddings(output_dir, mmap=True)` returns the .npy
+shards memory-mapped behind one lazy view (stacked.py) instead of a copy.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import TEMP_MARK, create_exclusive, remove_if_present, write_atomic
+from .stacked import StackedRows
 
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
@@ -47,7 +51,8 @@ SHARD_DIR = "shards"
 PROGRESS_DIR = "progress"
 # Stored in every fingerprint: a directory is ours (and --overwrite may delete our files in it) only if it says so.
 WRITTEN_BY = "llm2vec-fast encode"
-_SHARD_FILE = re.compile(r"shard-\d{6,}(\.lines)?\.npy")
+OUTPUT_FORMATS = ("npy", "parquet")
+_SHARD_FILE = re.compile(r"shard-\d{6,}(\.lines\.npy|\.npy|\.parquet)")
 _PROGRESS_FILE = re.compile(r"rank\d+\.json")
 _PROBE_MARK = ".write-probe-"
 # Test-only: "K" kills the process (SIGKILL) after it recorded K shards; "K:temp" while the (K+1)-th shard is
@@ -91,11 +96,16 @@ def json_bytes(value) -> bytes:
 
 
 class OutputDir:
-    """One rank's view of an output directory."""
+    """One rank's view of an output directory.
 
-    def __init__(self, path: str, rank: int = 0):
+    output_format: "npy" (two .npy files per shard) or "parquet" (one Parquet file per shard, with ids when
+    id_kind, "int64" or "string", is given)."""
+
+    def __init__(self, path: str, rank: int = 0, output_format: str = "npy", id_kind: str | None = None):
         self.path = path
         self.rank = rank
+        self.output_format = output_format
+        self.id_kind = id_kind
         self._records: dict[int, dict] = {}
         self._committed = 0
         self._kill = _parse_test_kill(os.environ.get(TEST_KILL_ENV))
@@ -237,6 +247,13 @@ class OutputDir:
 
     def _files_match(self, record: dict) -> bool:
         stem = self.file(shard_stem(record["shard"]))
+        if self.output_format == "parquet":
+            from . import parquet_shards
+
+            try:
+                return parquet_shards.num_rows(stem + parquet_shards.SUFFIX) == record["rows"]
+            except (OSError, ValueError):  # pyarrow's errors derive from these
+                return False
         try:
             embeddings = np.load(stem + ".npy", mmap_mode="r")
             lines = np.load(stem + ".lines.npy", mmap_mode="r")
@@ -244,11 +261,20 @@ class OutputDir:
             return False
         return embeddings.shape[0] == record["rows"] == lines.shape[0]
 
-    def commit_shard(self, index: int, embeddings: np.ndarray, line_numbers: list[int], record: dict) -> None:
-        """Write one shard's files, then record it in this rank's progress file."""
+    def commit_shard(self, index: int, embeddings: np.ndarray, line_numbers: list[int], record: dict,
+                     ids: list | None = None) -> None:
+        """Write one shard's files, then record it in this rank's progress file. ids: the rows' --id-field values
+        (Parquet output with id_kind only)."""
         stem = self.file(shard_stem(index))
-        atomic_write(stem + ".lines.npy", npy_bytes(np.asarray(line_numbers, dtype=np.int64)))
-        atomic_write(stem + ".npy", npy_bytes(embeddings), before_rename=lambda: self._test_kill("temp"))
+        if self.output_format == "parquet":
+            from . import parquet_shards
+
+            atomic_write(stem + parquet_shards.SUFFIX,
+                         parquet_shards.shard_bytes(embeddings, line_numbers, ids, self.id_kind),
+                         before_rename=lambda: self._test_kill("temp"))
+        else:
+            atomic_write(stem + ".lines.npy", npy_bytes(np.asarray(line_numbers, dtype=np.int64)))
+            atomic_write(stem + ".npy", npy_bytes(embeddings), before_rename=lambda: self._test_kill("temp"))
         self._test_kill("unrecorded")
         self._records[index] = dict(record, shard=index, rows=len(line_numbers))
         shards = [self._records[k] for k in sorted(self._records)]
@@ -275,29 +301,46 @@ class OutputDir:
         for k in range(num_shards):
             record = done[k]
             stem = shard_stem(k)
-            embeddings = np.load(self.file(stem + ".npy"), mmap_mode="r")
-            if embeddings.shape[1:] != (dim,) or embeddings.dtype != np.dtype(dtype):
-                raise RuntimeError(f"{stem}.npy has shape {embeddings.shape} {embeddings.dtype}, expected "
-                                   f"[rows, {dim}] {dtype}")
-            line_chunks.append(np.load(self.file(stem + ".lines.npy")))
-            shards.append({"file": stem + ".npy", "lines_file": stem + ".lines.npy", "rows": record["rows"],
+            files, lines = self._merge_shard_files(stem, dim, dtype)
+            line_chunks.append(lines)
+            shards.append({**files, "rows": record["rows"],
                            "row_start": row, "first_line": record["first_line"], "last_line": record["last_line"],
                            "input_sha256": record["input_sha256"]})
             skipped.extend({"line": line, "reason": reason} for line, reason in record["skipped"])
             row += record["rows"]
         line_numbers = np.concatenate(line_chunks) if line_chunks else np.zeros(0, dtype=np.int64)
         atomic_write(self.file(LINE_NUMBERS), npy_bytes(line_numbers.astype(np.int64)))
-        manifest = dict(meta, count=row, shards=shards, skipped=skipped, line_numbers=LINE_NUMBERS)
+        manifest = dict(meta, count=row, shards=shards, skipped=skipped, line_numbers=LINE_NUMBERS,
+                        output_format=self.output_format)
         atomic_write(self.file(MANIFEST), json_bytes(manifest))
         return manifest
 
+    def _merge_shard_files(self, stem: str, dim: int, dtype: str) -> tuple[dict, np.ndarray]:
+        """The manifest's file entries of one shard and its line numbers, after checking its embeddings' layout."""
+        if self.output_format == "parquet":
+            from . import parquet_shards
 
-def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            name = stem + parquet_shards.SUFFIX
+            layout = parquet_shards.embedding_layout(self.file(name))
+            if layout != (dim, np.dtype(dtype)):
+                raise RuntimeError(f"{name} has embeddings {layout}, expected ({dim}, {dtype})")
+            return {"file": name}, parquet_shards.read_lines(self.file(name))
+        embeddings = np.load(self.file(stem + ".npy"), mmap_mode="r")
+        if embeddings.shape[1:] != (dim,) or embeddings.dtype != np.dtype(dtype):
+            raise RuntimeError(f"{stem}.npy has shape {embeddings.shape} {embeddings.dtype}, expected "
+                               f"[rows, {dim}] {dtype}")
+        return {"file": stem + ".npy", "lines_file": stem + ".lines.npy"}, np.load(self.file(stem + ".lines.npy"))
+
+
+def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray | StackedRows, np.ndarray]:
     """Read a finished `llm2vec-fast encode` output.
 
-    Returns (embeddings [N, dim] in the shard dtype, line_numbers int64 [N]): row i embeds input line
-    line_numbers[i] (counted from 1). Rows are in input order; skipped lines are listed in manifest.json.
-    mmap: memory-map each shard while concatenating (saves a copy for very large outputs).
+    Returns (embeddings [N, dim] in the shard dtype, line_numbers int64 [N]): row i embeds input line (or table
+    row) line_numbers[i], counted from 1. Rows are in input order; skipped lines are listed in manifest.json.
+    mmap: return the embeddings as a `StackedRows` view over the memory-mapped .npy shards instead of one array:
+    nothing is copied or read until rows are indexed (``view[i:j]``, ``view[ids]``); `np.asarray(view)` makes the
+    full copy. Parquet output (--output-format parquet) is read whole into one array; mmap=True is refused for it
+    (read it with pyarrow or datasets, which map it themselves; see the README).
     Every file read must lie inside output_dir (links included), and every shard must agree with the manifest
     and with line_numbers.npy; otherwise ValueError names the file.
     """
@@ -309,11 +352,18 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray, np
         with open(manifest_path) as f:
             manifest = json.load(f)
         count, dim, dtype = int(manifest["count"]), int(manifest["dim"]), np.dtype(manifest["dtype"])
-        shards = [_ShardEntry(s["file"], s["lines_file"], int(s["rows"]), int(s["row_start"]))
+        shards = [_ShardEntry(s["file"], s.get("lines_file"), int(s["rows"]), int(s["row_start"]))
                   for s in manifest["shards"]]
         index_name = manifest["line_numbers"]
+        output_format = manifest.get("output_format", "npy")  # outputs written before Parquet existed: npy
     except (ValueError, TypeError, KeyError) as error:
         raise _damaged(output_dir, f"{MANIFEST} is not a valid manifest ({error!r})") from None
+    if output_format not in OUTPUT_FORMATS:
+        raise _damaged(output_dir, f"{MANIFEST} names the output format {output_format!r}")
+    if output_format == "parquet" and mmap:
+        raise ValueError(f"{output_dir!r} holds Parquet shards, which cannot be memory-mapped as arrays; call "
+                         f"load_embeddings without mmap (one copy in memory), or open the shards with pyarrow or "
+                         f"datasets.load_dataset('parquet', ...), which map the files themselves.")
     root = os.path.realpath(output_dir)
     line_numbers = _load_array(root, index_name, output_dir)
     if line_numbers.shape != (count,) or line_numbers.dtype != np.int64:
@@ -321,22 +371,43 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray, np
                                    f"{count} int64 line numbers")
     parts, row = [], 0
     for shard in shards:
-        embeddings = _load_array(root, shard.file, output_dir, "r" if mmap else None)
-        lines = _load_array(root, shard.lines_file, output_dir)
+        if output_format == "parquet":
+            embeddings, lines = _load_parquet_shard(root, shard.file, output_dir)
+        else:
+            embeddings = _load_array(root, shard.file, output_dir, "r" if mmap else None)
+            lines = _load_array(root, shard.lines_file, output_dir)
         _check_shard(output_dir, shard, embeddings, lines, line_numbers, row, dim, dtype)
         parts.append(embeddings)
         row += len(lines)
     if row != count:
         raise _damaged(output_dir, f"the shards hold {row} rows, {MANIFEST} says {count}")
+    if mmap:
+        return StackedRows(parts, dim, dtype), line_numbers
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=dtype)
     return embeddings, line_numbers
 
 
-def _load_array(root: str, name, output_dir: str, mmap_mode=None) -> np.ndarray:
-    """The array in file `name` (relative, as the manifest lists it), which must resolve to a file inside root."""
+def _inside(root: str, name, output_dir: str) -> str:
+    """The path of file `name` (relative, as the manifest lists it), which must resolve to a file inside root."""
     if (not isinstance(name, str) or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")
             or not _is_inside(os.path.realpath(os.path.join(root, name)), root)):
         raise _damaged(output_dir, f"{MANIFEST} lists {name!r}, which is outside the output directory")
+    return os.path.join(root, name)
+
+
+def _load_parquet_shard(root: str, name, output_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    from . import parquet_shards
+
+    path = _inside(root, name, output_dir)
+    try:
+        return parquet_shards.read_embeddings(path), parquet_shards.read_lines(path)
+    except (OSError, ValueError, KeyError) as error:  # pyarrow's errors derive from OSError / ValueError
+        raise _damaged(output_dir, f"{name} cannot be read ({error})") from None
+
+
+def _load_array(root: str, name, output_dir: str, mmap_mode=None) -> np.ndarray:
+    """The array in file `name` (relative, as the manifest lists it), which must resolve to a file inside root."""
+    _inside(root, name, output_dir)
     try:
         return np.load(os.path.join(root, name), mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -350,7 +421,7 @@ def _is_inside(path: str, root: str) -> bool:
 @dataclass(frozen=True)
 class _ShardEntry:
     file: str
-    lines_file: str
+    lines_file: str | None  # None for a Parquet shard, which holds its line numbers
     rows: int
     row_start: int
 
@@ -359,16 +430,16 @@ def _check_shard(output_dir: str, shard: _ShardEntry, embeddings: np.ndarray, li
                  line_numbers: np.ndarray, row: int, dim: int, dtype: np.dtype) -> None:
     """Refuse a shard whose shape, dtype, row count, position or line numbers disagree with the manifest and the
     index (line_numbers [count]); `row` is where the shard must start."""
-    name = shard.file
+    name, lines_name = shard.file, shard.lines_file or f"{shard.file}'s line column"
     if embeddings.ndim != 2 or embeddings.shape[1] != dim or embeddings.dtype != dtype:
         raise _damaged(output_dir, f"{name} holds {embeddings.shape} {embeddings.dtype}, expected [rows, {dim}] "
                                    f"{dtype}")
     if not embeddings.shape[0] == len(lines) == shard.rows or shard.row_start != row:
-        raise _damaged(output_dir, f"{name} holds {embeddings.shape[0]} rows and {shard.lines_file} {len(lines)}, "
+        raise _damaged(output_dir, f"{name} holds {embeddings.shape[0]} rows and {lines_name} {len(lines)}, "
                                    f"{MANIFEST} says {shard.rows} rows from row {shard.row_start} (expected from "
                                    f"row {row})")
     if not np.array_equal(lines, line_numbers[row:row + len(lines)]):
-        raise _damaged(output_dir, f"{shard.lines_file} does not match rows {row}..{row + len(lines) - 1} of "
+        raise _damaged(output_dir, f"{lines_name} does not match rows {row}..{row + len(lines) - 1} of "
                                    f"{LINE_NUMBERS}")
 
 

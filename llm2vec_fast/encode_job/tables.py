@@ -1,0 +1,251 @@
+"""Reading Arrow tables as an encode corpus: a Parquet file, a directory of Parquet files, or a directory written by
+`datasets.Dataset.save_to_disk` (what `datasets.load_from_disk` reads).
+
+Rows are numbered from 1 in table order (the files in sorted path order, a `datasets` directory's files in the order
+its state.json lists them, then row by row) and play the part of line numbers: shard k holds rows k*S+1 .. (k+1)*S,
+the output's line numbers are these row numbers, and a bad row (a null, empty or whitespace-only text, a null id) is
+reported as ``input:N: reason`` and handled as a bad line (refused, or skipped and listed with --skip-bad-lines).
+Nothing is dropped or reordered silently.
+
+Only the columns named by --text-field, --instruction-field (if the table has it) and --id-field are read, in
+record batches of at most BATCH_ROWS rows, so memory stays bounded by one shard whatever the table's size.
+pyarrow is imported only when such an input is used: the base install does not need it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+TABLE_FORMATS = ("parquet", "dataset")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+BATCH_ROWS = 8192
+# What `Dataset.save_to_disk` writes beside its Arrow files; a DatasetDict directory has DATASET_DICT instead.
+DATASET_STATE = "state.json"
+DATASET_DICT = "dataset_dict.json"
+
+
+def pyarrow():
+    """The pyarrow module, or a UserError naming the extra that installs it."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet  # noqa: F401 (pa.parquet is used below)
+    except ImportError:
+        raise UserError("reading or writing Parquet and datasets directories needs pyarrow: "
+                        "pip install 'llm2vec-fast[parquet]'.") from None
+    return pa
+
+
+def table_format(path: str) -> str | None:
+    """"parquet" or "dataset" when `path` looks like such an input (by its extension or its files), else None."""
+    if os.path.isfile(path):
+        return "parquet" if path.lower().endswith(PARQUET_SUFFIXES) else None
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, DATASET_STATE)) or os.path.isfile(os.path.join(path, DATASET_DICT)):
+        return "dataset"
+    return "parquet" if _parquet_files(path) else None
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """The columns an encode run reads from a table and their types, checked against every file.
+
+    id_kind: "int64" or "string" (how ids are stored in Parquet output), None without --id-field.
+    has_instruction: whether the table has the --instruction-field column (optional, as in JSONL).
+    """
+
+    files: list[str]
+    text: str
+    instruction: str | None
+    id: str | None
+    id_kind: str | None
+
+    @property
+    def names(self) -> list[str]:
+        """The column names to read, in a fixed order: text, then instruction and id when present."""
+        return [c for c in (self.text, self.instruction, self.id) if c is not None]
+
+
+def table_files(path: str, fmt: str) -> list[str]:
+    """The data files of a table input, in row order; UserError if there are none or the layout is not ours."""
+    if fmt == "parquet":
+        if os.path.isfile(path):
+            return [path]
+        files = _parquet_files(path)
+        if not files:
+            raise UserError(f"--input {path!r} holds no .parquet files; pass a Parquet file or a directory of them.")
+        return files
+    if os.path.isfile(os.path.join(path, DATASET_DICT)):
+        with open(os.path.join(path, DATASET_DICT)) as f:
+            splits = json.load(f).get("splits", [])
+        raise UserError(f"--input {path!r} is a DatasetDict (splits: {', '.join(splits) or 'none'}); pass one split's "
+                        f"directory, e.g. --input {os.path.join(path, splits[0] if splits else 'train')}.")
+    state_path = os.path.join(path, DATASET_STATE)
+    try:
+        with open(state_path) as f:
+            names = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"--input {path!r} is not a directory written by datasets' save_to_disk ({state_path}: "
+                        f"{error!r}); pass --format parquet for a directory of Parquet files.") from None
+    files = [os.path.join(path, name) for name in names]
+    for name, file in zip(names, files):
+        if os.path.basename(name) != name or not os.path.isfile(file):
+            raise UserError(f"{state_path} lists {name!r}, which is not a file of {path!r}; save the dataset again.")
+    return files
+
+
+def _parquet_files(directory: str) -> list[str]:
+    # Hidden and underscore files are writers' metadata (_SUCCESS, _common_metadata, .crc): not data.
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+        found += [os.path.join(root, n) for n in names
+                  if n.lower().endswith(PARQUET_SUFFIXES) and not n.startswith((".", "_"))]
+    return sorted(found, key=lambda p: os.path.relpath(p, directory).split(os.sep))
+
+
+def _schema(file: str, fmt: str):
+    pa = pyarrow()
+    try:
+        if fmt == "parquet":
+            return pa.parquet.read_schema(file)
+        with pa.memory_map(file) as source:
+            return pa.ipc.open_stream(source).schema
+    except (OSError, pa.ArrowException) as error:
+        raise UserError(f"cannot read {file} as {'Parquet' if fmt == 'parquet' else 'an Arrow stream'} ({error}).") \
+            from None
+
+
+def check_columns(path: str, fmt: str, text_field: str, instruction_field: str, id_field: str | None) -> TableColumns:
+    """The columns to read, after checking in every file that they exist and have usable types (UserError naming
+    the file, the column, its type and the fix otherwise)."""
+    pa = pyarrow()
+    files = table_files(path, fmt)
+    instruction, id_kind, id_type = None, None, None
+    for file in files:
+        schema = _schema(file, fmt)
+        where = file if len(files) > 1 or file != path else path
+        if text_field not in schema.names:
+            raise UserError(f"{where} has no column {text_field!r} (columns: {', '.join(map(repr, schema.names))}); "
+                            f"pass --text-field with the column holding the texts.")
+        _check_text_type(pa, schema.field(text_field).type, where, text_field, "--text-field")
+        if instruction_field in schema.names:
+            _check_text_type(pa, schema.field(instruction_field).type, where, instruction_field, "--instruction-field")
+            instruction = instruction_field
+        if id_field is not None:
+            if id_field not in schema.names:
+                raise UserError(f"{where} has no column {id_field!r} (columns: {', '.join(map(repr, schema.names))});"
+                                f" pass --id-field with the column holding the ids, or leave it out to use row "
+                                f"numbers.")
+            field_type = schema.field(id_field).type
+            kind = _id_kind(pa, field_type)
+            if kind is None:
+                raise UserError(f"{where}: column {id_field!r} is {field_type}; --id-field needs integer (at most "
+                                f"int64) or string ids. Cast the column, or leave --id-field out to use row numbers.")
+            if id_type is not None and field_type != id_type:
+                raise UserError(f"{where}: column {id_field!r} is {field_type}, an earlier file has {id_type}; cast "
+                                f"the ids to one type in every file.")
+            id_kind, id_type = kind, field_type
+    return TableColumns(files, text_field, instruction, id_field, id_kind)
+
+
+def _check_text_type(pa, field_type, where: str, column: str, option: str) -> None:
+    if _is_text(pa, field_type):
+        return
+    raise UserError(f"{where}: column {column!r} is {field_type}, expected strings; cast it to string or pass "
+                    f"{option} with a string column.")
+
+
+def _is_text(pa, field_type) -> bool:
+    if pa.types.is_dictionary(field_type):
+        field_type = field_type.value_type
+    return (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)
+            or getattr(pa.types, "is_string_view", lambda t: False)(field_type))
+
+
+def _id_kind(pa, field_type) -> str | None:
+    if pa.types.is_integer(field_type) and field_type != pa.uint64():
+        return "int64"
+    return "string" if _is_text(pa, field_type) else None
+
+
+def _batches(columns: TableColumns, fmt: str) -> Iterator:
+    """Record batches of the wanted columns of every file in order, at most BATCH_ROWS rows each."""
+    pa = pyarrow()
+    for file in columns.files:
+        if fmt == "parquet":
+            yield from pa.parquet.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS, columns=columns.names)
+            continue
+        # datasets' Arrow files are IPC streams; memory-mapped, a batch costs nothing until its columns are read.
+        with pa.memory_map(file) as source:
+            for batch in pa.ipc.open_stream(source):
+                batch = batch.select(columns.names)
+                for start in range(0, batch.num_rows, BATCH_ROWS):
+                    yield batch.slice(start, BATCH_ROWS)
+
+
+@dataclass
+class TableShard:
+    """The rows of one shard of a table input: index, last row number, sha256 of its values, and its columns as
+    Python lists (texts, instructions or None, ids or None) in row order."""
+
+    index: int
+    last_line: int
+    sha256: str
+    texts: list
+    instructions: list | None
+    ids: list | None
+
+
+def read_table_shards(columns: TableColumns, fmt: str, shard_size: int, wanted: Callable[[int], bool],
+                      on_end: Callable[[int], None] | None = None) -> Iterator[TableShard]:
+    """The shards whose index `wanted` accepts, in order; other shards' rows are only counted.
+
+    on_end: called with the number of rows once the input is exhausted."""
+    pending: list = []  # record batch slices of the shard being gathered
+    index, row = 0, 0
+    for batch in _batches(columns, fmt):
+        start = 0
+        while start < batch.num_rows:
+            index = row // shard_size
+            take = min(batch.num_rows - start, (index + 1) * shard_size - row)
+            if wanted(index):
+                pending.append(batch.slice(start, take))
+            start += take
+            row += take
+            if row % shard_size == 0 and pending:
+                yield _shard(columns, index, row, pending)
+                pending = []
+    if pending:
+        yield _shard(columns, index, row, pending)
+    if on_end is not None:
+        on_end(row)
+
+
+def _shard(columns: TableColumns, index: int, last_row: int, batches: list) -> TableShard:
+    def column(name):
+        return None if name is None else [v for b in batches for v in b.column(name).to_pylist()]
+
+    texts, instructions, ids = column(columns.text), column(columns.instruction), column(columns.id)
+    digest = hashlib.sha256()
+    for i, text in enumerate(texts):
+        values = [text, None if instructions is None else instructions[i], None if ids is None else ids[i]]
+        digest.update(json.dumps(values, ensure_ascii=False).encode() + b"\n")
+    return TableShard(index, last_row, digest.hexdigest(), texts, instructions, ids)
+
+
+def row_problem(text, row_id, id_wanted: bool) -> str | None:
+    """Why a row cannot be encoded ("null text", "empty text", "whitespace-only text", "null id"), or None."""
+    if text is None:
+        return "null text"
+    if not text.strip():
+        return "empty text" if not text else "whitespace-only text"
+    if id_wanted and row_id is None:
+        return "null id"
+    return None
