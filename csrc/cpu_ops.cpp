@@ -231,9 +231,11 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
 // ------------------------------------------------------------------------------------------------ SwiGLU
 
 // out = T(T(silu(gate)) * up), as act_fn(gate_proj(x)) * up_proj(x). gate / up / out: [rows, I], any row stride
-// (gate and up may be the two halves of one fused projection).
+// (gate and up may be the two halves of one fused projection). round_act=false keeps silu(gate) in fp32 (one
+// rounding, of the product: the mixed-precision mode, where the bf16 rounding of the activation measured as the
+// largest single source of error).
 template <typename T>
-void silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
+void silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up, bool round_act, at::Tensor& out) {
   const int64_t rows = gate.size(0), I = gate.size(1);
   const T* pg = gate.data_ptr<T>();
   const T* pu = up.data_ptr<T>();
@@ -249,19 +251,21 @@ void silu_mul_kernel(const at::Tensor& gate, const at::Tensor& up, at::Tensor& o
       int64_t d = 0;
       for (; d < Iv; d += VS) {
         Vec gv = load_f(g + d);
-        Vec act = round_f(gv / (one + gv.neg().exp_u20()), g);
+        Vec act = gv / (one + gv.neg().exp_u20());
+        if (round_act) act = round_f(act, g);
         store_f(o + d, act * load_f(u + d));
       }
       for (; d < I; ++d) {
         float gv = static_cast<float>(g[d]);
-        float act = round_s(gv / (1.f + std::exp(-gv)), g);
+        float act = gv / (1.f + std::exp(-gv));
+        if (round_act) act = round_s(act, g);
         o[d] = static_cast<T>(act * static_cast<float>(u[d]));
       }
     }
   });
 }
 
-void silu_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor out) {
+void silu_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor out, bool round_act) {
   check_cpu_float(gate, "gate");
   check_same(gate, up, "up");
   check_same(gate, out, "out");
@@ -269,9 +273,9 @@ void silu_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor out) {
               "gate, up and out must be [rows, intermediate] of one shape");
   TORCH_CHECK(gate.stride(1) == 1 && up.stride(1) == 1 && out.stride(1) == 1, "need a contiguous last dim");
   if (gate.scalar_type() == at::kFloat) {
-    silu_mul_kernel<float>(gate, up, out);
+    silu_mul_kernel<float>(gate, up, round_act, out);
   } else {
-    silu_mul_kernel<BFloat16>(gate, up, out);
+    silu_mul_kernel<BFloat16>(gate, up, round_act, out);
   }
 }
 
@@ -449,7 +453,7 @@ TORCH_LIBRARY(llm2vec_fast, m) {
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool gemma, Tensor(a!) out, "
         "Tensor(b!)? sum_out) -> ()");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
-  m.def("silu_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
+  m.def("silu_mul(Tensor gate, Tensor up, Tensor(a!) out, bool round_act=True) -> ()");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor(a!) out) -> ()");
   m.def("vector_width() -> int", &vector_width);
 }

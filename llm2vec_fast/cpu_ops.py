@@ -84,17 +84,22 @@ def rotary_reference(q, k, cos, sin):
 # ------------------------------------------------------------------------------------------------------- SwiGLU
 
 
-def silu_mul(gate, up):
-    """silu(gate) * up for gate / up [..., I] (row strides may differ: halves of one fused projection)."""
+def silu_mul(gate, up, round_act: bool = True):
+    """silu(gate) * up for gate / up [..., I] (row strides may differ: halves of one fused projection).
+    round_act: round silu(gate) to the storage dtype before the product, as PyTorch's two ops do; False keeps it
+    in fp32 so that only the product is rounded (the mixed-precision mode)."""
     shape = gate.shape
     g2, u2 = _rows(gate), _rows(up)
     out = _alloc(g2.shape, gate)
-    torch.ops.llm2vec_fast.silu_mul(g2, u2, out)
+    torch.ops.llm2vec_fast.silu_mul(g2, u2, out, bool(round_act))
     return out.view(shape)
 
 
-def silu_mul_reference(gate, up):
+def silu_mul_reference(gate, up, round_act: bool = True):
     """silu(gate) * up in plain PyTorch, the reference for `silu_mul`; gate, up [..., I]."""
+    if not round_act:
+        compute = torch.promote_types(gate.dtype, torch.float32)
+        return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
     return F.silu(gate) * up
 
 

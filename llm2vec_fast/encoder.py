@@ -29,8 +29,8 @@ from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CON
                       apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
                       make_reference_loadable, read_adapter_config, read_llm2vec_config, resolve_directory,
                       split_loading_kwargs)
-from .modeling import (base_model, check_supported, is_bidirectional, native_cpu_ops, patch, run_packed, run_padded,
-                       use_native_cpu_ops)
+from .modeling import (base_model, check_supported, cpu_linears, is_bidirectional, native_cpu_ops, patch, run_packed,
+                       run_padded, use_cpu_linears, use_native_cpu_ops)
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
@@ -57,11 +57,14 @@ class LLM2Vec(nn.Module):
     skip_instruction: pool over the text's tokens only (the instruction is attended to, not pooled).
     engine: "auto" (packed for bidirectional models, padded otherwise), "packed" or "padded".
     max_batch_tokens: token budget per encode batch (default by device).
+    matmul_dtype: the dtype of the linears' GEMMs in a CPU encode: None (the weights' dtype) or torch.bfloat16 for a
+        float32 model, the mixed mode (bf16 matmuls; residual stream, norms, attention softmax and pooling in
+        float32). `from_pretrained(dtype="mixed")` sets it; GPU encodes run in the weights' dtype.
     """
 
     def __init__(self, model, tokenizer, pooling_mode: str = "mean", max_length: int = 512,
                  doc_max_length: int = 400, skip_instruction: bool = True, *, engine: str = "auto",
-                 max_batch_tokens: Optional[int] = None):
+                 max_batch_tokens: Optional[int] = None, matmul_dtype: Optional[torch.dtype] = None):
         super().__init__()
         check_pooling_mode(pooling_mode)
         check_supported(model.config)
@@ -73,6 +76,8 @@ class LLM2Vec(nn.Module):
             check_positive_int("max_batch_tokens", max_batch_tokens)
         if not isinstance(skip_instruction, bool):
             raise TypeError(f"skip_instruction must be True or False, got {skip_instruction!r}")
+        if matmul_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"matmul_dtype must be None, torch.float32 or torch.bfloat16, got {matmul_dtype!r}")
         if getattr(base_model(model).config, "_attn_implementation", None) != "llm2vec_fast":
             patch(model, bidirectional=False)
         if tokenizer.pad_token is None:
@@ -85,6 +90,7 @@ class LLM2Vec(nn.Module):
         self.skip_instruction = skip_instruction
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
+        self.matmul_dtype = matmul_dtype
         self.config = model.config
         self._encode_scope = _EvalScope()
 
@@ -104,6 +110,10 @@ class LLM2Vec(nn.Module):
         Every other kwarg goes to Hugging Face `from_pretrained` (dtype, device_map, config overrides such as
         attention_dropout=0.3); `torch_dtype` is accepted as the old name of dtype, and attn_implementation is
         replaced by our attention (a warning says so for a value whose substance we do not keep).
+        dtype="mixed": float32 weights whose CPU matmuls run in bf16 (see `matmul_dtype`). dtype="auto" without
+        CUDA: the CPU's measured choice (`cpu_linear.choose_cpu_dtype`: "mixed" where bf16 matmuls are native and
+        measure faster, else float32), printed once on stderr; with CUDA it keeps Hugging Face's meaning (the
+        checkpoint's dtype).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -111,7 +121,7 @@ class LLM2Vec(nn.Module):
             raise TypeError("batch_size is an argument of encode(), not of from_pretrained(); pass it to encode(), "
                             "or max_batch_tokens= here for a default token budget.")
         encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
-        runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens") if k in kwargs}
+        runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens", "matmul_dtype") if k in kwargs}
         hub, kwargs = split_loading_kwargs(kwargs)
         cache = {"cache_dir": hub.get("cache_dir")}
 
@@ -120,7 +130,9 @@ class LLM2Vec(nn.Module):
         check_model_directory(base_dir)
         if is_adapter_directory(base_dir):
             read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
-        check_supported(AutoConfig.from_pretrained(base_dir))
+        base_config = AutoConfig.from_pretrained(base_dir)
+        check_supported(base_config)
+        kwargs, runtime_args = _resolve_dtype(kwargs, runtime_args, base_config)
 
         weights_dir = base_dir
         if is_adapter_directory(base_dir) and not has_weights(base_dir):
@@ -298,8 +310,17 @@ class LLM2Vec(nn.Module):
     def _prepare_for_encoding(self, device: torch.device) -> None:
         """One-time (per device) setup of an encode; runs under the encode scope's lock."""
         self.to(device)
-        if device.type == "cpu" and native_cpu_ops(self.model) is None:
+        if device.type != "cpu":
+            return
+        if native_cpu_ops(self.model) is None:
             use_native_cpu_ops(self.model)  # once per model; an explicit use_native_cpu_ops(..., enable=False) stays
+        # The prepared GEMMs: set up once per model, and again when this encoder's matmul_dtype changed since it set
+        # them up; an explicit use_cpu_linears(...) call (enable=False included) is otherwise left as it is.
+        configured = self.__dict__.get("_cpu_linears_dtype", "never")
+        if cpu_linears(self.model) is None or (configured != "never" and configured != self.matmul_dtype):
+            self._cpu_linears_dtype = self.matmul_dtype
+            tokens = self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cpu"]
+            use_cpu_linears(self.model, matmul_dtype=self.matmul_dtype, tokens=tokens)
 
     # ------------------------------------------------------------------------------------ model methods
 
@@ -553,6 +574,32 @@ def _is_managed(name: str) -> bool:
     # Sharded weights: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
     sharded = name.startswith(("model-", "pytorch_model-")) and "-of-" in name and name.endswith(_SHARD_SUFFIXES)
     return name in _SAVE_MANAGED or sharded
+
+
+def _resolve_dtype(kwargs: dict, runtime_args: dict, config) -> tuple[dict, dict]:
+    """Turn from_pretrained's dtype="mixed" / "auto" (CPU) into a Hugging Face dtype plus our matmul_dtype."""
+    name = "dtype" if "dtype" in kwargs else "torch_dtype"
+    dtype = kwargs.get(name)
+    if not isinstance(dtype, str) or dtype not in ("auto", "mixed"):
+        return kwargs, runtime_args
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return kwargs, runtime_args
+        from .cpu_linear import announce_cpu_dtype, choose_cpu_dtype
+
+        tokens = runtime_args.get("max_batch_tokens") or DEFAULT_MAX_BATCH_TOKENS["cpu"]
+        dtype, reason = choose_cpu_dtype(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                                         tokens)
+        announce_cpu_dtype(dtype, reason)
+    if runtime_args.get("matmul_dtype") is not None and dtype == "mixed" \
+            and runtime_args["matmul_dtype"] != torch.bfloat16:
+        raise ValueError(f"dtype='mixed' means matmul_dtype=torch.bfloat16, got matmul_dtype="
+                         f"{runtime_args['matmul_dtype']!r}; pass one of the two.")
+    kwargs = dict(kwargs)
+    kwargs[name] = torch.float32 if dtype in ("mixed", "float32") else getattr(torch, dtype)
+    if dtype == "mixed":
+        runtime_args = {**runtime_args, "matmul_dtype": torch.bfloat16}
+    return kwargs, runtime_args
 
 
 def _warn_if_spread(model) -> None:

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import cpu_ops, native
+from .batching import check_positive_int
 from .kernels.attention import varlen_attention
 
 ATTENTION_NAME = "llm2vec_fast"
@@ -134,10 +135,10 @@ def run_padded(model, input_ids, attention_mask, bidirectional: bool):
 
 # Native ops `use_native_cpu_ops` can swap in. "add_rms_norm" is the decoder layer's residual add fused into its
 # post-attention RMSNorm (a swapped decoder-layer forward).
-NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention")
+NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention", "attention_block")
 # The ones that beat their PyTorch counterpart in benchmarks/bench_native.py (results/native_cpu.json): the
 # default set. An op that does not win there is not wired in.
-SHIPPED_NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention")
+SHIPPED_NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention", "attention_block")
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _SILU_NAMES = ("SiLU", "SiLUActivation")
 _rotary_users: dict = {}  # python module of a model family -> (original apply_rotary_pos_emb, number of models)
@@ -162,10 +163,51 @@ def _native_rms_norm_forward(self, hidden_states):
     return cpu_ops.rms_norm(hidden_states, self.weight, _eps(self), gemma=self._llm2vec_native_gemma)
 
 
+def _project(linear, x, out_dtype=None):
+    """linear(x) through its prepared CpuLinear when `use_cpu_linears` gave it one (x may then be in the matmul
+    dtype or the weights' dtype), else the module itself; the result in out_dtype (default: the GEMM's dtype)."""
+    plan = linear.__dict__.get("_llm2vec_cpu_linear")
+    y = plan(x) if plan is not None else linear(x.to(linear.weight.dtype))
+    return y if out_dtype is None else y.to(out_dtype)
+
+
 def _native_mlp_forward(self, x):
     if not _native_eligible(x, self.gate_proj.weight):
         return self._llm2vec_native_original(x)
-    return self.down_proj(cpu_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+    fused = self.__dict__.get("_llm2vec_gate_up")
+    if fused is not None:
+        gate, up = fused.split(fused(x))  # one GEMM; silu_mul reads the two halves in place
+    else:
+        gate, up = _project(self.gate_proj, x), _project(self.up_proj, x)
+    # Mixed mode (bf16 GEMMs of an fp32 model): the product goes straight to the down projection's bf16 GEMM, with
+    # silu(gate) kept in fp32 inside the op (rounding it too cost 3x in 1 - cosine to fp32).
+    hidden = cpu_ops.silu_mul(gate, up, round_act=gate.dtype == x.dtype)
+    return _project(self.down_proj, hidden, x.dtype)
+
+
+def _native_attention_forward(self, hidden_states, *args, **kwargs):
+    """The attention block of a packed CPU encode: q/k/v (one fused GEMM when it pays), the C++ rotary and varlen
+    attention on [T, H, D] views, o_proj. Any other call (padded, training, a cache) runs the replaced forward."""
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    position_embeddings = kwargs.get("position_embeddings")
+    if (args or cu_seqlens is None or position_embeddings is None or getattr(self, "is_causal", False)
+            or (self.training and self.attention_dropout > 0) or hidden_states.dim() != 3
+            or hidden_states.shape[0] != 1 or kwargs.get("past_key_values") is not None
+            or kwargs.get("cache") is not None or not _native_eligible(hidden_states, self.q_proj.weight)):
+        return self._llm2vec_native_original(hidden_states, *args, **kwargs)
+    dtype = hidden_states.dtype
+    x = hidden_states[0]  # [T, hidden]
+    tokens, head_dim = x.shape[0], self.head_dim
+    fused = self.__dict__.get("_llm2vec_qkv")
+    if fused is not None:
+        q, k, v = fused.split(fused(x))
+    else:
+        q, k, v = (_project(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = (t.to(dtype).view(tokens, -1, head_dim) for t in (q, k, v))
+    cos, sin = position_embeddings
+    q, k = cpu_ops.rotary(q, k, cos.reshape(tokens, -1).to(dtype), sin.reshape(tokens, -1).to(dtype))
+    out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling)
+    return _project(self.o_proj, out.view(tokens, -1), dtype).unsqueeze(0), None
 
 
 def _native_decoder_layer_forward(self, hidden_states, *args, **kwargs):
@@ -195,26 +237,30 @@ def _native_rotary(original):
     return apply_rotary_pos_emb
 
 
-def _swap_forward(module, forward, **attributes) -> None:
-    if "_llm2vec_native_original" in module.__dict__:
+def _swap_forward(module, forward, slot: str = "native", **attributes) -> None:
+    """Replace module.forward by partial(forward, module), keeping the replaced one as _llm2vec_<slot>_original
+    (the swapped forward falls back to it); slots keep the native-op and the linear swaps independent."""
+    key = f"_llm2vec_{slot}_original"
+    if key in module.__dict__:
         return
     # partial(function, module) rather than bound methods: a bound method pickles as getattr(module, its name),
     # which the unpickled module lacks, while a partial pickles the module-level function by reference (and a
     # deepcopy rebinds it to the copied module).
     had_instance_forward = "forward" in module.__dict__
-    module._llm2vec_native_original = (module.forward if had_instance_forward
-                                       else functools.partial(type(module).forward, module))
-    module._llm2vec_native_had_instance_forward = had_instance_forward
+    module.__dict__[key] = (module.forward if had_instance_forward
+                            else functools.partial(type(module).forward, module))
+    module.__dict__[f"_llm2vec_{slot}_had_instance_forward"] = had_instance_forward
     for name, value in attributes.items():
         setattr(module, name, value)
     module.forward = functools.partial(forward, module)
 
 
-def _restore_forward(module) -> None:
-    if "_llm2vec_native_original" not in module.__dict__:
+def _restore_forward(module, slot: str = "native") -> None:
+    key = f"_llm2vec_{slot}_original"
+    if key not in module.__dict__:
         return
-    original = module.__dict__.pop("_llm2vec_native_original")
-    if module.__dict__.pop("_llm2vec_native_had_instance_forward"):
+    original = module.__dict__.pop(key)
+    if module.__dict__.pop(f"_llm2vec_{slot}_had_instance_forward"):
         module.forward = original
     else:
         del module.forward
@@ -270,6 +316,12 @@ def use_native_cpu_ops(model, enable: bool = True, ops=None) -> tuple:
         if hasattr(module, "is_causal") and hasattr(module, "layer_idx") and "varlen_attention" in wanted:
             module._llm2vec_native_attention = True
             applied.add("varlen_attention")
+            if "attention_block" in wanted and "rotary" in wanted and \
+                    all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+                # The whole packed attention block: fused q/k/v and the C++ rotary without HF's [B, H, T, D]
+                # transposes (a `rotary` request alone keeps HF's block with the swapped apply_rotary_pos_emb).
+                _swap_forward(module, _native_attention_forward)
+                applied.add("attention_block")
     family = _family_module(target)
     if "rotary" in wanted and family is not None:
         original, users = _rotary_users.get(family.__name__, (family.apply_rotary_pos_emb, 0))
@@ -301,3 +353,82 @@ def _disable_native(target) -> None:
             del _rotary_users[family_name]
         else:
             _rotary_users[family_name] = (original, users - 1)
+
+
+# ------------------------------------------------------------------------------------------- CPU linears
+
+# Linears that read one input, fused into one GEMM when measuring says it pays: (module attribute, members).
+_FUSED_GROUPS = (("_llm2vec_qkv", ("q_proj", "k_proj", "v_proj")), ("_llm2vec_gate_up", ("gate_proj", "up_proj")))
+
+
+def _cpu_linear_forward(self, x):
+    if not _native_eligible(x, self.weight):
+        return self._llm2vec_linear_original(x)
+    return self._llm2vec_cpu_linear(x).to(x.dtype)
+
+
+def use_cpu_linears(model, enable: bool = True, matmul_dtype=None, tokens: int = 1024, fuse=None,
+                    backend=None) -> dict:
+    """Route the decoder layers' linears' CPU inference through prepared GEMMs (`cpu_linear.CpuLinear`), in place.
+
+    matmul_dtype: None (the weights' dtype) or torch.bfloat16 for a float32 model: the mixed mode, in which every
+        matmul runs in bf16 while the residual stream, norms, attention softmax and pooling stay in float32.
+    tokens: rows per GEMM to measure at (the encode's token budget). fuse: one GEMM for q/k/v and for gate/up:
+        None measures whether it pays here, True / False force it. backend: "torch" / "onednn" force one (default:
+        measured per shape, see `cpu_linear.backend_for`).
+    Like the native ops, a swapped forward applies only to CPU float32 / bfloat16 inputs with no gradient to track;
+    anything else runs the original. Returns a summary: matmul dtype, backend per GEMM shape, fused groups.
+    """
+    from .cpu_linear import CpuLinear, fuse_pays
+
+    check_supported(model.config)
+    target = base_model(model)
+    for module in target.modules():
+        _restore_forward(module, slot="linear")
+        for name in ("_llm2vec_cpu_linear", *(attribute for attribute, _ in _FUSED_GROUPS)):
+            module.__dict__.pop(name, None)
+    target.__dict__.pop("_llm2vec_fast_linears", None)
+    if not enable:
+        target._llm2vec_fast_linears = {}
+        return {}
+    if matmul_dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"matmul_dtype must be None, torch.float32 or torch.bfloat16, got {matmul_dtype!r}")
+    check_positive_int("tokens", tokens)
+    layers = [m for m in target.modules() if type(m).__name__.endswith("DecoderLayer")]
+    summary = {"matmul_dtype": None, "backends": {}, "fused": []}
+    for layer in layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                dtype = matmul_dtype or module.weight.dtype
+                plan = CpuLinear([module], dtype, tokens, backend)
+                _swap_forward(module, _cpu_linear_forward, slot="linear", _llm2vec_cpu_linear=plan)
+                summary["matmul_dtype"] = str(dtype).replace("torch.", "")
+        for owner in layer.modules():
+            for attribute, names in _FUSED_GROUPS:
+                members = [getattr(owner, n, None) for n in names]
+                if not all(isinstance(m, torch.nn.Linear) for m in members):
+                    continue
+                if len({(m.in_features, m.weight.dtype) for m in members}) != 1:
+                    continue
+                dtype = matmul_dtype or members[0].weight.dtype
+                wanted = fuse if fuse is not None else fuse_pays(members[0].in_features,
+                                                                 [m.out_features for m in members], dtype, tokens)
+                if wanted:
+                    owner.__dict__[attribute] = CpuLinear(members, dtype, tokens, backend)
+                    label = "+".join(names)
+                    if label not in summary["fused"]:
+                        summary["fused"].append(label)
+    for layer in layers[:1]:
+        for module in layer.modules():
+            plans = [module.__dict__.get(a) for a in ("_llm2vec_cpu_linear", *(g for g, _ in _FUSED_GROUPS))]
+            for plan in plans:
+                if plan is not None:
+                    plan.prepare()
+                    summary["backends"][f"{plan.in_features}x{sum(plan.splits)}"] = plan.backend
+    target._llm2vec_fast_linears = summary
+    return summary
+
+
+def cpu_linears(model):
+    """The summary `use_cpu_linears` returned for `model` ({} once disabled), or None when it was never called."""
+    return base_model(model).__dict__.get("_llm2vec_fast_linears")
