@@ -28,6 +28,7 @@ from ..encode_job.shards import OUTPUT_FORMATS, OutputDir
 from ..encode_job.sources import FORMATS, check_input, columns, input_identity, is_table, resolve_format, scan
 
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("local", "ray")
 SHARD_DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 10_000
 FINGERPRINT_VERSION = 2
@@ -95,11 +96,24 @@ def register(subparsers) -> None:
                              "(other files are kept; a directory encode did not write is refused)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (neither ours nor transformers' weight-loading bars)")
+    engine = parser.add_argument_group("engine", "where the model runs: this process (local; several under torchrun) "
+                                                 "or a Ray cluster (parquet/dataset input)")
+    engine.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local: this process encodes its shards; ray: Ray Data reads the shards and an actor "
+                             "pool encodes them, this process writes the output (pip install 'llm2vec-fast[ray]')")
+    engine.add_argument("--ray-address", default=None,
+                        help="the Ray cluster to join (default: RAY_ADDRESS, else a new local Ray instance)")
+    engine.add_argument("--ray-actors", type=positive_int, default=1,
+                        help="actors in the pool, each holding one copy of the model")
+    engine.add_argument("--ray-cpus-per-actor", type=positive_int, default=1,
+                        help="CPUs per actor (its torch threads on a CPU actor)")
+    engine.add_argument("--ray-gpus-per-actor", type=int, choices=(0, 1), default=0,
+                        help="1: each actor gets one GPU and encodes on it")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    """Embed args.input into .npy shards under args.output and return the exit status 0.
+    """Embed args.input into shards under args.output and return the exit status 0.
 
     Under torchrun this rank encodes its own shards and rank 0 writes the manifest; an interrupted run resumes, a
     complete one is left as it is. Bad input, bad options or a changed input raise UserError.
@@ -131,12 +145,27 @@ def run(args) -> int:
         _say(ranks, f"{args.output} is already complete; nothing to do (pass --overwrite to encode again).")
         return 0
 
-    corpus = None if spec.is_stdin else scan(spec)
+    plans = None
+    if args.engine == "ray":
+        _check_ray_engine(spec, ranks)
+        from ..encode_job import ray_engine
+
+        plans, corpus = ray_engine.plan(spec, args.shard_size)
+    else:
+        corpus = None if spec.is_stdin else scan(spec)
     if corpus is not None and corpus.bad:
         if not args.skip_bad_lines:
             raise bad_lines_error(spec.name, corpus.bad)
         _say(ranks, f"skipping {len(corpus.bad)} bad line(s) of {spec.name} (--skip-bad-lines):\n"
                     + describe_bad_lines(spec.name, corpus.bad))
+
+    if plans is not None:
+        output.prepare(fingerprint, args.overwrite)
+        settings = ray_engine.encoder_settings(model_dir, adapter_dir, args.pooling, args.max_length)
+        throughput = _encode_with_ray(args, spec, model_dir, output, plans, corpus, settings)
+        manifest = output.merge(len(plans), _meta(args, settings, spec))
+        _report(args, manifest, throughput, ranks)
+        return 0
 
     with ProcessGroup(ranks) as group:
         if ranks.is_main:
@@ -180,6 +209,29 @@ def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corp
               file=sys.stderr)
         raise
     return throughput
+
+
+def _check_ray_engine(spec: InputSpec, ranks: Ranks) -> None:
+    if not is_table(spec):
+        raise UserError(f"--engine ray reads Parquet or datasets inputs (Ray Data reads their row groups on the "
+                        f"workers); {spec.name} is {spec.format}. Convert it to Parquet, or use --engine local.")
+    if ranks.world_size > 1:
+        raise UserError("--engine ray schedules its own workers; run it as one process, not under torchrun.")
+
+
+def _encode_with_ray(args, spec, model_dir, output, plans, corpus, settings):
+    from ..encode_job.ray_engine import encode_with_ray
+
+    done = output.completed()
+    counts = corpus.valid_lines_per_shard(args.shard_size)
+    with tqdm(total=sum(counts), initial=sum(n for k, n in enumerate(counts) if k in done), unit="text",
+              desc="encode (ray)", dynamic_ncols=True, disable=args.no_progress) as progress:
+        try:
+            return encode_with_ray(args, spec, model_dir, output, plans, progress, settings.config.hidden_size)
+        except KeyboardInterrupt:
+            print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
+                  file=sys.stderr)
+            raise
 
 
 def _resolve_model(name: str, option: str) -> str:

@@ -249,3 +249,63 @@ def row_problem(text, row_id, id_wanted: bool) -> str | None:
     if id_wanted and row_id is None:
         return "null id"
     return None
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """Rows [start, stop) of one data file (counted from 0 within the file)."""
+
+    file: str
+    start: int
+    stop: int
+
+
+def file_row_counts(columns: TableColumns, fmt: str) -> list[int]:
+    """The number of rows of each data file, in order: Parquet footers, or a pass over a memory-mapped Arrow
+    stream's batch headers (no column is read)."""
+    pa = pyarrow()
+    counts = []
+    for file in columns.files:
+        if fmt == "parquet":
+            counts.append(pa.parquet.read_metadata(file).num_rows)
+        else:
+            with pa.memory_map(file) as source:
+                counts.append(sum(batch.num_rows for batch in pa.ipc.open_stream(source)))
+    return counts
+
+
+def pieces(columns: TableColumns, counts: list[int], start: int, stop: int) -> list[FilePiece]:
+    """The file pieces holding global rows [start, stop) (counted from 0), in order; counts: file_row_counts."""
+    found, offset = [], 0
+    for file, n in zip(columns.files, counts):
+        a, b = max(start, offset), min(stop, offset + n)
+        if a < b:
+            found.append(FilePiece(file, a - offset, b - offset))
+        offset += n
+    return found
+
+
+def read_piece(columns: TableColumns, fmt: str, piece: FilePiece):
+    """The wanted columns of one file piece as a pyarrow Table; only the row groups (or stream batches) that
+    overlap the piece are read."""
+    pa = pyarrow()
+    if fmt == "parquet":
+        parquet = pa.parquet.ParquetFile(piece.file)
+        groups, first, offset = [], None, 0
+        for g in range(parquet.metadata.num_row_groups):
+            n = parquet.metadata.row_group(g).num_rows
+            if offset < piece.stop and offset + n > piece.start:
+                groups.append(g)
+                first = offset if first is None else first
+            offset += n
+        table = parquet.read_row_groups(groups, columns=columns.names)
+        return table.slice(piece.start - first, piece.stop - piece.start)
+    kept, offset = [], 0
+    with pa.memory_map(piece.file) as source:
+        for batch in pa.ipc.open_stream(source):
+            a, b = max(piece.start, offset), min(piece.stop, offset + batch.num_rows)
+            if a < b:
+                kept.append(batch.select(columns.names).slice(a - offset, b - a))
+            offset += batch.num_rows
+        # Copied out of the map before it closes: the table travels to another process.
+        return pa.Table.from_batches(kept).combine_chunks()  # pieces() makes no empty piece
