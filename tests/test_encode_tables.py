@@ -233,3 +233,17 @@ def test_read_table_shards_holds_one_batch_per_read(texts, tmp_path, monkeypatch
     assert [s.index for s in shards] == [0, 2, 3, 4] and shards[-1].last_line == N_LINES
     assert [t for s in shards for t in s.texts] == texts[:10] + texts[20:]
     assert max(n for n, _ in seen) == 4 and {tuple(names) for _, names in seen} == {("text",)}
+
+
+def test_the_map_batches_class_also_maps_a_datasets_dataset(llama_dir, texts):
+    """The Python API for a `datasets` Dataset in memory: Dataset.map with the Ray Data class (no Ray needed)."""
+    datasets = pytest.importorskip("datasets")
+    from llm2vec_fast import LLM2Vec
+    from llm2vec_fast.integrations.ray import LLM2VecPredictor
+
+    ds = datasets.Dataset.from_dict({"text": texts, "id": list(range(N_LINES))})
+    encoder = LLM2VecPredictor(llama_dir, drop_columns=["text"])
+    out = ds.with_format("arrow").map(encoder, batched=True, batch_size=16, remove_columns=["text"])
+    assert out.column_names == ["id", "embedding"] and out["id"].to_pylist() == list(range(N_LINES))
+    expected = LLM2Vec.from_pretrained(llama_dir).encode(texts, show_progress_bar=False).numpy()
+    np.testing.assert_allclose(np.asarray(out.with_format("numpy")["embedding"]), expected, atol=1e-5, rtol=0)

@@ -57,9 +57,9 @@ def check_input(spec: InputSpec) -> None:
     columns(spec)  # every file's schema: a missing column or a wrong type stops the run here
 
 
-@functools.lru_cache(maxsize=8)
 def columns(spec: InputSpec) -> tables.TableColumns:
-    """The checked columns of a table input (read once per spec: each file's schema is read)."""
+    """The checked columns of a table input. Not cached: the files are listed and their footers read at each call
+    (milliseconds), so a directory that changed between two runs in one process is never seen stale."""
     return tables.check_columns(spec.path, spec.format, spec.text_field, spec.instruction_field, spec.id_field)
 
 

@@ -8,7 +8,8 @@ reported as ``input:N: reason`` and handled as a bad line (refused, or skipped a
 Nothing is dropped or reordered silently.
 
 Only the columns named by --text-field, --instruction-field (if the table has it) and --id-field are read, in
-record batches of at most BATCH_ROWS rows, so memory stays bounded by one shard whatever the table's size.
+record batches of at most BATCH_ROWS rows, so memory stays bounded by one shard (plus the row group pyarrow is
+decoding) whatever the table's size.
 pyarrow is imported only when such an input is used: the base install does not need it.
 """
 
