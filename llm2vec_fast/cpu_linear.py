@@ -203,6 +203,7 @@ CPU_DTYPES = ("float32", "bfloat16", "mixed")
 # conversions and fp32 elementwise work.
 BF16_MIN_SPEEDUP = 1.3
 _CHOICE_FILE = "cpu_dtype.json"
+ENV_DTYPE = "LLM2VEC_FAST_CPU_DTYPE"  # float32 | bfloat16 | mixed: what dtype="auto" resolves to, unmeasured
 _announced: set = set()
 
 
@@ -284,8 +285,13 @@ def choose_cpu_dtype(hidden_size: int, intermediate_size: int, tokens: int = 102
     Without native bf16 matmul it is float32 without measuring. With it, a [tokens, hidden] x [hidden,
     intermediate] GEMM is timed in both dtypes (the MLP's shape, most of the FLOPs); mixed where bf16 is at least
     BF16_MIN_SPEEDUP faster, float32 otherwise. The measurement is cached per machine, torch version, thread count
-    and shape in <cache>/cpu_dtype.json (delete it to measure again).
+    and shape in <cache>/cpu_dtype.json (delete it to measure again). LLM2VEC_FAST_CPU_DTYPE fixes the answer.
     """
+    forced = os.environ.get(ENV_DTYPE, "").strip().lower()
+    if forced:
+        if forced not in CPU_DTYPES:
+            raise ValueError(f"{ENV_DTYPE}={forced!r}: choose one of {', '.join(CPU_DTYPES)}")
+        return forced, f"set by {ENV_DTYPE}"
     if not native_bf16_matmul(flags):
         return "float32", "no native bf16 matmul (AVX-512 BF16 / AMX) on this CPU"
     key = _machine_key(hidden_size, intermediate_size, tokens)

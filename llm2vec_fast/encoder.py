@@ -576,6 +576,22 @@ def _is_managed(name: str) -> bool:
     return name in _SAVE_MANAGED or sharded
 
 
+def resolve_auto_dtype(config, device=None, max_batch_tokens: Optional[int] = None) -> str:
+    """What dtype="auto" means for a model with this `config` encoding on `device` (default: cuda if available):
+    on CPU the measured choice of `cpu_linear.choose_cpu_dtype` ("mixed" or "float32", announced once on
+    stderr); on a GPU "auto", Hugging Face's meaning (the checkpoint's dtype)."""
+    device = torch.device(device) if device is not None else None
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type != "cpu"):
+        return "auto"
+    from .cpu_linear import announce_cpu_dtype, choose_cpu_dtype
+
+    tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cpu"]
+    choice, reason = choose_cpu_dtype(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                                      tokens)
+    announce_cpu_dtype(choice, reason)
+    return choice
+
+
 def _resolve_dtype(kwargs: dict, runtime_args: dict, config) -> tuple[dict, dict]:
     """Turn from_pretrained's dtype="mixed" / "auto" (CPU) into a Hugging Face dtype plus our matmul_dtype."""
     name = "dtype" if "dtype" in kwargs else "torch_dtype"
@@ -583,14 +599,9 @@ def _resolve_dtype(kwargs: dict, runtime_args: dict, config) -> tuple[dict, dict
     if not isinstance(dtype, str) or dtype not in ("auto", "mixed"):
         return kwargs, runtime_args
     if dtype == "auto":
-        if torch.cuda.is_available():
+        dtype = resolve_auto_dtype(config, max_batch_tokens=runtime_args.get("max_batch_tokens"))
+        if dtype == "auto":
             return kwargs, runtime_args
-        from .cpu_linear import announce_cpu_dtype, choose_cpu_dtype
-
-        tokens = runtime_args.get("max_batch_tokens") or DEFAULT_MAX_BATCH_TOKENS["cpu"]
-        dtype, reason = choose_cpu_dtype(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
-                                         tokens)
-        announce_cpu_dtype(dtype, reason)
     if runtime_args.get("matmul_dtype") is not None and dtype == "mixed" \
             and runtime_args["matmul_dtype"] != torch.bfloat16:
         raise ValueError(f"dtype='mixed' means matmul_dtype=torch.bfloat16, got matmul_dtype="

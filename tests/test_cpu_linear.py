@@ -31,6 +31,7 @@ def fresh_cache(tmp_path, monkeypatch):
     """Each test measures (or mocks) afresh and writes its dtype choice into its own cache directory."""
     monkeypatch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(cpu_linear.ENV_BACKEND, raising=False)
+    monkeypatch.delenv(cpu_linear.ENV_DTYPE, raising=False)
     monkeypatch.setattr(cpu_linear, "_timings", {})
     monkeypatch.setattr(cpu_linear, "_announced", set())
 
@@ -163,6 +164,15 @@ def test_auto_follows_the_measurement_and_caches_it(monkeypatch, flag, speedup, 
     assert again == expected and len(calls) == 1
 
 
+def test_env_fixes_the_auto_choice(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "measure_bf16_speedup", lambda *a: pytest.fail("measured"))
+    monkeypatch.setenv(cpu_linear.ENV_DTYPE, "bfloat16")
+    assert cpu_linear.choose_cpu_dtype(576, 1536, flags=set())[0] == "bfloat16"
+    monkeypatch.setenv(cpu_linear.ENV_DTYPE, "fp8")
+    with pytest.raises(ValueError, match="LLM2VEC_FAST_CPU_DTYPE"):
+        cpu_linear.choose_cpu_dtype(576, 1536)
+
+
 def test_native_bf16_detection_reads_flags():
     assert cpu_linear.native_bf16_matmul({"avx512_bf16"}) and cpu_linear.native_bf16_matmul({"amx_bf16"})
     assert not cpu_linear.native_bf16_matmul({"avx512f", "avx512_vnni"})
@@ -274,3 +284,49 @@ def test_prepared_model_pickles_and_copies(llama_dir):
         plan = clone.model.layers[0].self_attn.o_proj._llm2vec_cpu_linear
         assert plan.linears[0] is clone.model.layers[0].self_attn.o_proj  # bound to the clone's module
         torch.testing.assert_close(clone.encode(TEXTS, show_progress_bar=False), expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+@pytest.mark.parametrize("flag, expected", [("mixed", "mixed (bf16 matmuls"), ("float32", "float32"),
+                                            ("auto", "mixed (bf16 matmuls")])
+def test_demo_dtype_flag(monkeypatch, capsys, llama_dir, flag, expected):
+    from llm2vec_fast import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_linear, "choose_cpu_dtype", lambda *a, **k: ("mixed", "mocked measurement"))
+    assert demo.main(["--model", llama_dir, "--dtype", flag]) == 0
+    out = capsys.readouterr()
+    assert f"parameters, {expected}" in out.out and "throughput:" in out.out
+    assert ("dtype='auto' on this CPU" in out.err) == (flag == "auto")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("flag, env, expected", [("mixed", None, "mixed"), ("auto", "mixed", "mixed"),
+                                                 ("auto", "float32", "float32")])
+def test_cli_encode_dtype_flag(monkeypatch, tmp_path, llama_dir, flag, env, expected):
+    """--dtype mixed / auto: the manifest names the resolved precision, the embeddings are the API's."""
+    import json
+
+    import numpy as np
+
+    from encode_helpers import encode_args
+    from llm2vec_fast.cli import main
+    from llm2vec_fast.encode_job.shards import MANIFEST, load_embeddings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if env is not None:
+        monkeypatch.setenv(cpu_linear.ENV_DTYPE, env)
+    lines = [t if isinstance(t, str) else t[1] for t in TEXTS[:5]]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    monkeypatch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path / "cache"))
+    assert main(encode_args(llama_dir, source, out, "--dtype", flag)) == 0
+    assert json.loads((out / MANIFEST).read_text())["model_dtype"] == expected
+    embeddings, _ = load_embeddings(str(out))
+    api = LLM2Vec.from_pretrained(llama_dir, dtype=expected if expected == "mixed" else torch.float32)
+    np.testing.assert_allclose(embeddings, api.encode(lines, show_progress_bar=False).numpy(), atol=1e-5, rtol=0)

@@ -27,7 +27,7 @@ from ..encode_job.pipeline import ShardSource, Throughput, check_input_unchanged
 from ..encode_job.shards import OUTPUT_FORMATS, OutputDir
 from ..encode_job.sources import FORMATS, check_input, columns, input_identity, is_table, resolve_format, scan
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 ENGINES = ("local", "ray")
 SHARD_DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 10_000
@@ -69,7 +69,10 @@ def register(subparsers) -> None:
                         help="instruction for every line that has none of its own")
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="model weights dtype; mixed: float32 weights with bf16 matmuls on CPU; auto: on CPU, "
+                             "mixed where bf16 matmuls are native and measure faster, else float32 (printed; "
+                             "recorded in the fingerprint as the resolved value), on GPU the checkpoint's dtype")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="tokens per input, instruction included (default: the model's, else 512)")
     parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
@@ -136,6 +139,7 @@ def run(args) -> int:
         raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
     model_dir = _resolve_model(args.model, "--model")
     adapter_dir = None if args.peft_model is None else _resolve_model(args.peft_model, "--peft-model")
+    args.dtype = _resolved_dtype(args, model_dir, ranks)
     fingerprint = _fingerprint(args, spec, model_dir, adapter_dir)
     output = OutputDir(args.output, ranks.rank, args.output_format, columns(spec).id_kind if is_table(spec) else None)
     output.check(fingerprint, args.overwrite)
@@ -241,6 +245,25 @@ def _resolve_model(name: str, option: str) -> str:
         raise UserError(str(error)) from None
 
 
+def _resolved_dtype(args, model_dir: str, ranks: Ranks) -> str:
+    """--dtype with auto resolved once, before the fingerprint, so that it names the precision the embeddings get."""
+    if args.engine == "ray":
+        if args.dtype == "mixed":
+            raise UserError("--dtype mixed is not available with --engine ray; pass --dtype float32 or bfloat16.")
+        return "float32" if args.dtype == "auto" else args.dtype  # workers may run on other machines
+    if args.dtype != "auto":
+        return args.dtype
+    from transformers import AutoConfig
+
+    from ..encoder import resolve_auto_dtype
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of --model {args.model!r}: {error}") from None
+    return resolve_auto_dtype(config, device=_device(args.device, ranks), max_batch_tokens=args.max_batch_tokens)
+
+
 def _load_model(args, model_dir: str):
     import torch
 
@@ -249,8 +272,9 @@ def _load_model(args, model_dir: str):
     # Unset options are left out so that the model's llm2vec_config.json supplies them.
     encoder_args = {k: v for k, v in (("pooling_mode", args.pooling), ("max_length", args.max_length)) if v is not None}
     try:
-        return LLM2Vec.from_pretrained(model_dir, peft_model_name_or_path=args.peft_model,
-                                       dtype=getattr(torch, args.dtype), **encoder_args)
+        dtype = args.dtype if args.dtype in ("auto", "mixed") else getattr(torch, args.dtype)
+        return LLM2Vec.from_pretrained(model_dir, peft_model_name_or_path=args.peft_model, dtype=dtype,
+                                       **encoder_args)
     except (FileNotFoundError, ValueError, OSError) as error:
         what = f"--model {args.model!r}" + (f" with --peft-model {args.peft_model!r}" if args.peft_model else "")
         raise UserError(f"cannot load {what}: {error}") from None
