@@ -6,11 +6,15 @@
 Each run is the real command line in a fresh process tree, on a Parquet corpus of short random texts
 (llm2vec_fast.testing.corpus, 3-15 words) with a tiny random Llama (hidden 64, 2 layers; what is measured is the
 job around the model: reading, tokenizing, scheduling, writing), Parquet output, default shard size (10,000):
-- single:    `llm2vec-fast encode` in one process (torch's threads: all cores);
+- single:    `llm2vec-fast encode` in one process with one thread (OMP_NUM_THREADS=1);
 - torchrun2: `torchrun --nproc_per_node 2 -m llm2vec_fast encode` (one thread per rank);
-- ray2:      `encode --engine ray --ray-actors 2` on a new local Ray instance (one CPU per actor).
-Peak memory is the largest sum of RSS over the command's whole process tree (Ray's raylet and workers included),
-sampled every 0.2 s; flat memory means it does not grow with the corpus. Every output is checked (row count, line
+- ray2:      `encode --engine ray --ray-actors 2` on a new local Ray instance (one CPU, one thread per actor);
+- single-allthreads (only when asked for): one process with torch's default threads.
+So single -> torchrun2 / ray2 is one worker -> two workers of one thread each.
+Peak memory is the largest sum of PSS (proportional set size: a page shared by k processes counts 1/k in each, so
+Ray's shared-memory object store is counted once, not once per worker that maps it) over the command's whole
+process tree (Ray's raylet and workers included), sampled every 0.5 s; flat memory means it does not grow with the
+corpus. Every output is checked (row count, line
 numbers 1..N in order) before its time is reported. Writes a JSON of rows (rows of an earlier run in --out for
 other sizes or engines are kept) and a chart beside it.
 """
@@ -30,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import git_commit  # noqa: E402
 
 ENGINES = ("single", "torchrun2", "ray2")
+# Not in the default set: one process with torch's default thread count (all cores). On a machine whose cores are
+# busy with other work, OpenMP's spinning threads make it far slower than one thread (see README, Scaling out).
+EXTRA_ENGINES = ("single-allthreads",)
 
 
 def write_corpus(path: str, n: int) -> None:
@@ -48,7 +55,10 @@ def command(engine: str, model: str, data: str, out: str) -> tuple[list[str], di
     base = ["encode", "--model", model, "--input", data, "--output", out, "--output-format", "parquet",
             "--no-progress"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if engine == "single-allthreads":
+        return [sys.executable, "-m", "llm2vec_fast", *base], env
     if engine == "single":
+        env.update(OMP_NUM_THREADS="1")
         return [sys.executable, "-m", "llm2vec_fast", *base], env
     if engine == "torchrun2":
         env.update(OMP_NUM_THREADS="1")
@@ -60,7 +70,7 @@ def command(engine: str, model: str, data: str, out: str) -> tuple[list[str], di
 
 
 def run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS of the process tree in MiB, stderr) of one command."""
+    """(wall seconds, peak PSS of the process tree in MiB, stderr) of one command."""
     import psutil
 
     peak = [0]
@@ -77,13 +87,13 @@ def run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
                 total = 0
                 for p in tree:
                     try:
-                        total += p.memory_info().rss
+                        total += p.memory_full_info().pss
                     except psutil.Error:
                         pass
                 peak[0] = max(peak[0], total)
             except psutil.Error:
                 pass
-            done.wait(0.2)
+            done.wait(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -121,7 +131,7 @@ def check_output(out: str, n: int) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", choices=ENGINES + EXTRA_ENGINES, default=list(ENGINES))
     parser.add_argument("--work", default=None, help="scratch directory (default: a new temporary one)")
     parser.add_argument("--out", default="benchmarks/results/scale_cpu.json")
     args = parser.parse_args(argv)
@@ -142,7 +152,8 @@ def main(argv=None) -> int:
             seconds, peak_mib, _ = run_measured(argv_, env)
             check_output(out, n)
             row = {"engine": engine, "texts": n, "seconds": round(seconds, 2), "texts_per_s": round(n / seconds, 1),
-                   "peak_rss_mib": round(peak_mib, 1), "commit": git_commit(), "cpus": os.cpu_count(),
+                   "peak_pss_mib": round(peak_mib, 1), "commit": git_commit(), "cpus": os.cpu_count(),
+                   "omp_num_threads": env.get("OMP_NUM_THREADS", "default"),
                    "command": " ".join(argv_[1:]).replace(work, "$WORK")}
             rows.append(row)
             print(f"{engine:10s} {n:>9,d} texts  {seconds:8.1f} s  {n / seconds:9,.0f} texts/s  "
@@ -181,14 +192,14 @@ def _plot(rows: list[dict], path: str) -> None:
         print("matplotlib is absent: no chart", file=sys.stderr)
         return
     fig, (rate, memory) = plt.subplots(1, 2, figsize=(11, 4))
-    for engine in ENGINES:
+    for engine in ENGINES + EXTRA_ENGINES:
         mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["texts"])
         if not mine:
             continue
         sizes = [r["texts"] for r in mine]
         rate.plot(sizes, [r["texts_per_s"] for r in mine], marker="o", label=engine)
-        memory.plot(sizes, [r["peak_rss_mib"] for r in mine], marker="o", label=engine)
-    for axis, label in ((rate, "texts / s (whole command)"), (memory, "peak RSS of the process tree (MiB)")):
+        memory.plot(sizes, [r["peak_pss_mib"] for r in mine], marker="o", label=engine)
+    for axis, label in ((rate, "texts / s (whole command)"), (memory, "peak PSS of the process tree (MiB)")):
         axis.set_xscale("log")
         axis.set_xlabel("corpus size (texts)")
         axis.set_ylabel(label)
