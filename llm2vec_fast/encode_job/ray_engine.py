@@ -146,8 +146,11 @@ def _run(ray, args, spec, model_dir, output, plans, progress, dim) -> Throughput
     units = ray.data.from_items([{"shard": p.index, "start": p.first_line - 1, "stop": p.last_line} for p in todo],
                                 override_num_blocks=len(todo))
     # Reads take no CPU from the scheduler: they are light next to encoding and must not wait behind an actor pool
-    # that holds every CPU (Ray Data's backpressure bounds how many run ahead).
+    # that holds every CPU. Without a CPU cost nothing bounds how many run at once, so `concurrency` does: one read
+    # in flight per actor keeps every actor fed and the number of worker processes (and memory) fixed, whatever
+    # the number of shards.
     rows = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                             concurrency=args.ray_actors,
                              fn_kwargs={"columns": columns, "fmt": spec.format, "counts": counts})
     gpus = args.ray_gpus_per_actor
     # batch_size=None: one call per block, and each block is one shard's rows (one read task's output).
