@@ -46,16 +46,18 @@ def run(model_name="smollm2-135m", dtypes=("float32", "bfloat16"), n_sentences=3
 
 
 def compare(bench, make_encoder, texts, dtypes, device, max_batch_tokens=None, label="", flops_per_token=None,
-            peak_flops=None):
+            peak_flops=None, fp32_truth=True):
     """Time the reference algorithm and our engine on `texts` for each dtype; make_encoder(torch dtype) -> LLM2Vec.
-    With flops_per_token and peak_flops, our rows also carry the model FLOP utilisation (MFU)."""
+    With flops_per_token and peak_flops, our rows also carry the model FLOP utilisation (MFU). Lower precisions
+    are checked against our fp32 embeddings, or with ``fp32_truth=False`` (a 7B model, where an fp32 copy costs
+    28 GB and minutes) against the reference algorithm's embeddings in the same dtype."""
     truth = None  # float32 embeddings of our engine, the yardstick for lower precisions
     for dtype_name in dtypes:
         encoder = make_encoder(getattr(torch, dtype_name)).to(device)
         tokens = sum(len(r) for r in encoder.tokenize_inputs(texts))
         shape = dict(model=label, texts=len(texts), tokens=tokens, dtype=dtype_name) if label else \
             dict(texts=len(texts), tokens=tokens, dtype=dtype_name)
-        if dtype_name != "float32" and truth is None:
+        if dtype_name != "float32" and truth is None and fp32_truth:
             truth = make_encoder(torch.float32).to(device).encode(texts, show_progress_bar=False, device=device)
         # Warm both paths (allocator, kernels' first launch) on a few texts.
         reference_encode(encoder, texts[:8], device=device)
@@ -71,7 +73,7 @@ def compare(bench, make_encoder, texts, dtypes, device, max_batch_tokens=None, l
 
         bench.run("encode", "llm2vec-0.2.3-algo", shape, reference, tokens=tokens, baseline=True)
         bench.run("encode", "llm2vec-fast", shape, ours, tokens=tokens)
-        ok, message = _agree(results, truth if dtype_name != "float32" else None)
+        ok, message = _agree(results, truth if dtype_name != "float32" else None, dtype_name != "float32")
         row = bench.rows[-1]
         row["correct"], row["note"] = ok, message if ok else f"CORRECTNESS FAILED {message}"
         if not ok:
@@ -92,15 +94,21 @@ def flops_per_token(model, mean_length: float) -> float:
     return 2 * linear + 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * mean_length
 
 
-def _agree(results, truth):
+def _agree(results, truth, low_precision=False):
     """float32: ours must match the reference algorithm (rotary is relative, so only rounding differs).
     Lower precision: our error against float32 must be at most twice the reference algorithm's (the project's
     tolerance rule), both measured as 1 - cosine to the float32 embeddings."""
     cosine = torch.nn.functional.cosine_similarity
     ours, reference = results["ours"], results["reference"]
-    if truth is None:
+    if truth is None and not low_precision:
         worst = cosine(reference, ours, dim=-1).min()
         return bool(worst > 0.9999), f"min cosine(reference, ours) {worst:.6f}"
+    if truth is None:
+        # No fp32 truth (a 7B model): two bf16 computations in different orders; bf16 rounding alone moves an
+        # embedding by 1 - cosine ~ 1e-2 on real models, so this only catches a wrong result, not a worse one.
+        sims = cosine(reference.float(), ours.float(), dim=-1)
+        return bool(sims.mean() > 0.99 and sims.min() > 0.95), \
+            f"cosine(reference, ours) mean {sims.mean():.5f} min {sims.min():.5f} (no fp32 truth)"
     ours_error = (1 - cosine(ours, truth, dim=-1)).max()
     reference_error = (1 - cosine(reference, truth, dim=-1)).max()
     return bool(ours_error <= 2 * reference_error + 1e-6), \

@@ -4,8 +4,9 @@
 
 GPU: our Triton attention against every SDPA backend that runs (flash, efficient, cudnn; padded to the longest
 sequence with a key-padding mask for mixed lengths, counted with the useful FLOPs 4*H*D*sum(s_i^2), backward
-2.5x forward), head dims 64 and 128, sequence lengths 128..8192, uniform and mixed-length batches; pooling GB/s
-against a PyTorch implementation. CPU (no GPU, or --cpu): small sizes, our CPU dispatch path against plain
+2.5x forward), and the packed varlen peers where installed (torch.nn.attention.varlen.varlen_attn, flash_attn's
+flash_attn_varlen_func), head dims 64 and 128, sequence lengths 128..8192, uniform and mixed-length batches;
+pooling GB/s against a PyTorch implementation. CPU (no GPU, or --cpu): small sizes, our CPU dispatch path against plain
 PyTorch alternatives; the Triton interpreter is not timed (it measures nothing about the kernels).
 """
 
@@ -64,6 +65,27 @@ def sdpa_backends():
     return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
 
 
+def packed_peers():
+    """name -> fn(q, k, v, cu_seqlens, max_seqlen) for the packed varlen attentions installed: torch's
+    ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) and ``flash_attn.flash_attn_varlen_func``."""
+    peers = {}
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pass
+    else:
+        peers["torch-varlen_attn"] = lambda q, k, v, cu, S: varlen_attn(
+            q, k, v, cu, cu, S, S, enable_gqa=q.shape[1] != k.shape[1])
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        pass
+    else:
+        peers["flash_attn-varlen"] = lambda q, k, v, cu, S: flash_attn_varlen_func(q, k, v, cu, cu, S, S,
+                                                                                   causal=False)
+    return peers
+
+
 def bench_attention_gpu(bench, dtype, d, heads, kind, seqlen, total_tokens, backward, rng):
     from torch.nn.attention import sdpa_kernel
 
@@ -92,6 +114,15 @@ def bench_attention_gpu(bench, dtype, d, heads, kind, seqlen, total_tokens, back
                     torch.autograd.grad(out, (qp, kp, vp), dop)
             return out
         bench.run(op, f"sdpa-{name}", shape, sdpa_fn, flops=flops, baseline=True)
+
+    # Packed (no padding) peers: torch's own varlen flash attention and the flash_attn package, where present.
+    for name, fn in packed_peers().items():
+        def peer(fn=fn):
+            out = fn(q, k, v, cu, S)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), do)
+            return out
+        bench.run(op, name, shape, peer, flops=flops, baseline=True)
 
     def ours():
         out = varlen_attention(q, k, v, cu, S)
@@ -157,6 +188,15 @@ def bench_attention_cpu(bench, dtype, d, heads, lengths, backward):
         if backward:
             torch.autograd.grad(out, (q, k, v), do)
         return out
+
+    # Packed (no padding) peers: torch's own varlen flash attention and the flash_attn package, where present.
+    for name, fn in packed_peers().items():
+        def peer(fn=fn):
+            out = fn(q, k, v, cu, S)
+            if backward:
+                torch.autograd.grad(out, (q, k, v), do)
+            return out
+        bench.run(op, name, shape, peer, flops=flops, baseline=True)
 
     def ours():
         out = varlen_attention(q, k, v, cu, S)

@@ -66,7 +66,7 @@ class SavingBench(Bench):
 
     def run(self, *args, **kwargs):
         row = super().run(*args, **kwargs)
-        self.on_row()
+        self.on_row(row)
         return row
 
 
@@ -83,12 +83,29 @@ class Context:
         self.checks = []
         self.sections = {}  # name -> dict(status=pending|running|ok|failed|skipped, seconds, summary, error)
         self.current = None
-        self.bench = SavingBench(self.device, self.save, repeats=20 if not smoke else 2, max_seconds=3.0)
+        self.bench = SavingBench(self.device, self._bench_row, repeats=20 if not smoke else 2, max_seconds=3.0)
+        self.lines = None
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            # Every check, benchmark row and section end as one JSON line, flushed at once: what a lease cut off
+            # mid-write leaves is every complete line before it.
+            self.lines = open(os.path.splitext(out)[0] + ".jsonl", "a", buffering=1)
+
+    def log(self, kind, row):
+        if self.lines:
+            self.lines.write(json.dumps(dict(kind=kind, t=round(time.time() - self.t0, 2), **row), default=str)
+                             + "\n")
+            self.lines.flush()
+
+    def _bench_row(self, row):
+        self.log("bench", dict(row, section=self.current))
+        self.save()
 
     def check(self, name, ok, **info):
         row = dict(check=name, ok=bool(ok), section=self.current, **info)
         self.checks.append(row)
         print(f"[{'PASS' if ok else 'FAIL'}] {name} " + " ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+        self.log("check", row)
         self.save()
         return row
 
@@ -238,6 +255,7 @@ def _check_dtypes(ctx):
 
 
 def attention_section(ctx):
+    """bf16 then fp16 attention, forward and dQ/dK/dV, against float64: GQA, varlen, head dims 64-256, an 8k row."""
     if ctx.smoke:
         cases = [([1, 0, 17, 40], 4, 2, 64), ([33], 3, 1, 80)]
     else:
@@ -255,7 +273,18 @@ def attention_section(ctx):
     return {}
 
 
+def attention_fp32_section(ctx):
+    """fp32 inputs run on TF32 tensor cores (``attention.FP32_PRECISION``, default tf32x3): its error against
+    float64, under the same rule as the 16-bit checks (2x the fp32 PyTorch error + a floor)."""
+    cases = [([1, 0, 17, 40], 4, 2, 64)] if ctx.smoke else [([1, 0, 777, 1024, 63], 8, 2, 128),
+                                                            ([300, 911], 6, 2, 64)]
+    for lengths, hq, hkv, d in cases:
+        check_attention_case(ctx, lengths, hq, hkv, d, torch.float32)
+    return dict(precision=attn_mod.FP32_PRECISION)
+
+
 def dropout_section(ctx):
+    """Attention dropout: gradients against the reference with the identical mask, determinism, the drop rate."""
     dtype = _check_dtypes(ctx)[0]
     check_attention_case(ctx, [300, 0, 1, 700] if not ctx.smoke else [20, 0, 1, 33], 6, 2, 64, dtype,
                          dropout_p=0.3)
@@ -264,6 +293,7 @@ def dropout_section(ctx):
 
 
 def pooling_section(ctx):
+    """Segment pooling (mean, weighted mean, first, last), forward and gradient, against float64."""
     for dtype in _check_dtypes(ctx):
         check_pooling(ctx, dtype)
     return {}
@@ -286,21 +316,23 @@ def attention_sweep_section(ctx):
         raise SectionSkipped("needs the attention section to pass in this run")
     if ctx.smoke:
         return {}
+    # Tilings that compile without spilling for sm_90, bf16, head dim 128 (python -m
+    # llm2vec_fast.kernels.gpu_compile --sweep): the default first, then its neighbours.
     candidates = [
         dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3),
         dict(fwd_bm=128, fwd_bn=128, fwd_warps=8, fwd_stages=2),
-        dict(fwd_bm=128, fwd_bn=64, fwd_warps=4, fwd_stages=4),
+        dict(fwd_bm=128, fwd_bn=32, fwd_warps=8, fwd_stages=3),
         dict(fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3),
-        dict(bwd_bm=64, bwd_bn=128, dq_bm=128, dq_bn=64, bwd_warps=8, bwd_stages=2),
-        dict(bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32, bwd_warps=4, bwd_stages=3),
-        dict(bwd_bm=64, bwd_bn=64, dq_bm=64, dq_bn=64, bwd_warps=4, bwd_stages=2),
+        dict(dkdv_bm=32, dkdv_bn=128, dkdv_warps=8, dkdv_stages=2, dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=2),
+        dict(dkdv_bm=16, dkdv_bn=128, dkdv_warps=8, dkdv_stages=2, dq_bm=128, dq_bn=32, dq_warps=8, dq_stages=3),
+        dict(dkdv_bm=32, dkdv_bn=128, dkdv_warps=8, dkdv_stages=2, dq_bm=64, dq_bn=64, dq_warps=4, dq_stages=3),
     ]
     lengths = [4096] * 4
     q, k, v, cu = bench_kernels.packed_inputs(lengths, 16, 16, 128, torch.bfloat16, ctx.device, requires_grad=True)
     do = torch.randn_like(q)
     flops = bench_kernels.attention_flops(16, 128, lengths)
     for cand in candidates:
-        backward = "bwd_bm" in cand
+        backward = "dkdv_bm" in cand
         attn_mod.CONFIG_OVERRIDE = cand
         try:
             def fn():
@@ -349,21 +381,28 @@ def encode_section(ctx):
     summary = {}
     for label, (family, shape, n_texts) in shapes.items():
         texts = _synthetic_texts(n_texts)
-        fp32 = random_model(family, len(tokenizer), spread=None, device=ctx.device, **shape)
+        # Built directly in the benchmark dtype: a 7B model is never materialised in fp32 (28 GB, minutes).
+        dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+        model = random_model(family, len(tokenizer), spread=None, device=ctx.device, dtype=dtype, **shape)
+        small = sum(p.numel() for p in model.parameters()) < 1e9
 
-        def make_encoder(dtype, fp32=fp32):
-            model = fp32 if dtype == torch.float32 else copy.deepcopy(fp32).to(dtype)
-            return LLM2Vec(patch(model), tokenizer)
+        def make_encoder(want, model=model, small=small):
+            if want == model.dtype:
+                return LLM2Vec(patch(model), tokenizer)
+            if not small:
+                raise RuntimeError("the 7B shape runs in its own dtype only")
+            return LLM2Vec(patch(copy.deepcopy(model).to(want)), tokenizer)
 
-        rows = LLM2Vec(patch(fp32), tokenizer).tokenize_inputs(texts)
-        per_token = bench_encode.flops_per_token(fp32, sum(len(r) ** 2 for r in rows) / sum(len(r) for r in rows))
-        dtype = "bfloat16" if ctx.device.type == "cuda" else "float32"
-        bench_encode.compare(ctx.bench, make_encoder, texts, (dtype,), ctx.device, label=label,
-                             flops_per_token=per_token, peak_flops=790e12 if ctx.device.type == "cuda" else None)
+        rows = LLM2Vec(patch(model), tokenizer).tokenize_inputs(texts)
+        per_token = bench_encode.flops_per_token(model, sum(len(r) ** 2 for r in rows) / sum(len(r) for r in rows))
+        name = str(dtype).split(".")[1]
+        bench_encode.compare(ctx.bench, make_encoder, texts, (name,), ctx.device, label=label,
+                             flops_per_token=per_token, peak_flops=790e12 if ctx.device.type == "cuda" else None,
+                             fp32_truth=small)
         ours = ctx.bench.rows[-1]
-        ctx.check(f"encode {label} {dtype} agrees with the reference algorithm", ours["correct"], note=ours["note"])
+        ctx.check(f"encode {label} {name} agrees with the reference algorithm", ours["correct"], note=ours["note"])
         summary[label] = dict(tokens_per_s=ours["rate"], ratio_vs_reference=ours["ratio"], note=ours["note"])
-        del fp32, make_encoder
+        del model, make_encoder
         if ctx.device.type == "cuda":
             torch.cuda.empty_cache()
     return summary
@@ -411,13 +450,18 @@ SECTIONS = {
     "attention": attention_section,
     "dropout": dropout_section,
     "pooling": pooling_section,
+    "attention_fp32": attention_fp32_section,
     "kernel_bench": kernel_bench_section,
     "attention_sweep": attention_sweep_section,
     "encode": encode_section,
     "train": train_section,
 }
 # Names that stand for several sections on the command line.
-GROUPS = {"kernels": ("attention", "dropout", "pooling", "kernel_bench", "attention_sweep")}
+GROUPS = {"kernels": ("attention", "dropout", "pooling", "attention_fp32", "kernel_bench", "attention_sweep")}
+# Estimated seconds per section on an H200, Triton compile time included: no lease has timed them yet (the
+# results file records each section's real seconds; update these from it). Used by --dry-run.
+ESTIMATED_SECONDS = {"attention": 60, "dropout": 15, "pooling": 10, "attention_fp32": 20, "kernel_bench": 120,
+                     "attention_sweep": 45, "encode": 120, "train": 90}
 DEFAULT_BUDGET_S = 480.0
 
 
@@ -445,8 +489,24 @@ def run_section(ctx, name):
         print(state["error"], file=sys.stderr, flush=True)
     state["seconds"] = time.time() - t
     ctx.current = None
+    ctx.log("section", dict(section=name, **state))
     ctx.save()
     print(f"# section {name}: {state['status']}, {state['seconds']:.1f} s", flush=True)
+
+
+def dry_run(sections, budget_s):
+    """The plan: each section in order with its estimated seconds, and where the budget would cut it."""
+    total = 0.0
+    print(f"{'section':<16} {'est. s':>7} {'cumulative':>10}")
+    for name in sections:
+        fits = budget_s is None or total < budget_s  # a section starts while the budget is not yet spent
+        total += ESTIMATED_SECONDS[name]
+        doc = " ".join((SECTIONS[name].__doc__ or "").split()).split(". ")[0].split(": ")[0][:90]
+        print(f"{name:<16} {ESTIMATED_SECONDS[name]:>7.0f} {total:>10.0f}  {'' if fits else '(skipped: budget) '}"
+              f"{doc}")
+    print(f"# estimated {total:.0f} s for {len(sections)} sections; budget "
+          f"{'none' if budget_s is None else f'{budget_s:.0f} s'}")
+    return 0
 
 
 def main(sections=tuple(SECTIONS), out=None, cpu_smoke=False, budget_s=DEFAULT_BUDGET_S):
@@ -482,9 +542,12 @@ if __name__ == "__main__":
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help="wall-clock seconds; sections not started when it is spent are skipped (0: no budget)")
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU through the interpreter")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan with estimated seconds; run nothing")
     args = parser.parse_args()
     try:
         chosen = parse_sections(args.sections)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.dry_run:
+        sys.exit(dry_run(chosen, args.budget_s or None))
     sys.exit(main(chosen, args.out, args.cpu_smoke, args.budget_s or None))

@@ -63,3 +63,33 @@ def test_section_names_and_groups():
     assert gpu_check.parse_sections("encode,kernels") == (*gpu_check.GROUPS["kernels"], "encode")
     with pytest.raises(ValueError, match="unknown sections"):
         gpu_check.parse_sections("attention,nope")
+
+
+def test_every_result_is_also_a_flushed_json_line(tmp_path, monkeypatch):
+    out = str(tmp_path / "results.json")
+    lines_seen = {}
+
+    def first(ctx):
+        ctx.check("a", True)
+        with open(tmp_path / "results.jsonl") as f:  # already on disk while the run goes on
+            lines_seen["mid_run"] = [json.loads(line) for line in f]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"first": first, "second": lambda ctx: ctx.check("b", False)})
+    gpu_check.main(("first", "second"), out=out, cpu_smoke=True, budget_s=None)
+    assert [(r["kind"], r.get("check")) for r in lines_seen["mid_run"]] == [("check", "a")]
+    with open(tmp_path / "results.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["kind"], r.get("check") or r.get("section")) for r in rows] == [
+        ("check", "a"), ("section", "first"), ("check", "b"), ("section", "second")]
+    assert rows[1]["status"] == "failed" and rows[3]["status"] == "ok"
+
+
+def test_dry_run_lists_the_plan_with_estimates(capsys):
+    assert gpu_check.dry_run(tuple(gpu_check.SECTIONS), budget_s=100) == 0
+    out = capsys.readouterr().out
+    assert set(gpu_check.ESTIMATED_SECONDS) == set(gpu_check.SECTIONS)
+    for name in gpu_check.SECTIONS:
+        assert name in out
+    assert "(skipped: budget)" in out  # 100 s cannot hold every section
+    assert sum(gpu_check.ESTIMATED_SECONDS.values()) <= gpu_check.DEFAULT_BUDGET_S
