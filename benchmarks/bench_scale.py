@@ -5,7 +5,8 @@
 
 Each run is the real command line in a fresh process tree, on a Parquet corpus of short random texts
 (llm2vec_fast.testing.corpus, 3-15 words) with a tiny random Llama (hidden 64, 2 layers; what is measured is the
-job around the model: reading, tokenizing, scheduling, writing), Parquet output, default shard size (10,000):
+job around the model: reading, tokenizing, scheduling, writing), float32, Parquet output, default shard size
+(10,000):
 - single:    `llm2vec-fast encode` in one process with one thread (OMP_NUM_THREADS=1);
 - torchrun2: `torchrun --nproc_per_node 2 -m llm2vec_fast encode` (one thread per rank);
 - ray2:      `encode --engine ray --ray-actors 2` on a new local Ray instance (one CPU, one thread per actor);
@@ -52,8 +53,10 @@ def write_corpus(path: str, n: int) -> None:
 
 
 def command(engine: str, model: str, data: str, out: str) -> tuple[list[str], dict]:
+    # --dtype float32 for all: auto would pick bf16 matmuls for the local engines where the CPU has them, and
+    # float32 for Ray (its workers may be other machines), so the engines would not compute the same thing.
     base = ["encode", "--model", model, "--input", data, "--output", out, "--output-format", "parquet",
-            "--no-progress"]
+            "--dtype", "float32", "--no-progress"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if engine == "single-allthreads":
         return [sys.executable, "-m", "llm2vec_fast", *base], env
