@@ -5,7 +5,8 @@
 
 Sides (each a dtype and a runtime, all on the embedded SmolLM2-135M by default, bidirectional, mean pooling over
 the same tokens our tokenizer front end gives):
-- llm2vec-fast in float32, bfloat16 and the mixed mode (bf16 matmuls, fp32 residual stream);
+- llm2vec-fast in float32, bfloat16 and the mixed mode (bf16 matmuls, fp32 residual stream), and with
+  encode(batch_size=32) as code written for the reference calls it;
 - the llm2vec 0.2.3 algorithm (benchmarks/reference_encode.py) on a plain patched model, float32 and bfloat16;
 - ONNX Runtime, float32, on the bidirectional model exported with torch.onnx (sorted, right-padded batches of 32;
   the export is cached in <cache>/bench); needs `pip install onnxruntime onnx onnxscript`;
@@ -44,7 +45,8 @@ from llm2vec_fast.cpu_linear import best_seconds, cpu_flags  # noqa: E402
 from llm2vec_fast.default_model import cache_root  # noqa: E402
 
 BATCH = 32  # texts per padded batch for the peers that take padded batches (what the reference uses)
-SIDES = ("ours-float32", "ours-bfloat16", "ours-mixed", "llm2vec-0.2.3-float32", "llm2vec-0.2.3-bfloat16",
+SIDES = ("ours-float32", "ours-bfloat16", "ours-mixed", "ours-batch32-float32", "ours-batch32-bfloat16",
+         "llm2vec-0.2.3-float32", "llm2vec-0.2.3-bfloat16",
          "onnxruntime-float32", "llama.cpp-F32", "llama.cpp-BF16", "torch.compile-float32", "torch.compile-bfloat16")
 # Which dtype class a side belongs to, and the ceiling it is measured against.
 CLASS = {"float32": "float32", "bfloat16": "bfloat16", "mixed": "bfloat16", "F32": "float32", "BF16": "bfloat16"}
@@ -101,7 +103,7 @@ def gemm_ceiling(model, dtype, tokens=1024):
     flops = sum(2 * tokens * k * n for k, n in shapes)
     from llm2vec_fast import cpu_linear
 
-    for key in [k for k in cpu_linear._timings if k[2] == dtype]:  # measured now, not when first cached
+    for key in [k for k in list(cpu_linear._timings) if k[2] == dtype]:  # measured now, not when first cached
         del cpu_linear._timings[key]
     seconds = sum(best_seconds(k, n, dtype, tokens) for k, n in shapes)
     return flops / seconds / 1e9
@@ -110,11 +112,11 @@ def gemm_ceiling(model, dtype, tokens=1024):
 # -------------------------------------------------------------------------------------------------- sides
 
 
-def side_ours(model_name, mode, texts):
+def side_ours(model_name, mode, texts, batch_size=None):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "mixed": "mixed"}[mode]
     encoder = LLM2Vec.from_pretrained(model_name, dtype=dtype)
     encoder.encode(texts[:16], show_progress_bar=False)  # native ops, prepared GEMMs, first calls
-    return lambda: encoder.encode(texts, show_progress_bar=False)
+    return lambda: encoder.encode(texts, show_progress_bar=False, batch_size=batch_size)
 
 
 def side_reference(model_name, dtype, texts):
@@ -174,6 +176,9 @@ def side_onnxruntime(model_name, rows, ranges):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool threads spin after a run by default, which would steal the cores from the side timed next.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     session = ort.InferenceSession(_onnx_file(model_name, encoder), options, providers=["CPUExecutionProvider"])
     pad_id = encoder.tokenizer.pad_token_id
 
@@ -271,6 +276,9 @@ def run(model_name="smollm2-135m", sides=SIDES, n_sentences=300, n_paragraphs=20
         try:
             if runtime == "ours":
                 runners[side], notes[side] = side_ours(model_name, mode, texts), "packed engine, C++ ops"
+            elif runtime == "ours-batch32":
+                runners[side], notes[side] = side_ours(model_name, mode, texts, batch_size=BATCH), \
+                    f"encode(batch_size={BATCH}), the reference's default"
             elif runtime == "llm2vec-0.2.3":
                 runners[side], notes[side] = side_reference(model_name, mode, texts), "algorithm re-implemented"
             elif runtime == "torch.compile":

@@ -87,29 +87,34 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* name) {
 // Llama:  out = w * T(x * rsqrt(mean(x^2) + eps))        (normalised value rounded to T before the weight)
 // Gemma:  out = T(x * rsqrt(mean(x^2) + eps) * (1 + w))  (all in fp32, one rounding)
 // With residual: x := T(x + residual) is written to sum_out first (the decoder layer's residual add).
-template <typename T>
+// T is the residual stream's dtype (the residual's, or x's without one; the weight's too); X, x's dtype, and O,
+// out's, may differ from it: the mixed-precision mode reads a bf16 projection output beside an fp32 stream and
+// writes the bf16 input of the next bf16 GEMM, so that no separate conversion pass runs. With X = T = O every
+// rounding is the one PyTorch makes.
+template <typename X, typename T, typename O>
 void rms_norm_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
                      double eps, bool gemma, at::Tensor& out, const c10::optional<at::Tensor>& sum_out) {
   const int64_t rows = x.size(0), H = x.size(1);
-  const T* px = x.data_ptr<T>();
+  const X* px = x.data_ptr<X>();
   const T* pr = residual ? residual->data_ptr<T>() : nullptr;
   const T* pw = weight.data_ptr<T>();
-  T* po = out.data_ptr<T>();
+  O* po = out.data_ptr<O>();
   T* ps = sum_out ? sum_out->data_ptr<T>() : nullptr;
+  const T* tag = nullptr;  // selects T's rounding in round_f / round_s
   const int64_t sx = x.stride(0), sr = residual ? residual->stride(0) : 0, so = out.stride(0),
                 ss = sum_out ? sum_out->stride(0) : 0;
   const int64_t Hv = H - H % VS;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(H);
     for (int64_t i = begin; i < end; ++i) {
-      const T* xi = px + i * sx;
+      const X* xi = px + i * sx;
       Vec acc(0.f);
       float acc_s = 0.f;
       int64_t d = 0;
       for (; d < Hv; d += VS) {
         Vec v = load_f(xi + d);
         if (pr) {
-          v = round_f(v + load_f(pr + i * sr + d), xi);
+          v = round_f(v + load_f(pr + i * sr + d), tag);
           store_f(ps + i * ss + d, v);
         }
         v.store(row.data() + d);
@@ -118,7 +123,7 @@ void rms_norm_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& resid
       for (; d < H; ++d) {
         float v = static_cast<float>(xi[d]);
         if (pr) {
-          v = round_s(v + static_cast<float>(pr[i * sr + d]), xi);
+          v = round_s(v + static_cast<float>(pr[i * sr + d]), tag);
           ps[i * ss + d] = static_cast<T>(v);
         }
         row[d] = v;
@@ -127,39 +132,61 @@ void rms_norm_kernel(const at::Tensor& x, const c10::optional<at::Tensor>& resid
       const float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc) + acc_s;
       const float r = 1.f / std::sqrt(sum / static_cast<float>(H) + static_cast<float>(eps));
       const Vec rv(r), one(1.f);
-      T* oi = po + i * so;
+      O* oi = po + i * so;
       for (d = 0; d < Hv; d += VS) {
         Vec n = Vec::loadu(row.data() + d) * rv;
         Vec w = load_f(pw + d);
-        store_f(oi + d, gemma ? n * (w + one) : w * round_f(n, xi));
+        store_f(oi + d, gemma ? n * (w + one) : w * round_f(n, tag));
       }
       for (; d < H; ++d) {
         float n = row[d] * r, w = static_cast<float>(pw[d]);
-        oi[d] = static_cast<T>(gemma ? n * (w + 1.f) : w * round_s(n, xi));
+        oi[d] = static_cast<O>(gemma ? n * (w + 1.f) : w * round_s(n, tag));
       }
     }
   });
 }
 
+template <typename X, typename T>
+void rms_norm_out(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                  double eps, bool gemma, at::Tensor& out, const c10::optional<at::Tensor>& sum_out) {
+  if (out.scalar_type() == at::kFloat) {
+    rms_norm_kernel<X, T, float>(x, residual, weight, eps, gemma, out, sum_out);
+  } else {
+    rms_norm_kernel<X, T, BFloat16>(x, residual, weight, eps, gemma, out, sum_out);
+  }
+}
+
+template <typename X>
+void rms_norm_stream(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight,
+                     double eps, bool gemma, at::Tensor& out, const c10::optional<at::Tensor>& sum_out) {
+  if (weight.scalar_type() == at::kFloat) {
+    rms_norm_out<X, float>(x, residual, weight, eps, gemma, out, sum_out);
+  } else {
+    rms_norm_out<X, BFloat16>(x, residual, weight, eps, gemma, out, sum_out);
+  }
+}
+
 void rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& weight, double eps,
               bool gemma, at::Tensor out, c10::optional<at::Tensor> sum_out) {
   check_cpu_float(x, "x");
-  check_same(x, weight, "weight");
-  check_same(x, out, "out");
+  check_cpu_float(out, "out");
+  check_cpu_float(weight, "weight");
+  // The stream's dtype: the residual's (x may then be the other float dtype), else x's.
+  check_same(residual ? *residual : x, weight, "weight");
   TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes(), "x and out must be [rows, hidden] of one shape");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), "weight must be [hidden]");
   TORCH_CHECK(x.stride(1) == 1 && out.stride(1) == 1, "x and out need a contiguous last dim");
   TORCH_CHECK(residual.has_value() == sum_out.has_value(), "residual and sum_out go together");
   if (residual) {
-    check_same(x, *residual, "residual");
-    check_same(x, *sum_out, "sum_out");
+    check_cpu_float(*residual, "residual");
+    check_same(*residual, *sum_out, "sum_out");
     TORCH_CHECK(residual->sizes() == x.sizes() && sum_out->sizes() == x.sizes(), "residual/sum_out shape mismatch");
     TORCH_CHECK(residual->stride(1) == 1 && sum_out->stride(1) == 1, "residual/sum_out need a contiguous last dim");
   }
   if (x.scalar_type() == at::kFloat) {
-    rms_norm_kernel<float>(x, residual, weight, eps, gemma, out, sum_out);
+    rms_norm_stream<float>(x, residual, weight, eps, gemma, out, sum_out);
   } else {
-    rms_norm_kernel<BFloat16>(x, residual, weight, eps, gemma, out, sum_out);
+    rms_norm_stream<BFloat16>(x, residual, weight, eps, gemma, out, sum_out);
   }
 }
 
@@ -167,12 +194,15 @@ void rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual, co
 
 // out = T(x * cos) + T(rotate_half(x) * sin), rounded again after the add, exactly as apply_rotary_pos_emb.
 // x: [T, H, D] (any token / head strides, contiguous last dim), cos / sin: [T, D], out: [T, H, D].
-template <typename T>
+// C is cos / sin's dtype and the precision of the intermediate products: C = T rounds as PyTorch does; fp32 tables
+// with bf16 q / k (the mixed-precision mode) compute in fp32 and round once, to the bf16 output.
+template <typename T, typename C>
 void rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out) {
   const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
   const T* px = x.data_ptr<T>();
-  const T* pc = cos.data_ptr<T>();
-  const T* psn = sin.data_ptr<T>();
+  const C* pc = cos.data_ptr<C>();
+  const C* psn = sin.data_ptr<C>();
+  const C* tag = nullptr;
   T* po = out.data_ptr<T>();
   const int64_t sxt = x.stride(0), sxh = x.stride(1), sot = out.stride(0), soh = out.stride(1),
                 sct = cos.stride(0), sst = sin.stride(0);
@@ -181,23 +211,23 @@ void rotary_one(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t t = idx / H, h = idx % H;
       const T* xi = px + t * sxt + h * sxh;
-      const T* c = pc + t * sct;
-      const T* s = psn + t * sst;
+      const C* c = pc + t * sct;
+      const C* s = psn + t * sst;
       T* oi = po + t * sot + h * soh;
       int64_t d = 0;
       for (; d < hv; d += VS) {
         Vec x1 = load_f(xi + d), x2 = load_f(xi + half + d);
-        Vec lo = round_f(x1 * load_f(c + d), xi) + round_f(x2.neg() * load_f(s + d), xi);
-        Vec hi = round_f(x2 * load_f(c + half + d), xi) + round_f(x1 * load_f(s + half + d), xi);
+        Vec lo = round_f(x1 * load_f(c + d), tag) + round_f(x2.neg() * load_f(s + d), tag);
+        Vec hi = round_f(x2 * load_f(c + half + d), tag) + round_f(x1 * load_f(s + half + d), tag);
         store_f(oi + d, lo);
         store_f(oi + half + d, hi);
       }
       for (; d < half; ++d) {
         float x1 = static_cast<float>(xi[d]), x2 = static_cast<float>(xi[half + d]);
-        oi[d] = static_cast<T>(round_s(x1 * static_cast<float>(c[d]), xi) +
-                               round_s(-x2 * static_cast<float>(s[d]), xi));
-        oi[half + d] = static_cast<T>(round_s(x2 * static_cast<float>(c[half + d]), xi) +
-                                      round_s(x1 * static_cast<float>(s[half + d]), xi));
+        oi[d] = static_cast<T>(round_s(x1 * static_cast<float>(c[d]), tag) +
+                               round_s(-x2 * static_cast<float>(s[d]), tag));
+        oi[half + d] = static_cast<T>(round_s(x2 * static_cast<float>(c[half + d]), tag) +
+                                      round_s(x1 * static_cast<float>(s[half + d]), tag));
       }
     }
   });
@@ -211,7 +241,11 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
     TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->size(2) % 2 == 0,
                 "q and k must be [tokens, heads, even head_dim] with a contiguous last dim");
   }
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin, &q_out, &k_out}) check_same(q, *t, "cos/sin/outputs");
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q_out, &k_out}) check_same(q, *t, "outputs");
+  check_cpu_float(cos, "cos");
+  check_same(cos, sin, "sin");
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
+              "cos / sin must have q's dtype or float32, got ", cos.scalar_type());
   const int64_t Tn = q.size(0), D = q.size(2);
   TORCH_CHECK(k.size(0) == Tn && k.size(2) == D, "q and k disagree in tokens or head_dim");
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == Tn && cos.size(1) == D && cos.stride(1) == 1 &&
@@ -220,11 +254,14 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   TORCH_CHECK(q_out.sizes() == q.sizes() && k_out.sizes() == k.sizes() && q_out.stride(2) == 1 && k_out.stride(2) == 1,
               "outputs must match q and k");
   if (q.scalar_type() == at::kFloat) {
-    rotary_one<float>(q, cos, sin, q_out);
-    rotary_one<float>(k, cos, sin, k_out);
+    rotary_one<float, float>(q, cos, sin, q_out);
+    rotary_one<float, float>(k, cos, sin, k_out);
+  } else if (cos.scalar_type() == at::kFloat) {
+    rotary_one<BFloat16, float>(q, cos, sin, q_out);
+    rotary_one<BFloat16, float>(k, cos, sin, k_out);
   } else {
-    rotary_one<BFloat16>(q, cos, sin, q_out);
-    rotary_one<BFloat16>(k, cos, sin, k_out);
+    rotary_one<BFloat16, BFloat16>(q, cos, sin, q_out);
+    rotary_one<BFloat16, BFloat16>(k, cos, sin, k_out);
   }
 }
 

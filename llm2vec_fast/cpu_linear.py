@@ -62,26 +62,34 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ba
     return F.linear(x, weight, bias)
 
 
-def gemm_seconds(K: int, N: int, dtype: torch.dtype, tokens: int, backend: str, repeats: int = 5) -> float:
-    """Seconds per [tokens, K] x [K, N] GEMM through `backend` on this machine (the fastest of `repeats` calls,
-    after a warm-up); measured once per process and shape, then cached."""
-    key = (K, N, dtype, tokens, torch.get_num_threads(), backend)
+def gemm_seconds(K: int, N: int, dtype: torch.dtype, tokens: int, backend: str, repeats: int = 7) -> float:
+    """Seconds per [tokens, K] x [K, N] GEMM through `backend` on this machine: the fastest of `repeats` calls
+    after a warm-up, every available backend timed in the same loop, call for call, so that both see the same load
+    on a shared machine. Measured once per process and shape, then cached."""
+    key = (K, N, dtype, tokens, torch.get_num_threads())
     with _lock:
-        if key in _timings:
-            return _timings[key]
+        if key + (backend,) in _timings:
+            return _timings[key + (backend,)]
+    backends = [b for b in BACKENDS if b == "torch" or onednn_available()]
+    if backend not in backends:
+        backends.append(backend)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, K, generator=generator).to(dtype)
-    weight = pack_weight((torch.randn(N, K, generator=generator) * K ** -0.5).to(dtype), backend, tokens)
+    weight = (torch.randn(N, K, generator=generator) * K ** -0.5).to(dtype)
+    packed = {b: pack_weight(weight, b, tokens) for b in backends}
+    best = {b: float("inf") for b in backends}
     with torch.inference_mode():
-        gemm(x, weight, None, backend)
-        best = float("inf")
+        for b in backends:
+            gemm(x, packed[b], None, b)
         for _ in range(repeats):
-            start = time.perf_counter()
-            gemm(x, weight, None, backend)
-            best = min(best, time.perf_counter() - start)
+            for b in backends:
+                start = time.perf_counter()
+                gemm(x, packed[b], None, b)
+                best[b] = min(best[b], time.perf_counter() - start)
     with _lock:
-        _timings[key] = best
-    return best
+        for b, seconds in best.items():
+            _timings.setdefault(key + (b,), seconds)
+        return _timings[key + (backend,)]
 
 
 def backend_for(K: int, N: int, dtype: torch.dtype, tokens: int) -> str:
@@ -113,7 +121,7 @@ def fuse_pays(K: int, parts: Sequence[int], dtype: torch.dtype, tokens: int) -> 
 class CpuLinear:
     """The prepared GEMM of `linears` (nn.Linear modules with one in_features), fused along the output dim.
 
-    matmul_dtype: the dtype the GEMM runs in (default: the weights'). tokens: the rows a call is expected to have
+    matmul_dtype: the dtype the GEMM runs in (default: the weights', whatever they are cast to later). tokens: the rows a call is expected to have
     (the encode's token budget), the shape the backend is measured at. backend: force "torch" or "onednn"
     (default: measured). Calling it with x [..., K] returns [..., sum of out_features] in matmul_dtype; `split`
     cuts that into one view per linear.
@@ -132,12 +140,17 @@ class CpuLinear:
         self.linears = linears
         self.in_features = in_features.pop()
         self.splits = [linear.out_features for linear in linears]
-        self.matmul_dtype = matmul_dtype or linears[0].weight.dtype
+        self.requested_dtype = matmul_dtype
         self.tokens = tokens
         self.requested_backend = backend
         self.backend = None
         self._weight = self._bias = self._source = None
         self._prepare_lock = threading.Lock()
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The GEMM's dtype: the one asked for, else the weights' (followed when the model is cast)."""
+        return self.requested_dtype or self.linears[0].weight.dtype
 
     def __getstate__(self):
         # Copies and pickles re-prepare on first use: locks do not pickle, and the prepared weight is derived data.

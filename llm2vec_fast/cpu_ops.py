@@ -15,10 +15,11 @@ import torch.nn.functional as F
 POISON_OUTPUTS = False
 
 
-def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
+def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -30,27 +31,33 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ RMSNorm
 
 
-def rms_norm(x, weight, eps: float, residual=None, gemma: bool = False):
+def rms_norm(x, weight, eps: float, residual=None, gemma: bool = False, out_dtype=None):
     """RMSNorm of x [..., H] with weight [H] (same dtype). gemma: scale by (1 + weight) in fp32 (GemmaRMSNorm).
     With residual (same shape as x): returns (norm(x + residual), x + residual), the decoder layer's add fused in;
-    else norm(x). Outputs have x's shape and dtype."""
+    else norm(x). The residual stream's dtype is the residual's (x may then be the other float dtype: a bf16
+    projection output beside an fp32 stream), else x's; weight and x + residual have it. out_dtype: the norm's
+    output dtype (default: the stream's), e.g. bf16 for the next bf16 GEMM, rounded once."""
     shape = x.shape
+    stream = residual.dtype if residual is not None else x.dtype
     x2 = _rows(x)
-    out = _alloc(x2.shape, x)
+    out = _alloc(x2.shape, x, out_dtype or stream)
     total = None
     if residual is not None:
-        total = _alloc(x2.shape, x)
+        total = _alloc(x2.shape, residual)
         torch.ops.llm2vec_fast.rms_norm(x2, _rows(residual), weight, float(eps), gemma, out, total)
         return out.view(shape), total.view(shape)
     torch.ops.llm2vec_fast.rms_norm(x2, None, weight, float(eps), gemma, out, None)
     return out.view(shape)
 
 
-def rms_norm_reference(x, weight, eps: float, residual=None, gemma: bool = False):
-    """LlamaRMSNorm / GemmaRMSNorm (and the residual add before them), computed in float32 or wider."""
+def rms_norm_reference(x, weight, eps: float, residual=None, gemma: bool = False, out_dtype=None):
+    """LlamaRMSNorm / GemmaRMSNorm (and the residual add before them), computed in float32 or wider; the stream
+    in the residual's dtype, the output cast to out_dtype (see `rms_norm`)."""
     if residual is not None:
-        total = x + residual
-        return rms_norm_reference(total, weight, eps, gemma=gemma), total
+        total = x.to(residual.dtype) + residual
+        return rms_norm_reference(total, weight, eps, gemma=gemma, out_dtype=out_dtype), total
+    if out_dtype is not None and out_dtype != x.dtype:
+        return rms_norm_reference(x, weight, eps, gemma=gemma).to(out_dtype)
     dtype = x.dtype
     compute = torch.promote_types(dtype, torch.float32)
     h = x.to(compute)
@@ -65,14 +72,19 @@ def rms_norm_reference(x, weight, eps: float, residual=None, gemma: bool = False
 
 def rotary(q, k, cos, sin):
     """Rotary embedding of q [T, Hq, D] and k [T, Hkv, D] with cos / sin [T, D] (already gathered at each token's
-    position): returns new (q, k), contiguous [T, H, D]."""
+    position): returns new (q, k), contiguous [T, H, D] in q's dtype. cos / sin have q's dtype (PyTorch's
+    roundings) or are float32 beside bf16 q / k (the mixed mode: fp32 products, one rounding)."""
     q_out, k_out = _alloc(q.shape, q), _alloc(k.shape, k)
     torch.ops.llm2vec_fast.rotary(q, k, cos, sin, q_out, k_out)
     return q_out, k_out
 
 
 def rotary_reference(q, k, cos, sin):
-    """apply_rotary_pos_emb of Hugging Face Llama, in the [T, H, D] layout."""
+    """apply_rotary_pos_emb of Hugging Face Llama, in the [T, H, D] layout (fp32 cos / sin beside bf16 q / k:
+    computed in fp32, rounded to q's dtype once)."""
+    if cos.dtype != q.dtype:
+        out = rotary_reference(q.to(cos.dtype), k.to(cos.dtype), cos, sin)
+        return out[0].to(q.dtype), out[1].to(k.dtype)
     def rotate_half(x):
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

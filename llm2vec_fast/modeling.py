@@ -171,9 +171,34 @@ def _project(linear, x, out_dtype=None):
     return y if out_dtype is None else y.to(out_dtype)
 
 
+def _block_eligible(x, linear) -> bool:
+    """Like _native_eligible for a block whose input may already be in its prepared GEMMs' dtype (the mixed mode
+    hands bf16 norm outputs to blocks with fp32 weights)."""
+    plan = linear.__dict__.get("_llm2vec_cpu_linear")
+    if plan is None or x.dtype != plan.matmul_dtype or x.device.type != "cpu":
+        return _native_eligible(x, linear.weight)
+    return not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+
+
+def _mixed_dtype(layer, kwargs):
+    """The bf16 dtype in which `layer`'s norms can hand their output to its attention and MLP blocks: set when
+    the mixed mode's GEMMs, the native attention block and the native MLP are all in place and the call is a packed
+    encode; None otherwise (every block then gets the stream's dtype)."""
+    q_proj = getattr(layer.self_attn, "q_proj", None)
+    plan = layer.self_attn.__dict__.get("_llm2vec_qkv") or \
+        (q_proj.__dict__.get("_llm2vec_cpu_linear") if q_proj is not None else None)
+    if plan is None or plan.matmul_dtype == layer.post_attention_layernorm.weight.dtype:
+        return None
+    if kwargs.get("cu_seq_lens_q") is None or "_llm2vec_native_original" not in layer.self_attn.__dict__ \
+            or "_llm2vec_native_original" not in layer.mlp.__dict__ \
+            or not hasattr(layer.input_layernorm, "_llm2vec_native_gemma"):
+        return None
+    return plan.matmul_dtype
+
+
 def _native_mlp_forward(self, x):
-    if not _native_eligible(x, self.gate_proj.weight):
-        return self._llm2vec_native_original(x)
+    if not _block_eligible(x, self.gate_proj):
+        return self._llm2vec_native_original(x.to(self.gate_proj.weight.dtype))
     fused = self.__dict__.get("_llm2vec_gate_up")
     if fused is not None:
         gate, up = fused.split(fused(x))  # one GEMM; silu_mul reads the two halves in place
@@ -181,7 +206,7 @@ def _native_mlp_forward(self, x):
         gate, up = _project(self.gate_proj, x), _project(self.up_proj, x)
     # Mixed mode (bf16 GEMMs of an fp32 model): the product goes straight to the down projection's bf16 GEMM, with
     # silu(gate) kept in fp32 inside the op (rounding it too cost 3x in 1 - cosine to fp32).
-    hidden = cpu_ops.silu_mul(gate, up, round_act=gate.dtype == x.dtype)
+    hidden = cpu_ops.silu_mul(gate, up, round_act=gate.dtype == self.gate_proj.weight.dtype)
     return _project(self.down_proj, hidden, x.dtype)
 
 
@@ -193,8 +218,8 @@ def _native_attention_forward(self, hidden_states, *args, **kwargs):
     if (args or cu_seqlens is None or position_embeddings is None or getattr(self, "is_causal", False)
             or (self.training and self.attention_dropout > 0) or hidden_states.dim() != 3
             or hidden_states.shape[0] != 1 or kwargs.get("past_key_values") is not None
-            or kwargs.get("cache") is not None or not _native_eligible(hidden_states, self.q_proj.weight)):
-        return self._llm2vec_native_original(hidden_states, *args, **kwargs)
+            or kwargs.get("cache") is not None or not _block_eligible(hidden_states, self.q_proj)):
+        return self._llm2vec_native_original(hidden_states.to(self.q_proj.weight.dtype), *args, **kwargs)
     dtype = hidden_states.dtype
     x = hidden_states[0]  # [T, hidden]
     tokens, head_dim = x.shape[0], self.head_dim
@@ -203,9 +228,12 @@ def _native_attention_forward(self, hidden_states, *args, **kwargs):
         q, k, v = fused.split(fused(x))
     else:
         q, k, v = (_project(p, x) for p in (self.q_proj, self.k_proj, self.v_proj))
-    q, k, v = (t.to(dtype).view(tokens, -1, head_dim) for t in (q, k, v))
+    # q / k / v stay in the GEMM's dtype (views of the fused output, no copies): the attention op computes in fp32
+    # whatever it reads, and its output is what o_proj's GEMM consumes.
+    q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+    # cos / sin in the stream's dtype: fp32 tables with bf16 q / k (mixed mode) round once, after the rotation.
     cos, sin = position_embeddings
-    q, k = cpu_ops.rotary(q, k, cos.reshape(tokens, -1).to(dtype), sin.reshape(tokens, -1).to(dtype))
+    q, k = cpu_ops.rotary(q, k, cos.reshape(tokens, -1), sin.reshape(tokens, -1))
     out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling)
     return _project(self.o_proj, out.view(tokens, -1), dtype).unsqueeze(0), None
 
@@ -217,10 +245,18 @@ def _native_decoder_layer_forward(self, hidden_states, *args, **kwargs):
     if args or not _native_eligible(hidden_states, norm.weight):
         return self._llm2vec_native_original(hidden_states, *args, **kwargs)
     residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
+    mixed = _mixed_dtype(self, kwargs)
+    if mixed is not None:
+        # The mixed mode: the norms write the bf16 input of the next GEMMs themselves, and the post-attention norm
+        # reads the bf16 attention output beside the fp32 stream (no conversion passes).
+        first = self.input_layernorm
+        hidden_states = cpu_ops.rms_norm(hidden_states, first.weight, _eps(first), gemma=first._llm2vec_native_gemma,
+                                         out_dtype=mixed)
+    else:
+        hidden_states = self.input_layernorm(hidden_states)
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     hidden_states, residual = cpu_ops.rms_norm(hidden_states, norm.weight, _eps(norm), residual=residual,
-                                               gemma=norm._llm2vec_native_gemma)
+                                               gemma=norm._llm2vec_native_gemma, out_dtype=mixed)
     return residual + self.mlp(hidden_states)
 
 
@@ -399,10 +435,9 @@ def use_cpu_linears(model, enable: bool = True, matmul_dtype=None, tokens: int =
     for layer in layers:
         for module in layer.modules():
             if isinstance(module, torch.nn.Linear):
-                dtype = matmul_dtype or module.weight.dtype
-                plan = CpuLinear([module], dtype, tokens, backend)
+                plan = CpuLinear([module], matmul_dtype, tokens, backend)
                 _swap_forward(module, _cpu_linear_forward, slot="linear", _llm2vec_cpu_linear=plan)
-                summary["matmul_dtype"] = str(dtype).replace("torch.", "")
+                summary["matmul_dtype"] = str(plan.matmul_dtype).replace("torch.", "")
         for owner in layer.modules():
             for attribute, names in _FUSED_GROUPS:
                 members = [getattr(owner, n, None) for n in names]
@@ -414,7 +449,7 @@ def use_cpu_linears(model, enable: bool = True, matmul_dtype=None, tokens: int =
                 wanted = fuse if fuse is not None else fuse_pays(members[0].in_features,
                                                                  [m.out_features for m in members], dtype, tokens)
                 if wanted:
-                    owner.__dict__[attribute] = CpuLinear(members, dtype, tokens, backend)
+                    owner.__dict__[attribute] = CpuLinear(members, matmul_dtype, tokens, backend)
                     label = "+".join(names)
                     if label not in summary["fused"]:
                         summary["fused"].append(label)

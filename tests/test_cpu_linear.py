@@ -100,7 +100,7 @@ def test_bad_plans_are_refused():
 
 
 def _fake_seconds(table):
-    def gemm_seconds(K, N, dtype, tokens, backend, repeats=5):
+    def gemm_seconds(K, N, dtype, tokens, backend, repeats=7):
         return table[(N, dtype, backend)]
     return gemm_seconds
 

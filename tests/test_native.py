@@ -85,6 +85,61 @@ def test_rms_norm(rows, hidden, dtype, variant):
     _threads_and_rerun(lambda: run(cpu_ops.rms_norm, x, weight, 1e-6))
 
 
+@pytest.mark.parametrize("variant", ["llama", "gemma", "llama-residual", "gemma-residual"])
+@pytest.mark.parametrize("rows", [1, 63, 257], ids=_ids([1, 63, 257], "R"))
+def test_rms_norm_mixed_precision(rows, variant):
+    """The mixed mode's norm: a bf16 projection output beside an fp32 stream and weight, a bf16 output; the fp32
+    sum is exact and the output is the fp32 norm rounded once."""
+    gemma, with_residual = variant.startswith("gemma"), variant.endswith("residual")
+    g = torch.Generator().manual_seed(rows)
+    hidden = 576
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(torch.bfloat16 if with_residual else torch.float32)
+    weight = torch.randn(hidden, generator=g) * 0.5 + (0 if gemma else 1)
+    residual = torch.randn(rows, hidden, generator=g) if with_residual else None
+    kw = dict(residual=residual) if with_residual else {}
+    ours = cpu_ops.rms_norm(x, weight, 1e-6, gemma=gemma, out_dtype=torch.bfloat16, **kw)
+    same = cpu_ops.rms_norm_reference(x, weight, 1e-6, gemma=gemma, out_dtype=torch.bfloat16, **kw)
+    ours, same = (ours, same) if with_residual else ((ours,), (same,))
+    assert ours[0].dtype == torch.bfloat16 and not torch.isnan(ours[0].float()).any()
+    if with_residual:
+        assert ours[1].dtype == torch.float32 and torch.equal(ours[1], same[1])
+    stream = ours[1] if with_residual else x
+    truth = cpu_ops.rms_norm_reference(stream.double(), weight.double(), 1e-6, gemma=gemma)
+    _close(ours[0], same[0], truth, "rms_norm mixed")
+    _threads_and_rerun(lambda: tuple(t for t in (cpu_ops.rms_norm(x, weight, 1e-6, gemma=gemma,
+                                                                  out_dtype=torch.bfloat16, **kw),)
+                                     for t in (t if isinstance(t, tuple) else (t,))))
+
+
+def test_rotary_fp32_tables_with_bf16_q_k():
+    """The mixed mode's rotary: bf16 q / k, fp32 cos / sin, products in fp32 and one rounding to bf16."""
+    g = torch.Generator().manual_seed(3)
+    T, D = 45, 64
+    q = (torch.randn(T, 9, D, generator=g) * 2).bfloat16()
+    k = (torch.randn(T, 3, D, generator=g) * 2).bfloat16()
+    angles = torch.rand(T, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    ours = cpu_ops.rotary(q, k, cos, sin)
+    same = cpu_ops.rotary_reference(q, k, cos, sin)
+    truth = cpu_ops.rotary_reference(q.double(), k.double(), cos.double(), sin.double())
+    for a, b, t in zip(ours, same, truth):
+        assert a.dtype == torch.bfloat16
+        _close(a, b, t, "rotary mixed")
+    with pytest.raises(RuntimeError, match="cos / sin"):
+        cpu_ops.rotary(q.float(), k.float(), cos.bfloat16(), sin.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_silu_mul_unrounded_activation(dtype):
+    g = torch.Generator().manual_seed(7)
+    fused = (torch.randn(63, 2 * 100, generator=g) * 4).to(dtype)
+    gate, up = fused[:, :100], fused[:, 100:]
+    ours = cpu_ops.silu_mul(gate, up, round_act=False)
+    same = cpu_ops.silu_mul_reference(gate, up, round_act=False)
+    truth = cpu_ops.silu_mul_reference(gate.double(), up.double())
+    _close(ours, same, truth, "silu_mul round_act=False")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 9, 3, 64), (63, 9, 3, 64), (111, 4, 4, 100), (257, 8, 2, 128)],
                          ids=lambda s: f"T{s[0]}-HQ{s[1]}-HKV{s[2]}-D{s[3]}")
