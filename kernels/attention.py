@@ -6,12 +6,14 @@ attends to every token of its own sequence and to nothing else. Grouped-query at
 ``Hkv``) reads the shared K/V head directly; K/V are never repeated in memory.
 
 The file holds, in order: the Triton kernels (forward, backward preprocess, dK/dV, dQ, dropout-mask debug
-kernel), the launch configuration, the host functions, the autograd Function, the PyTorch path for CPU tensors,
-the public entry points and the naive reference. ``kernels/README.md`` has the maths and the dropout RNG scheme.
+kernel), the launch configuration, the host functions, the custom ops with their autograd, the PyTorch path for
+CPU tensors, the public entry points and the naive reference. ``kernels/README.md`` has the maths and the dropout
+RNG scheme.
 """
 
 import math
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +45,59 @@ def _alloc(shape, dtype, device):
 if HAS_TRITON:
 
     @triton.jit
-    def _dropout_keep(seed, offset, i_h, b_tok, b_col, dropout_p):
-        """Keep-mask of attention dropout for query tokens ``b_tok`` (packed row index) and keys ``b_col`` (index
-        within the sequence), both int32 blocks of one shape, for query head ``i_h``. One Philox draw per element,
-        keyed by the 64-bit seed, counters (col, token, head, offset): the forward, both backward kernels and the
-        debug mask kernel regenerate bit-identical masks whatever their tiling."""
-        b_r, _, _, _ = tl.philox(seed, b_col, b_tok, b_col * 0 + i_h, b_col * 0 + offset)
-        return tl.uint_to_uniform_float(b_r) > dropout_p
+    def _dropout_keep(seed, offset, head, o_tok, col_start, dropout_p, BN: tl.constexpr):
+        """Keep-mask ``[BM, BN]`` of attention dropout for query tokens ``o_tok [BM]`` (packed row indices, int32)
+        and the BN keys from ``col_start`` (index within the sequence, even) of query head ``head``. One Philox4x32
+        draw per (token, pair of keys), keyed by the 64-bit seed with counters (key pair, token, head, offset):
+        its words 0 and 1 decide the even and the odd key. The forward, both backward kernels and the debug mask
+        kernel call this with the same arguments, so they regenerate bit-identical masks whatever their tiling."""
+        o_pair = col_start // 2 + tl.arange(0, BN // 2)  # [BN/2]
+        c_tok = o_tok[:, None] + tl.zeros([1, BN // 2], tl.int32)  # [BM, BN/2]
+        c_pair = o_pair[None, :] + tl.zeros_like(c_tok)  # [BM, BN/2]
+        r0, r1, _, _ = tl.philox(seed, c_pair, c_tok, tl.zeros_like(c_tok) + head, tl.zeros_like(c_tok) + offset)
+        keep = tl.join(tl.uint_to_uniform_float(r0) > dropout_p, tl.uint_to_uniform_float(r1) > dropout_p)
+        return tl.reshape(keep, [o_tok.shape[0], BN])  # [BM, BN]: key 2j + w is word w of pair j
+
+
+    @triton.jit
+    def _dropout_keep_t(seed, offset, head, o_tok, col_start, dropout_p, BN: tl.constexpr):
+        """``_dropout_keep`` transposed, ``[BN, BM]`` (keys x tokens), for the dK/dV kernel's layout: the same
+        Philox draws, generated in that orientation rather than transposed in registers (which spilled)."""
+        o_pair = col_start // 2 + tl.arange(0, BN // 2)  # [BN/2]
+        c_pair = o_pair[:, None] + tl.zeros([1, o_tok.shape[0]], tl.int32)  # [BN/2, BM]
+        c_tok = o_tok[None, :] + tl.zeros_like(c_pair)  # [BN/2, BM]
+        r0, r1, _, _ = tl.philox(seed, c_pair, c_tok, tl.zeros_like(c_tok) + head, tl.zeros_like(c_tok) + offset)
+        keep = tl.join(tl.uint_to_uniform_float(r0) > dropout_p, tl.uint_to_uniform_float(r1) > dropout_p)
+        return tl.reshape(tl.permute(keep, (0, 2, 1)), [BN, o_tok.shape[0]])  # [BN, BM]
+
+
+    @triton.jit
+    def _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_n, m_d, stride_kt, stride_vt,
+                  seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                  BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+        # One key block of the online softmax. Only the LAST block of a sequence can run past its end, so only
+        # it pays for the key mask; the full blocks before it load and compute unmasked (head-dim mask aside).
+        if LAST:
+            m_n = (start_n + o_n) < L
+            b_k = tl.load(p_k + start_n * stride_kt, mask=m_n[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
+            b_v = tl.load(p_v + start_n * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+        else:
+            b_k = tl.load(p_k + start_n * stride_kt, mask=m_d[:, None], other=0.0)  # [BD, BN]
+            b_v = tl.load(p_v + start_n * stride_vt, mask=m_d[None, :], other=0.0)  # [BN, BD]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale_log2  # [BM, BN]
+        if LAST:
+            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        # A row whose keys are all masked keeps m = -inf; exponentiate against 0 instead so it stays 0, not NaN.
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN]
+        b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        if HAS_DROPOUT:
+            b_keep = _dropout_keep(seed, offset, i_h, o_tok, start_n, dropout_p, BN)
+            b_p = tl.where(b_keep, b_p * inv_keep, 0.0)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        return b_m_new, b_l, b_acc
 
 
     @triton.jit(do_not_specialize=["T", "NM"])
@@ -61,15 +109,16 @@ if HAS_TRITON:
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One program: BM query rows of one (sequence, query head); grid = NM * B * HQ, query block fastest so that
-        # programs running together share the K/V of one head in L2.
-        pid = tl.program_id(0).to(tl.int64)
+        # programs running together share the K/V of one head in L2. Offsets within a sequence are int32 off int64
+        # base pointers (the host checks they fit).
+        pid = tl.program_id(0)
         i_m = pid % NM
         i_bh = pid // NM
         i_b = i_bh // HQ
         i_h = i_bh % HQ
         i_kh = i_h // GROUP
         bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        L = tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b)
         if i_m * BM >= L:
             return
 
@@ -78,44 +127,37 @@ if HAS_TRITON:
         o_d = tl.arange(0, BD)
         m_m = o_m < L
         m_d = o_d < D
-        p_q = q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
+        p_q = q + bos * stride_qt + i_h * stride_qh + (o_m[:, None] * stride_qt + o_d[None, :])
         b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-        p_k = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
-        p_v = v + bos * stride_vt + i_kh * stride_vh + o_n[:, None] * stride_vt + o_d[None, :]
+        p_k = k + bos * stride_kt + i_kh * stride_kh + (o_n[None, :] * stride_kt + o_d[:, None])  # [BD, BN]
+        p_v = v + bos * stride_vt + i_kh * stride_vh + (o_n[:, None] * stride_vt + o_d[None, :])  # [BN, BD]
+        seed, offset = 0, 0
+        o_tok = o_m  # [BM]: packed row index of each query, the dropout counter
         if HAS_DROPOUT:
             seed = tl.load(rng)
             offset = tl.load(rng + 1).to(tl.int32)
-            b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
+            o_tok = (bos + o_m).to(tl.int32)
 
         b_m = tl.full([BM], float("-inf"), tl.float32)
         b_l = tl.zeros([BM], tl.float32)
         b_acc = tl.zeros([BM, BD], tl.float32)
-        for start_n in range(0, L, BN):
-            m_n = (start_n + o_n) < L
-            b_k = tl.load(p_k + start_n * stride_kt, mask=m_n[None, :] & m_d[:, None], other=0.0)  # [BD, BN]
-            b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale_log2  # [BM, BN]
-            b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            # A row whose keys are all masked keeps m = -inf; exponentiate against 0 instead so it stays 0, not NaN.
-            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN]
-            b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            if HAS_DROPOUT:
-                b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
-                b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-                b_p = tl.where(b_keep, b_p * inv_keep, 0.0)
-            b_v = tl.load(p_v + start_n * stride_vt, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-            b_m = b_m_new
+        n_full = (L // BN) * BN
+        for start_n in range(0, n_full, BN):
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_n, m_d, stride_kt, stride_vt,
+                                        seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                                        BN, HAS_DROPOUT, PRECISION, False)
+        if n_full < L:
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, n_full, L, o_n, m_d, stride_kt, stride_vt,
+                                        seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                                        BN, HAS_DROPOUT, PRECISION, True)
 
         b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
         b_o = b_acc / b_l[:, None]  # [BM, BD]
-        p_o = o + (bos + o_m)[:, None] * stride_ot + i_h * stride_oh + o_d[None, :]
+        p_o = o + bos * stride_ot + i_h * stride_oh + (o_m[:, None] * stride_ot + o_d[None, :])
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
         # Log-sum-exp in base 2 of the scaled logits: p = exp2(s * scale_log2 - lse) in the backward.
-        tl.store(lse + i_h * T + bos + o_m, b_m + tl.log2(b_l), mask=m_m)
+        tl.store(lse + i_h.to(tl.int64) * T + bos + o_m, b_m + tl.log2(b_l), mask=m_m)
 
 
     @triton.jit(do_not_specialize=["T"])
@@ -136,24 +178,62 @@ if HAS_TRITON:
         tl.store(delta + i_h * T + o_t, b_delta, mask=m_t)
 
 
+    @triton.jit
+    def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, m_d, stride_qt, stride_dot,
+                   seed, offset, i_h, tok0, col_start, scale_log2, dropout_p, inv_keep,
+                   BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+        # One query block against this program's keys; only the LAST query block can run past the sequence end.
+        if LAST:
+            m_m = (start_m + o_m) < L
+            m_md = m_m[:, None] & m_d[None, :]
+            b_q = tl.load(p_q + start_m * stride_qt, mask=m_md, other=0.0)  # [BM, BD]
+            b_do = tl.load(p_do + start_m * stride_dot, mask=m_md, other=0.0)  # [BM, BD]
+            b_lse = tl.load(p_lse + start_m, mask=m_m, other=0.0)  # [BM]
+            b_delta = tl.load(p_delta + start_m, mask=m_m, other=0.0)  # [BM]
+        else:
+            b_q = tl.load(p_q + start_m * stride_qt, mask=m_d[None, :], other=0.0)  # [BM, BD]
+            b_do = tl.load(p_do + start_m * stride_dot, mask=m_d[None, :], other=0.0)  # [BM, BD]
+            b_lse = tl.load(p_lse + start_m)  # [BM]
+            b_delta = tl.load(p_delta + start_m)  # [BM]
+        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
+        b_pT = tl.exp2(b_sT * scale_log2 - b_lse[None, :])  # [BN, BM]
+        if LAST:
+            # Padding query rows (beyond L) must contribute nothing; their lse was never written.
+            b_pT = tl.where(m_m[None, :], b_pT, 0.0)
+        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+        if HAS_DROPOUT:
+            b_keep = _dropout_keep_t(seed, offset, i_h, tok0 + start_m + o_m, col_start, dropout_p, BN)
+            b_pdT = tl.where(b_keep, b_pT * inv_keep, 0.0)
+            b_dpT = tl.where(b_keep, b_dpT * inv_keep, 0.0)
+        else:
+            b_pdT = b_pT
+        b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
+        b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PRECISION)
+        return b_dk, b_dv
+
+
     @triton.jit(do_not_specialize=["T", "NN"])
     def _attn_bwd_dkdv_kernel(
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, rng,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-        stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         T, NN, scale, scale_log2, dropout_p, inv_keep,
-        HKV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+        HKV: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program: BN keys of one (sequence, KV head); it loops over the GROUP query heads sharing that KV head
-        # and over all query blocks, so the GQA sum happens in registers and every dK/dV element has one writer.
-        pid = tl.program_id(0).to(tl.int64)
+        # One program: BN keys of one (sequence, KV head) and GROUP / SPLIT of the query heads sharing that KV
+        # head, over all query blocks; the GQA sum over its heads happens in registers. SPLIT == 1: every dK/dV
+        # element has one writer. SPLIT > 1 (long sequences, too few programs to fill the GPU): each split writes
+        # fp32 partials to its own slice (stride_dks) of dk/dv and the host sums them: no atomics either way.
+        pid = tl.program_id(0)
         i_n = pid % NN
-        i_bh = pid // NN
+        i_s = (pid // NN) % SPLIT
+        i_bh = pid // NN // SPLIT
         i_b = i_bh // HKV
         i_kh = i_bh % HKV
         bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        L = tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b)
         if i_n * BN >= L:
             return
 
@@ -163,50 +243,66 @@ if HAS_TRITON:
         m_n = o_n < L
         m_d = o_d < D
         m_nd = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(k + (bos + o_n)[:, None] * stride_kt + i_kh * stride_kh + o_d[None, :],
+        b_k = tl.load(k + bos * stride_kt + i_kh * stride_kh + (o_n[:, None] * stride_kt + o_d[None, :]),
                       mask=m_nd, other=0.0)  # [BN, BD]
-        b_v = tl.load(v + (bos + o_n)[:, None] * stride_vt + i_kh * stride_vh + o_d[None, :],
+        b_v = tl.load(v + bos * stride_vt + i_kh * stride_vh + (o_n[:, None] * stride_vt + o_d[None, :]),
                       mask=m_nd, other=0.0)  # [BN, BD]
+        seed, offset, tok0 = 0, 0, 0
         if HAS_DROPOUT:
             seed = tl.load(rng)
             offset = tl.load(rng + 1).to(tl.int32)
-            b_col = o_n.to(tl.int32)[:, None] + tl.zeros([BN, BM], tl.int32)  # [BN, BM]
+            tok0 = bos.to(tl.int32)
 
         b_dk = tl.zeros([BN, BD], tl.float32)
         b_dv = tl.zeros([BN, BD], tl.float32)
-        for g in range(GROUP):
-            i_h = i_kh * GROUP + g
-            p_q = q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :]
-            p_do = do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :]
-            p_lse = lse + i_h * T + bos + o_m
-            p_delta = delta + i_h * T + bos + o_m
-            for start_m in range(0, L, BM):
-                m_m = (start_m + o_m) < L
-                m_md = m_m[:, None] & m_d[None, :]
-                b_q = tl.load(p_q + start_m * stride_qt, mask=m_md, other=0.0)  # [BM, BD]
-                b_do = tl.load(p_do + start_m * stride_dot, mask=m_md, other=0.0)  # [BM, BD]
-                b_lse = tl.load(p_lse + start_m, mask=m_m, other=0.0)  # [BM]
-                b_delta = tl.load(p_delta + start_m, mask=m_m, other=0.0)  # [BM]
-                b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2  # [BN, BM]
-                # Padding query rows (beyond L) must contribute nothing; their lse was never written.
-                b_pT = tl.where(m_m[None, :], tl.exp2(b_sT - b_lse[None, :]), 0.0)  # [BN, BM]
-                b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
-                if HAS_DROPOUT:
-                    b_tok = (bos + start_m + o_m).to(tl.int32)[None, :] + tl.zeros([BN, BM], tl.int32)
-                    b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-                    b_pdT = tl.where(b_keep, b_pT * inv_keep, 0.0)
-                    b_dpT = tl.where(b_keep, b_dpT * inv_keep, 0.0)
-                else:
-                    b_pdT = b_pT
-                b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
-                b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
-                b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PRECISION)
+        m_full = (L // BM) * BM
+        for g in range(GROUP // SPLIT):
+            i_h = i_kh * GROUP + i_s * (GROUP // SPLIT) + g
+            p_q = q + bos * stride_qt + i_h * stride_qh + (o_m[:, None] * stride_qt + o_d[None, :])
+            p_do = do + bos * stride_dot + i_h * stride_doh + (o_m[:, None] * stride_dot + o_d[None, :])
+            p_lse = lse + i_h.to(tl.int64) * T + bos + o_m
+            p_delta = delta + i_h.to(tl.int64) * T + bos + o_m
+            for start_m in range(0, m_full, BM):
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, m_d,
+                                        stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
+                                        dropout_p, inv_keep, BN, HAS_DROPOUT, PRECISION, False)
+            if m_full < L:
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, m_full, L, o_m, m_d,
+                                        stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
+                                        dropout_p, inv_keep, BN, HAS_DROPOUT, PRECISION, True)
 
         b_dk = b_dk * scale
-        tl.store(dk + (bos + o_n)[:, None] * stride_dkt + i_kh * stride_dkh + o_d[None, :],
+        dk += i_s.to(tl.int64) * stride_dks
+        dv += i_s.to(tl.int64) * stride_dks
+        tl.store(dk + bos * stride_dkt + i_kh * stride_dkh + (o_n[:, None] * stride_dkt + o_d[None, :]),
                  b_dk.to(dk.dtype.element_ty), mask=m_nd)
-        tl.store(dv + (bos + o_n)[:, None] * stride_dvt + i_kh * stride_dvh + o_d[None, :],
+        tl.store(dv + bos * stride_dvt + i_kh * stride_dvh + (o_n[:, None] * stride_dvt + o_d[None, :]),
                  b_dv.to(dv.dtype.element_ty), mask=m_nd)
+
+
+    @triton.jit
+    def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_n, m_d, stride_kt, stride_vt,
+                 seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                 BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+        if LAST:
+            m_n = (start_n + o_n) < L
+            m_dn = m_d[:, None] & m_n[None, :]
+            b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_dn, other=0.0)  # [BD, BN]
+            b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_dn, other=0.0)  # [BD, BN]
+        else:
+            b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_d[:, None], other=0.0)  # [BD, BN]
+            b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_d[:, None], other=0.0)  # [BD, BN]
+        b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2  # [BM, BN]
+        b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN]
+        if LAST:
+            b_p = tl.where(m_n[None, :], b_p, 0.0)
+        b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
+        if HAS_DROPOUT:
+            b_keep = _dropout_keep(seed, offset, i_h, o_tok, start_n, dropout_p, BN)
+            b_dp = tl.where(b_keep, b_dp * inv_keep, 0.0)
+        b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+        b_dq += tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=PRECISION)
+        return b_dq
 
 
     @triton.jit(do_not_specialize=["T", "NM"])
@@ -218,14 +314,14 @@ if HAS_TRITON:
         HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0)
         i_m = pid % NM
         i_bh = pid // NM
         i_b = i_bh // HQ
         i_h = i_bh % HQ
         i_kh = i_h // GROUP
         bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        L = tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b)
         if i_m * BM >= L:
             return
 
@@ -235,37 +331,34 @@ if HAS_TRITON:
         m_m = o_m < L
         m_d = o_d < D
         m_md = m_m[:, None] & m_d[None, :]
-        b_q = tl.load(q + (bos + o_m)[:, None] * stride_qt + i_h * stride_qh + o_d[None, :],
+        b_q = tl.load(q + bos * stride_qt + i_h * stride_qh + (o_m[:, None] * stride_qt + o_d[None, :]),
                       mask=m_md, other=0.0)  # [BM, BD]
-        b_do = tl.load(do + (bos + o_m)[:, None] * stride_dot + i_h * stride_doh + o_d[None, :],
+        b_do = tl.load(do + bos * stride_dot + i_h * stride_doh + (o_m[:, None] * stride_dot + o_d[None, :]),
                        mask=m_md, other=0.0)  # [BM, BD]
-        b_lse = tl.load(lse + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
-        b_delta = tl.load(delta + i_h * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
-        p_kT = k + bos * stride_kt + i_kh * stride_kh + o_n[None, :] * stride_kt + o_d[:, None]
-        p_vT = v + bos * stride_vt + i_kh * stride_vh + o_n[None, :] * stride_vt + o_d[:, None]
+        b_lse = tl.load(lse + i_h.to(tl.int64) * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
+        b_delta = tl.load(delta + i_h.to(tl.int64) * T + bos + o_m, mask=m_m, other=0.0)  # [BM]
+        p_kT = k + bos * stride_kt + i_kh * stride_kh + (o_n[None, :] * stride_kt + o_d[:, None])  # [BD, BN]
+        p_vT = v + bos * stride_vt + i_kh * stride_vh + (o_n[None, :] * stride_vt + o_d[:, None])  # [BD, BN]
+        seed, offset = 0, 0
+        o_tok = o_m
         if HAS_DROPOUT:
             seed = tl.load(rng)
             offset = tl.load(rng + 1).to(tl.int32)
-            b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
+            o_tok = (bos + o_m).to(tl.int32)
 
         b_dq = tl.zeros([BM, BD], tl.float32)
-        for start_n in range(0, L, BN):
-            m_n = (start_n + o_n) < L
-            m_dn = m_d[:, None] & m_n[None, :]
-            b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_dn, other=0.0)  # [BD, BN]
-            b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_dn, other=0.0)  # [BD, BN]
-            b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2  # [BM, BN]
-            b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.0)  # [BM, BN]
-            b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
-            if HAS_DROPOUT:
-                b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
-                b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
-                b_dp = tl.where(b_keep, b_dp * inv_keep, 0.0)
-            b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
-            b_dq += tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=PRECISION)
+        n_full = (L // BN) * BN
+        for start_n in range(0, n_full, BN):
+            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_n, m_d, stride_kt,
+                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                            BN, HAS_DROPOUT, PRECISION, False)
+        if n_full < L:
+            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, n_full, L, o_n, m_d, stride_kt,
+                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                            BN, HAS_DROPOUT, PRECISION, True)
 
         b_dq = b_dq * scale
-        tl.store(dq + (bos + o_m)[:, None] * stride_dqt + i_h * stride_dqh + o_d[None, :],
+        tl.store(dq + bos * stride_dqt + i_h * stride_dqh + (o_m[:, None] * stride_dqt + o_d[None, :]),
                  b_dq.to(dq.dtype.element_ty), mask=m_md)
 
 
@@ -274,24 +367,24 @@ if HAS_TRITON:
         mask, cu_seqlens, rng, stride_mb, stride_mh, stride_mm, NM, dropout_p,
         HQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0)
         i_m = pid % NM
         i_bh = pid // NM
         i_b = i_bh // HQ
         i_h = i_bh % HQ
         bos = tl.load(cu_seqlens + i_b).to(tl.int64)
-        L = tl.load(cu_seqlens + i_b + 1).to(tl.int64) - bos
+        L = tl.load(cu_seqlens + i_b + 1) - tl.load(cu_seqlens + i_b)
         if i_m * BM >= L:
             return
         seed = tl.load(rng)
         offset = tl.load(rng + 1).to(tl.int32)
         o_m = i_m * BM + tl.arange(0, BM)
         o_n = tl.arange(0, BN)
-        b_tok = (bos + o_m).to(tl.int32)[:, None] + tl.zeros([BM, BN], tl.int32)  # [BM, BN]
-        p_mask = mask + i_b * stride_mb + i_h * stride_mh + o_m[:, None] * stride_mm
+        o_tok = (bos + o_m).to(tl.int32)  # [BM]
+        p_mask = (mask + i_b.to(tl.int64) * stride_mb + i_h.to(tl.int64) * stride_mh
+                  + o_m[:, None].to(tl.int64) * stride_mm)
         for start_n in range(0, L, BN):
-            b_col = (start_n + o_n).to(tl.int32)[None, :] + tl.zeros([BM, BN], tl.int32)
-            b_keep = _dropout_keep(seed, offset, i_h.to(tl.int32), b_tok, b_col, dropout_p)
+            b_keep = _dropout_keep(seed, offset, i_h, o_tok, start_n, dropout_p, BN)
             m_mn = (o_m < L)[:, None] & ((start_n + o_n) < L)[None, :]
             tl.store(p_mask + (start_n + o_n)[None, :], b_keep.to(tl.int8), mask=m_mn)
 
@@ -304,34 +397,134 @@ if HAS_TRITON:
 CONFIG_OVERRIDE = None
 
 
-def attention_config(device, head_dim):
-    """Tiling for one head dim on one device: forward (fwd_bm x fwd_bn), dK/dV (bwd_bm query rows per step,
-    bwd_bn keys per program), dQ (dq_bm rows per program, dq_bn keys per step)."""
-    bd = max(16, triton.next_power_of_2(head_dim))
+def device_arch(device):
+    """The CUDA compute capability of ``device`` as an int (90 = Hopper, 80 = Ampere); None for CPU tensors and
+    the interpreter, which get their own tiling."""
     if device.type != "cuda" or _interpreting():
-        # The interpreter costs ~5 ms per (program x loop step) whatever the block: few, mid-sized blocks.
-        cfg = dict(fwd_bm=32, fwd_bn=32, bwd_bm=32, bwd_bn=32, dq_bm=32, dq_bn=32,
-                   fwd_warps=4, fwd_stages=1, bwd_warps=4, bwd_stages=1)
-    elif bd <= 64:
-        cfg = dict(fwd_bm=128, fwd_bn=64, bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32,
-                   fwd_warps=4, fwd_stages=3, bwd_warps=4, bwd_stages=3)
-    elif bd <= 128:
-        # Hopper/Ampere: 128x64 score tiles with 8 warps keep the fp32 accumulator [128, 128] in registers.
-        cfg = dict(fwd_bm=128, fwd_bn=64, bwd_bm=32, bwd_bn=128, dq_bm=128, dq_bn=32,
-                   fwd_warps=8, fwd_stages=3, bwd_warps=8, bwd_stages=2)
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _tile(bm, bn, warps, stages):
+    return bm, bn, warps, stages
+
+
+# (arch, padded head dim, 16-bit or fp32, dropout) -> forward, dK/dV, dQ tiles as (BM, BN, warps, stages).
+# Chosen from the compile sweep (python -m llm2vec_fast.kernels.gpu_compile --sweep): among the candidates that
+# neither spill registers nor exceed the target's shared memory, the largest tile, then the deepest pipeline.
+# Tiles are (BM, BN, warps, stages); the committed sweep outputs are in benchmarks/results/compile_sweep_*.txt.
+_TILINGS = {
+    # Hopper, 16-bit. Every entry compiles with no spill.
+    (90, 64, False, False): (_tile(128, 128, 8, 2), _tile(32, 128, 8, 2), _tile(128, 64, 8, 2)),
+    (90, 64, False, True): (_tile(128, 64, 8, 3), _tile(32, 128, 8, 2), _tile(128, 64, 8, 2)),
+    (90, 128, False, False): (_tile(128, 64, 8, 3), _tile(32, 128, 8, 2), _tile(128, 64, 8, 2)),
+    (90, 128, False, True): (_tile(128, 64, 8, 3), _tile(16, 128, 8, 2), _tile(128, 64, 8, 2)),
+    # Ampere, 16-bit: mma.sync keeps more in registers than wgmma, so narrower tiles. No candidate dQ tiling at
+    # head dim 128 is spill-free; 32x32 spills the least (tests/kernels/test_gpu_compile.py holds the bound).
+    (80, 64, False, False): (_tile(128, 64, 8, 3), _tile(32, 128, 8, 2), _tile(128, 32, 8, 3)),
+    (80, 64, False, True): (_tile(128, 64, 8, 3), _tile(16, 128, 8, 2), _tile(128, 32, 8, 3)),
+    (80, 128, False, False): (_tile(128, 32, 8, 3), _tile(16, 128, 8, 2), _tile(32, 32, 4, 2)),
+    (80, 128, False, True): (_tile(128, 32, 8, 3), _tile(16, 64, 4, 2), _tile(32, 32, 4, 2)),
+}
+_DEFAULT_TILING = {
+    64: (_tile(128, 64, 4, 3), _tile(32, 128, 4, 3), _tile(128, 32, 4, 3)),
+    128: (_tile(128, 64, 8, 3), _tile(32, 128, 8, 2), _tile(128, 32, 8, 2)),
+    256: (_tile(64, 32, 8, 2), _tile(32, 64, 8, 1), _tile(64, 32, 8, 1)),
+}
+
+
+# fp32 operands take twice the registers and shared memory of 16-bit ones: narrower tiles on every target.
+_FP32_TILING = {
+    64: (_tile(64, 32, 4, 2), _tile(16, 64, 4, 2), _tile(64, 32, 4, 2)),
+    128: (_tile(64, 32, 4, 2), _tile(16, 64, 4, 2), _tile(64, 32, 4, 2)),
+    256: (_tile(32, 32, 4, 1), _tile(16, 32, 4, 1), _tile(32, 32, 4, 1)),
+}
+
+
+def _tiling(arch, bd, dtype, dropout):
+    arch = arch if arch in (80, 90) else (90 if arch > 90 else 80)
+    if dtype == torch.float32:
+        tiles = _FP32_TILING[max(64, bd)]
     else:
-        # Head dims 129..256 (padded to 256): correct, not tuned; smaller tiles to fit registers and shared memory.
-        cfg = dict(fwd_bm=64, fwd_bn=32, bwd_bm=32, bwd_bn=64, dq_bm=64, dq_bn=32,
-                   fwd_warps=8, fwd_stages=2, bwd_warps=8, bwd_stages=1)
+        tiles = _TILINGS.get((arch, bd, False, bool(dropout))) or _DEFAULT_TILING[max(64, bd)]
+    out = {}
+    for prefix, (bm, bn, warps, stages) in zip(("fwd", "dkdv", "dq"), tiles):
+        out.update({f"{prefix}_bm": bm, f"{prefix}_bn": bn, f"{prefix}_warps": warps, f"{prefix}_stages": stages})
+    return out
+
+
+def attention_config(head_dim, dtype=torch.bfloat16, dropout=False, arch=90):
+    """Tiling for one kind of input: forward (fwd_bm query rows x fwd_bn keys per step), dK/dV (dkdv_bm query
+    rows per step x dkdv_bn keys per program), dQ (dq_bm rows per program x dq_bn keys per step), and each
+    kernel's warps and pipeline stages. ``arch=None`` is the interpreter's tiling."""
+    bd = max(16, triton.next_power_of_2(head_dim))
+    if arch is None:
+        # The interpreter costs ~5 ms per (program x loop step) whatever the block: few, mid-sized blocks.
+        cfg = dict(fwd_bm=32, fwd_bn=32, fwd_warps=4, fwd_stages=1, dkdv_bm=32, dkdv_bn=32, dkdv_warps=4,
+                   dkdv_stages=1, dq_bm=32, dq_bn=32, dq_warps=4, dq_stages=1)
+    else:
+        cfg = dict(_tiling(arch, bd, dtype, dropout))
     if CONFIG_OVERRIDE:
         cfg.update(CONFIG_OVERRIDE)
     cfg["bd"] = bd
     return cfg
 
 
+# fp32 inputs run on TF32 tensor cores by default ("tf32": 10-bit mantissas in the products, fp32 accumulation,
+# ~1e-3 relative error, as torch gives fp32 matmuls under torch.set_float32_matmul_precision("high")). The opt-outs
+# cost registers: "tf32x3" (each operand split into a TF32 high part and residual, three products: close to fp32)
+# and "ieee" (exact fp32 FMA, no tensor cores) both spill at every tiling compiled (kernels/README.md). Set with
+# LLM2VEC_FAST_ATTENTION_FP32 or here.
+FP32_PRECISION = os.environ.get("LLM2VEC_FAST_ATTENTION_FP32", "tf32")
+FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
 def _precision(dtype):
-    # fp32 inputs get true fp32 dots (TF32 would break the accuracy contract); fp16/bf16 use tensor cores anyway.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype != torch.float32:
+        return "tf32"  # fp16/bf16 operands go to the tensor cores as they are; the setting is ignored
+    if FP32_PRECISION not in FP32_PRECISIONS:
+        raise ValueError(f"LLM2VEC_FAST_ATTENTION_FP32={FP32_PRECISION!r}: use one of {', '.join(FP32_PRECISIONS)}")
+    return FP32_PRECISION
+
+
+class Launch:
+    """One kernel launch as the host functions make it: the kernel, its constexprs, warps and stages, and (for
+    ``gpu_compile``, which compiles it without a GPU) the dtypes of its pointer arguments and its fp32 scalars."""
+
+    def __init__(self, kernel, constexprs, num_warps, num_stages, pointers, floats):
+        self.kernel, self.constexprs = kernel, constexprs
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.pointers, self.floats = pointers, floats
+
+    def options(self):
+        return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def attention_launches(dtype, head_dim, num_q_heads, num_kv_heads, dropout, arch, dkdv_split=1):
+    """Every Triton launch ``attention_forward`` and ``attention_backward`` make for inputs of this kind, by name:
+    forward, bwd_preprocess, bwd_dkdv, bwd_dq. The host functions launch exactly these; the compile tests compile
+    exactly these."""
+    cfg = attention_config(head_dim, dtype, dropout, arch)
+    D, BD, group = head_dim, cfg["bd"], num_q_heads // num_kv_heads
+    scalars = ("scale", "scale_log2", "dropout_p", "inv_keep")
+    io = dict.fromkeys(("q", "k", "v", "o", "do", "dq", "dk", "dv"), dtype)
+    aux = dict(lse=torch.float32, delta=torch.float32, cu_seqlens=torch.int32, rng=torch.int64)
+    common = dict(D=D, BD=BD, HAS_DROPOUT=bool(dropout), PRECISION=_precision(dtype))
+    return {
+        "forward": Launch(_attn_fwd_kernel, dict(common, HQ=num_q_heads, GROUP=group, BM=cfg["fwd_bm"],
+                                                 BN=cfg["fwd_bn"]),
+                          cfg["fwd_warps"], cfg["fwd_stages"], dict(io, **aux), scalars),
+        "bwd_preprocess": Launch(_attn_bwd_preprocess_kernel, dict(D=D, BD=BD, BT=64 if BD <= 128 else 32), 4, 1,
+                                 dict(io, **aux), ()),
+        "bwd_dkdv": Launch(_attn_bwd_dkdv_kernel, dict(common, HKV=num_kv_heads, GROUP=group, SPLIT=dkdv_split,
+                                                       BM=cfg["dkdv_bm"],
+                                                       BN=cfg["dkdv_bn"]),
+                           cfg["dkdv_warps"], cfg["dkdv_stages"], dict(io, **aux), scalars),
+        "bwd_dq": Launch(_attn_bwd_dq_kernel, dict(common, HQ=num_q_heads, GROUP=group, BM=cfg["dq_bm"],
+                                                   BN=cfg["dq_bn"]),
+                         cfg["dq_warps"], cfg["dq_stages"], dict(io, **aux), scalars),
+    }
 
 
 def _check_inputs(q, k, v, cu_seqlens):
@@ -361,6 +554,20 @@ def _autocast_inputs(q, k, v):
     return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in (q, k, v))
 
 
+# Blocks run up to one tile past a sequence's end (masked); the largest tile is 128 rows.
+_OFFSET_SLACK = 256
+
+
+def _check_int32_offsets(max_seqlen, *tensors):
+    """The kernels index within a sequence with int32 offsets off an int64 base (cheaper address arithmetic in
+    the inner loops), so one sequence's rows must span fewer than 2^31 elements of each tensor."""
+    row = max(max(x.stride(0) for x in tensors), max(x.shape[1] * x.shape[2] for x in tensors))
+    if (int(max_seqlen) + _OFFSET_SLACK) * row >= 2**31:
+        raise ValueError(f"a sequence of {max_seqlen} tokens spans more than 2^31 elements of a tensor with row "
+                         f"stride {row}; the kernels index within a sequence in int32: split sequences longer "
+                         f"than {2**31 // row - _OFFSET_SLACK} tokens")
+
+
 def _lastdim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -377,26 +584,43 @@ def draw_dropout_rng(device, generator=None):
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
+def dkdv_split(programs, group, device):
+    """How many programs share the query heads of one GQA group in the dK/dV kernel. 1 (one program sums the
+    whole group in registers) unless its programs (key blocks x sequences x KV heads) leave SMs idle, as one long
+    sequence with few KV heads does (sm_90 and newer); then the smallest divisor of the group that gives every SM a
+    program.
+    ``CONFIG_OVERRIDE["dkdv_split"]`` forces a value (tests, sweeps)."""
+    if CONFIG_OVERRIDE and "dkdv_split" in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE["dkdv_split"]
+    arch = device_arch(device)
+    # On Ampere the split variant spills registers at head dim 128 with dropout (1 KB per thread, measured by
+    # gpu_compile), where the unsplit one does not: splits are for Hopper and newer.
+    if group == 1 or arch is None or arch < 90:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for split in range(1, group + 1):
+        if group % split == 0 and programs * split >= sms:
+            return split
+    return group
+
+
 def attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p=0.0, rng=None):
     """Triton forward. Returns ``out [T, Hq, D]`` and the base-2 log-sum-exp ``lse [Hq, T]`` (fp32)."""
     T, HQ, D = q.shape
     HKV = k.shape[1]
     B = cu_seqlens.numel() - 1
-    cfg = attention_config(q.device, D)
+    has_dropout = dropout_p > 0.0
+    fwd = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device))["forward"]
     o = _alloc((T, HQ, D), q.dtype, q.device)
     lse = _alloc((HQ, T), torch.float32, q.device)
-    has_dropout = dropout_p > 0.0
-    NM = triton.cdiv(max(max_seqlen, 1), cfg["fwd_bm"])
+    NM = triton.cdiv(max(max_seqlen, 1), fwd.constexprs["BM"])
     grid = (NM * B * HQ,)
     if grid[0] == 0 or T == 0:
         return o, lse
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens, rng if has_dropout else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, NM, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
-        HQ=HQ, GROUP=HQ // HKV, D=D, BD=cfg["bd"], BM=cfg["fwd_bm"], BN=cfg["fwd_bn"],
-        HAS_DROPOUT=has_dropout, PRECISION=_precision(q.dtype),
-        num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
+        T, NM, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), **fwd.options(),
     )
     return o, lse
 
@@ -406,59 +630,96 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scal
     T, HQ, D = q.shape
     HKV = k.shape[1]
     B = cu_seqlens.numel() - 1
-    cfg = attention_config(q.device, D)
+    has_dropout = dropout_p > 0.0
+    launches = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device))
     do = _lastdim_contiguous(do)
+    if (max_seqlen + _OFFSET_SLACK) * do.stride(0) >= 2**31:
+        do = do.contiguous()  # a broadcast or strided gradient; contiguous rows are as narrow as q's
     dq = _alloc(q.shape, q.dtype, q.device)
     dk = _alloc(k.shape, k.dtype, k.device)
     dv = _alloc(v.shape, v.dtype, v.device)
     if T == 0 or B == 0:
         return dq, dk, dv
     delta = _alloc((HQ, T), torch.float32, q.device)
-    BT = 64 if cfg["bd"] <= 128 else 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, BT), HQ)](
-        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, D=D, BD=cfg["bd"], BT=BT,
+    pre = launches["bwd_preprocess"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, pre.constexprs["BT"]), HQ)](
+        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, **pre.options(),
     )
-    has_dropout = dropout_p > 0.0
     rng = rng if has_dropout else cu_seqlens
-    common = dict(D=D, BD=cfg["bd"], HAS_DROPOUT=has_dropout, PRECISION=_precision(q.dtype),
-                  num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"])
     scalars = (softmax_scale, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p))
-    NN = triton.cdiv(max(max_seqlen, 1), cfg["bwd_bn"])
-    _attn_bwd_dkdv_kernel[(NN * B * HKV,)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, rng,
+    NN = triton.cdiv(max(max_seqlen, 1), launches["bwd_dkdv"].constexprs["BN"])
+    split = dkdv_split(NN * B * HKV, HQ // HKV, q.device)
+    dkdv = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device), split)["bwd_dkdv"]
+    # split > 1: fp32 partial sums per split of the query heads, summed here.
+    dk_out = dk if split == 1 else _alloc((split, *k.shape), torch.float32, k.device)
+    dv_out = dv if split == 1 else _alloc((split, *v.shape), torch.float32, v.device)
+    _attn_bwd_dkdv_kernel[(NN * split * B * HKV,)](
+        q, k, v, do, lse, delta, dk_out, dv_out, cu_seqlens, rng,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        T, NN, *scalars,
-        HKV=HKV, GROUP=HQ // HKV, BM=cfg["bwd_bm"], BN=cfg["bwd_bn"], **common,
+        0 if split == 1 else dk_out.stride(0), dk_out.stride(-3), dk_out.stride(-2), dv_out.stride(-3),
+        dv_out.stride(-2), T, NN, *scalars, **dkdv.options(),
     )
-    NM = triton.cdiv(max(max_seqlen, 1), cfg["dq_bm"])
+    if split > 1:
+        dk, dv = dk_out.sum(0).to(k.dtype), dv_out.sum(0).to(v.dtype)
+    dqk = launches["bwd_dq"]
+    NM = triton.cdiv(max(max_seqlen, 1), dqk.constexprs["BM"])
     _attn_bwd_dq_kernel[(NM * B * HQ,)](
         q, k, v, do, lse, delta, dq, cu_seqlens, rng,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
-        T, NM, *scalars,
-        HQ=HQ, GROUP=HQ // HKV, BM=cfg["dq_bm"], BN=cfg["dq_bn"], **common,
+        T, NM, *scalars, **dqk.options(),
     )
     return dq, dk, dv
 
 
-class VarlenAttentionFunction(torch.autograd.Function):
-    """Autograd of the Triton varlen attention: forward saves (q, k, v, out, lse, rng); the backward regenerates
-    the dropout masks from rng and runs the split dK/dV and dQ kernels."""
+# The Triton path as torch.library custom ops, so torch.compile traces through them (fake implementations give
+# the output shapes without running anything) and autograd runs the Triton backward. Autocast is applied by
+# varlen_attention before the op, as SDPA applies it (see _autocast_inputs), so the ops see one dtype.
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
-        o, lse = attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, rng)
-        ctx.max_seqlen, ctx.softmax_scale, ctx.dropout_p = max_seqlen, softmax_scale, dropout_p
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens, rng = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
-                                        ctx.dropout_p, rng)
-        return dq, dk, dv, None, None, None, None, None
+@torch.library.custom_op("llm2vec_fast_triton::varlen_attention_forward", mutates_args=())
+def varlen_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                max_seqlen: int, softmax_scale: float, dropout_p: float,
+                                rng: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward as a custom op: ``(out [T, Hq, D], lse [Hq, T] fp32)``."""
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)
+
+
+@varlen_attention_forward_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
+    T, HQ, D = q.shape
+    return q.new_empty((T, HQ, D)), q.new_empty((HQ, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm2vec_fast_triton::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                 softmax_scale: float, dropout_p: float,
+                                 rng: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward as a custom op: ``(dq, dk, dv)``; the dropout masks are regenerated from ``rng``."""
+    return attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)
+
+
+@varlen_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, rng)
+    ctx.max_seqlen, ctx.softmax_scale, ctx.dropout_p = max_seqlen, softmax_scale, dropout_p
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens, rng = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_backward_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
+                                              ctx.dropout_p, rng)
+    return dq, dk, dv, None, None, None, None, None
+
+
+varlen_attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -554,9 +815,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropou
         return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
     require_triton("varlen_attention on a CUDA tensor")
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
+    _check_int32_offsets(max_seqlen, q, k, v)
     cu_seqlens = cu_seqlens.to(torch.int32)
     rng = draw_dropout_rng(q.device) if dropout_p > 0.0 else None
-    return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), rng)
+    out, _ = varlen_attention_forward_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), rng)
+    return out
 
 
 def varlen_attention_dropout_mask(cu_seqlens, max_seqlen, num_heads, dropout_p, *, rng=None, device=None):

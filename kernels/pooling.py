@@ -162,13 +162,16 @@ def pool_forward(hidden, starts, ends, weighted, out_dtype):
     cfg = pooling_config(hidden.device, T, B, H)
     splits = cfg["splits"]
     chunk = triton.cdiv(triton.cdiv(max(T, 1), splits), cfg["fwd_br"]) * cfg["fwd_br"]
-    buf = _alloc((splits, B, H), out_dtype if splits == 1 else torch.float32, hidden.device)
+    # One split writes the output directly (a fresh tensor, not a view: custom-op outputs must not be views).
+    buf = _alloc((B, H) if splits == 1 else (splits, B, H), out_dtype if splits == 1 else torch.float32,
+                 hidden.device)
     if B > 0 and H > 0:
         _pool_fwd_kernel[(B, triton.cdiv(H, cfg["fwd_bh"]), splits)](
-            hidden, starts, ends, buf, hidden.stride(0), buf.stride(0), buf.stride(1), B, H, chunk,
+            hidden, starts, ends, buf, hidden.stride(0), 0 if splits == 1 else buf.stride(0), buf.stride(-2), B, H,
+            chunk,
             WEIGHTED=weighted, BR=cfg["fwd_br"], BH=cfg["fwd_bh"], num_warps=cfg["fwd_warps"],
         )
-    return buf[0] if splits == 1 else buf.sum(0).to(out_dtype)
+    return buf if splits == 1 else buf.sum(0).to(out_dtype)
 
 
 def pool_backward(dout, hidden_shape, hidden_dtype, starts, ends, weighted):
@@ -187,21 +190,47 @@ def pool_backward(dout, hidden_shape, hidden_dtype, starts, ends, weighted):
     return dx
 
 
-class SegmentPoolFunction(torch.autograd.Function):
-    """Autograd of the Triton segment pooling (`pool_forward` / `pool_backward`)."""
+# The Triton path as torch.library custom ops (fake implementations for torch.compile, the Triton backward for
+# autograd).
 
-    @staticmethod
-    def forward(ctx, hidden, starts, ends, weighted, out_dtype):
-        out = pool_forward(hidden, starts, ends, weighted, out_dtype)
-        ctx.save_for_backward(starts, ends)
-        ctx.weighted, ctx.hidden_shape, ctx.hidden_dtype = weighted, hidden.shape, hidden.dtype
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        starts, ends = ctx.saved_tensors
-        dx = pool_backward(dout, ctx.hidden_shape, ctx.hidden_dtype, starts, ends, ctx.weighted)
-        return dx, None, None, None, None
+@torch.library.custom_op("llm2vec_fast_triton::segment_pool_forward", mutates_args=())
+def segment_pool_forward_op(hidden: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor, weighted: bool,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """Triton segment pooling as a custom op: ``[B, H]`` in ``out_dtype``."""
+    return pool_forward(hidden, starts, ends, weighted, out_dtype)
+
+
+@segment_pool_forward_op.register_fake
+def _(hidden, starts, ends, weighted, out_dtype):
+    return hidden.new_empty((starts.shape[0], hidden.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("llm2vec_fast_triton::segment_pool_backward", mutates_args=())
+def segment_pool_backward_op(dout: torch.Tensor, rows: int, hidden_dtype: torch.dtype, starts: torch.Tensor,
+                             ends: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """Gradient of ``segment_pool_forward`` as a custom op: ``[rows, H]`` in ``hidden_dtype``."""
+    return pool_backward(dout, (rows, dout.shape[1]), hidden_dtype, starts, ends, weighted)
+
+
+@segment_pool_backward_op.register_fake
+def _(dout, rows, hidden_dtype, starts, ends, weighted):
+    return dout.new_empty((rows, dout.shape[1]), dtype=hidden_dtype)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    hidden, starts, ends, weighted, _ = inputs
+    ctx.save_for_backward(starts, ends)
+    ctx.weighted, ctx.rows, ctx.hidden_dtype = weighted, hidden.shape[0], hidden.dtype
+
+
+def _pool_backward(ctx, dout):
+    starts, ends = ctx.saved_tensors
+    return segment_pool_backward_op(dout, ctx.rows, ctx.hidden_dtype, starts, ends, ctx.weighted), None, None, \
+        None, None
+
+
+segment_pool_forward_op.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 
 
 def _torch_segment_pool(hidden, starts, ends, weighted, out_dtype):
@@ -247,7 +276,7 @@ def segment_pool(hidden, starts, ends, mode="mean", out_dtype=None, *, force_tri
         hidden = hidden.contiguous()
     require_triton("segment_pool on a CUDA tensor")
     starts, ends = starts.to(torch.int32).contiguous(), ends.to(torch.int32).contiguous()
-    return SegmentPoolFunction.apply(hidden, starts, ends, weighted, out_dtype)
+    return segment_pool_forward_op(hidden, starts, ends, weighted, out_dtype)
 
 
 def naive_segment_pool(hidden, starts, ends, mode="mean"):

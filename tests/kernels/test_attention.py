@@ -88,8 +88,8 @@ def test_softmax_scale_and_large_logits(check):
 
 
 @pytest.mark.parametrize("tiling", [
-    dict(fwd_bm=16, fwd_bn=64, bwd_bm=64, bwd_bn=16, dq_bm=16, dq_bn=64),
-    dict(fwd_bm=64, fwd_bn=16, bwd_bm=16, bwd_bn=64, dq_bm=64, dq_bn=16),
+    dict(fwd_bm=16, fwd_bn=64, dkdv_bm=64, dkdv_bn=16, dq_bm=16, dq_bn=64),
+    dict(fwd_bm=64, fwd_bn=16, dkdv_bm=16, dkdv_bn=64, dq_bm=64, dq_bn=16),
 ], ids=["narrow-rows", "narrow-keys"])
 def test_other_tilings(check, monkeypatch, tiling):
     # The GPU configurations use non-square tiles; exercise the masks with both orientations.
@@ -98,6 +98,40 @@ def test_other_tilings(check, monkeypatch, tiling):
     q, k, v, do, cu = make_inputs(lengths, 6, 2, 96, dt)
     got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 70, force_triton=True), q, k, v, do)
     check_all(check, got, q, k, v, do, cu, dt)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lengths_on_block_boundaries(check, dtype):
+    # Only the last key (query) block of a sequence is masked: lengths that are exact multiples of the 32-wide
+    # interpreter tiles have no masked block at all, 31 and 33 one each side of the boundary, with dropout on
+    # too (the masked and unmasked steps must draw the same keep bits).
+    lengths, dt = [32, 64, 0, 96, 31, 33], FP[dtype]
+    q, k, v, do, cu = make_inputs(lengths, 4, 2, 32, dt)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 96, force_triton=True), q, k, v, do)
+    check_all(check, got, q, k, v, do, cu, dt)
+    torch.manual_seed(3)
+    got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 96, dropout_p=0.25, force_triton=True), q, k, v, do)
+    torch.manual_seed(3)
+    mask = varlen_attention_dropout_mask(cu, 96, 4, 0.25)
+    check_all(check, got, q, k, v, do, cu, dt, dropout_mask=mask, dropout_p=0.25)
+
+
+@pytest.mark.parametrize("hq,split", [(6, 3), (8, 2)], ids=["group3-split3", "group4-split2"])
+def test_dkdv_split_over_the_gqa_group(check, monkeypatch, hq, split):
+    # Long sequences with few KV heads split a GQA group over programs that write fp32 partials summed by the
+    # host; the result must not depend on the split, with dropout on too.
+    lengths, dt = [70, 0, 33], torch.bfloat16
+    q, k, v, do, cu = make_inputs(lengths, hq, 2, 32, dt)
+    fn = lambda q, k, v: varlen_attention(q, k, v, cu, 70, dropout_p=0.2, force_triton=True)  # noqa: E731
+    torch.manual_seed(5)
+    whole = run(fn, q, k, v, do)
+    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", dict(dkdv_split=split))
+    torch.manual_seed(5)
+    got = run(fn, q, k, v, do)
+    torch.manual_seed(5)
+    mask = varlen_attention_dropout_mask(cu, 70, hq, 0.2)
+    check_all(check, got, q, k, v, do, cu, dt, dropout_mask=mask, dropout_p=0.2)
+    assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])  # forward and dQ do not split
 
 
 def test_rerun_is_bitwise_identical():
@@ -150,6 +184,19 @@ def test_dropout_rate_and_masks_change_between_calls():
     # 4 * (40^2 + 57^2 + 1) = 19,400 Bernoulli draws: the std of the rate is ~0.0033.
     assert abs(kept.mean().item() - (1 - p)) < 0.02
     assert not all(torch.equal(a, b) for a, b in zip(m1, m2))
+
+
+def test_dropout_keeps_of_one_philox_draw_are_independent():
+    # One Philox draw decides a pair of adjacent keys (words 0 and 1): the two decisions, and a key's decision
+    # for neighbouring tokens, must be independent. 3 heads x 128^2 = 49,152 draws, 24,576 pairs: a correlation
+    # of 0.03 would be ~5 standard deviations.
+    p = 0.4
+    (m,) = varlen_attention_dropout_mask(torch.tensor([0, 128], dtype=torch.int32), 128, 3, p)
+    m = m.float()
+    assert abs(m.mean().item() - (1 - p)) < 0.015
+    for a, b in ((m[:, :, 0::2], m[:, :, 1::2]), (m[:, 0::2, :], m[:, 1::2, :]), (m[0], m[1])):
+        corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+        assert abs(corr) < 0.03, corr
 
 
 def test_dropout_deterministic_for_a_seed():

@@ -1,0 +1,52 @@
+"""The Triton attention and pooling as torch.library custom ops: their schemas, fake implementations and autograd
+registrations pass ``torch.library.opcheck``, and ``torch.compile`` (inductor) of code that calls them gives the
+eager results, forward and gradients (the kernels run in the interpreter here)."""
+
+import pytest
+import torch
+
+from llm2vec_fast.kernels import attention, pooling
+from llm2vec_fast.kernels.attention import varlen_attention
+from llm2vec_fast.kernels.pooling import segment_pool
+
+CU = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+
+
+def _qkv(dtype=torch.float32, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, h, 16, generator=g, dtype=dtype) for h in (4, 2, 2))
+    return [x.requires_grad_(requires_grad) for x in (q, k, v)]
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
+def test_attention_ops_pass_opcheck(dropout_p):
+    q, k, v = _qkv()
+    rng = attention.draw_dropout_rng(q.device) if dropout_p else None
+    # test_aot_dispatch_dynamic differentiates through the op, so this covers the backward op and its fake too.
+    torch.library.opcheck(attention.varlen_attention_forward_op, (q, k, v, CU, 7, 0.25, dropout_p, rng))
+
+
+def test_pooling_ops_pass_opcheck():
+    x = torch.randn(12, 24, dtype=torch.float32, requires_grad=True)
+    starts, ends = torch.tensor([0, 5, 3], dtype=torch.int32), torch.tensor([5, 12, 3], dtype=torch.int32)
+    torch.library.opcheck(pooling.segment_pool_forward_op, (x, starts, ends, True, torch.float32))
+    dout = torch.randn(3, 24)
+    torch.library.opcheck(pooling.segment_pool_backward_op, (dout, 12, torch.float32, starts, ends, True))
+
+
+def test_torch_compile_through_the_ops_equals_eager():
+    starts, ends = CU[:-1], CU[1:]
+
+    def embed(q, k, v):
+        out = varlen_attention(q, k, v, CU, 7, force_triton=True)  # [T, Hq, D]
+        return segment_pool(out.flatten(1), starts, ends, "mean", force_triton=True)
+
+    compiled = torch.compile(embed, fullgraph=True)
+    eager_in, compiled_in = _qkv(), _qkv()
+    want, got = embed(*eager_in), compiled(*compiled_in)
+    torch.testing.assert_close(got, want)
+    torch.autograd.grad(want.square().sum(), eager_in)
+    grads_want = torch.autograd.grad(embed(*eager_in).square().sum(), eager_in)
+    grads_got = torch.autograd.grad(compiled(*compiled_in).square().sum(), compiled_in)
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b)
