@@ -189,15 +189,6 @@ def bench_attention_cpu(bench, dtype, d, heads, lengths, backward):
             torch.autograd.grad(out, (q, k, v), do)
         return out
 
-    # Packed (no padding) peers: torch's own varlen flash attention and the flash_attn package, where present.
-    for name, fn in packed_peers().items():
-        def peer(fn=fn):
-            out = fn(q, k, v, cu, S)
-            if backward:
-                torch.autograd.grad(out, (q, k, v), do)
-            return out
-        bench.run(op, name, shape, peer, flops=flops, baseline=True)
-
     def ours():
         out = varlen_attention(q, k, v, cu, S)
         if backward:
