@@ -147,7 +147,8 @@ def _onnx_file(model_name, encoder):
     directory = os.path.join(cache_root(), "bench", "onnx")
     path = os.path.join(directory, f"{os.path.basename(str(model_name)).replace(os.sep, '_')}-float32-"
                                    f"torch{torch.__version__.replace('+', '_')}.onnx")
-    if os.path.exists(path):
+    done = path + ".ok"  # written after a complete export (the weights go to a .data file beside the graph)
+    if os.path.exists(path) and os.path.exists(done):
         return path
     os.makedirs(directory, exist_ok=True)
     wrapper = PaddedModel(encoder.model).eval()
@@ -156,12 +157,12 @@ def _onnx_file(model_name, encoder):
     mask[1, 10:] = 0
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("seq", min=2, max=8192)
     started = time.perf_counter()
-    temp = path + f".tmp{os.getpid()}"
-    torch.onnx.export(wrapper, (ids, mask), temp, input_names=["input_ids", "attention_mask"],
+    torch.onnx.export(wrapper, (ids, mask), path, input_names=["input_ids", "attention_mask"],
                       output_names=["hidden"], dynamic_shapes={"input_ids": {0: batch, 1: seq},
                                                                "attention_mask": {0: batch, 1: seq}},
                       dynamo=True, optimize=True)
-    os.replace(temp, path)
+    with open(done, "w") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     print(f"  onnx: exported in {time.perf_counter() - started:.0f} s to {path}", file=sys.stderr)
     return path
 
@@ -236,22 +237,55 @@ def side_llama_cpp(model_name, outtype, rows, ranges):
 
     model_dir = resolve_directory(model_name, "model")
     path = _gguf_file(model_dir, outtype.lower())
-    n_ctx = max(len(r) for r in rows) + 8
-    llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=max(n_ctx, 512), n_batch=max(n_ctx, 512),
-                          n_ubatch=max(n_ctx, 512), n_threads=torch.get_num_threads(), verbose=False,
+    import numpy as np
+
+    budget = 1024  # tokens per decode, our default budget (every text here is shorter)
+    llm = llama_cpp.Llama(model_path=path, embedding=True, n_ctx=budget, n_batch=budget, n_ubatch=budget,
+                          n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(), verbose=False,
                           pooling_type=llama_cpp.LLAMA_POOLING_TYPE_NONE, flash_attn=True)
     llama_cpp.llama_set_causal_attn(llm.ctx, False)
+    n_embd, n_seq_max = llm.n_embd(), llm.context_params.n_seq_max
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    if len(rows[order[0]]) > budget:
+        raise Unavailable(f"a text of {len(rows[order[0]])} tokens exceeds the {budget}-token context")
 
     def run():
-        out = torch.empty(len(rows), llm.n_embd())
-        for i, (row, (start, end)) in enumerate(zip(rows, ranges)):
-            # Token ids as our tokenizer made them (BOS included); per-token states, pooled over the same range.
-            hidden = torch.tensor(llm.embed(row.input_ids, normalize=False), dtype=torch.float32)
-            out[i] = hidden[start:end].mean(0)
+        out = torch.empty(len(rows), n_embd)
+        pending = []
+
+        def flush():
+            # As Llama.embed does, with our token ids (BOS included): one decode per batch of sequences, the
+            # per-token states read back and pooled over the same range as ours.
+            llm._ctx.kv_cache_clear()
+            llm._ctx.decode(llm._batch)
+            llm._batch.reset()
+            total = sum(len(rows[i]) for i in pending)
+            flat = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(llm._ctx.ctx), shape=(total * n_embd,))
+            position = 0
+            for i in pending:
+                n = len(rows[i])
+                start, end = ranges[i]
+                hidden = torch.from_numpy(flat[position * n_embd:(position + n) * n_embd].reshape(n, n_embd))
+                out[i] = hidden[start:end].float().mean(0)
+                position += n
+            pending.clear()
+
+        used = 0
+        for i in order:
+            n = len(rows[i])
+            if pending and (used + n > budget or len(pending) >= n_seq_max):
+                flush()
+                used = 0
+            llm._batch.add_sequence(list(rows[i].input_ids), len(pending), True)
+            pending.append(i)
+            used += n
+        if pending:
+            flush()
         return out
 
     run()
-    return run, f"llama-cpp-python {llama_cpp.__version__}, {outtype} GGUF, non-causal, flash attention"
+    return run, f"llama-cpp-python {llama_cpp.__version__}, {outtype} GGUF, non-causal, flash attention, " \
+                f"{budget}-token batches"
 
 
 # ----------------------------------------------------------------------------------------------------- main
