@@ -410,10 +410,12 @@ def _tile(bm, bn, warps, stages):
     return bm, bn, warps, stages
 
 
-# (arch, padded head dim, 16-bit or fp32, dropout) -> forward, dK/dV, dQ tiles as (BM, BN, warps, stages).
-# Chosen from the compile sweep (python -m llm2vec_fast.kernels.gpu_compile --sweep): among the candidates that
-# neither spill registers nor exceed the target's shared memory, the largest tile, then the deepest pipeline.
-# Tiles are (BM, BN, warps, stages); the committed sweep outputs are in benchmarks/results/compile_sweep_*.txt.
+# (arch, padded head dim, 16-bit, dropout) -> forward, dK/dV, dQ tiles as (BM, BN, warps, stages), chosen from
+# the compile sweep (python -m llm2vec_fast.kernels.gpu_compile --sweep; its output for these keys is
+# benchmarks/results/compile_sweep_bf16_d64_d128.txt): among the candidates that neither spill registers nor
+# exceed the target's shared memory, the largest tile that stays clear of the 255-register ceiling (a tile at
+# 255 with no spill today spills after a small kernel change), then the deeper pipeline. Head dims 129-256 keep
+# the earlier tiles (not swept; they spill), fp32 has its own narrower ones.
 _TILINGS = {
     # Hopper, 16-bit. Every entry compiles with no spill.
     (90, 64, False, False): (_tile(128, 128, 8, 2), _tile(32, 128, 8, 2), _tile(128, 64, 8, 2)),
@@ -427,11 +429,7 @@ _TILINGS = {
     (80, 128, False, False): (_tile(128, 32, 8, 3), _tile(16, 128, 8, 2), _tile(32, 32, 4, 2)),
     (80, 128, False, True): (_tile(128, 32, 8, 3), _tile(16, 64, 4, 2), _tile(32, 32, 4, 2)),
 }
-_DEFAULT_TILING = {
-    64: (_tile(128, 64, 4, 3), _tile(32, 128, 4, 3), _tile(128, 32, 4, 3)),
-    128: (_tile(128, 64, 8, 3), _tile(32, 128, 8, 2), _tile(128, 32, 8, 2)),
-    256: (_tile(64, 32, 8, 2), _tile(32, 64, 8, 1), _tile(64, 32, 8, 1)),
-}
+_TILING_256 = (_tile(64, 32, 8, 2), _tile(32, 64, 8, 1), _tile(64, 32, 8, 1))
 
 
 # fp32 operands take twice the registers and shared memory of 16-bit ones: narrower tiles on every target.
@@ -447,7 +445,7 @@ def _tiling(arch, bd, dtype, dropout):
     if dtype == torch.float32:
         tiles = _FP32_TILING[max(64, bd)]
     else:
-        tiles = _TILINGS.get((arch, bd, False, bool(dropout))) or _DEFAULT_TILING[max(64, bd)]
+        tiles = _TILING_256 if bd > 128 else _TILINGS[(arch, max(64, bd), False, bool(dropout))]
     out = {}
     for prefix, (bm, bn, warps, stages) in zip(("fwd", "dkdv", "dq"), tiles):
         out.update({f"{prefix}_bm": bm, f"{prefix}_bn": bn, f"{prefix}_warps": warps, f"{prefix}_stages": stages})
@@ -517,10 +515,12 @@ def attention_launches(dtype, head_dim, num_q_heads, num_kv_heads, dropout, arch
                           cfg["fwd_warps"], cfg["fwd_stages"], dict(io, **aux), scalars),
         "bwd_preprocess": Launch(_attn_bwd_preprocess_kernel, dict(D=D, BD=BD, BT=64 if BD <= 128 else 32), 4, 1,
                                  dict(io, **aux), ()),
+        # A split dK/dV writes fp32 partials (attention_backward sums them).
         "bwd_dkdv": Launch(_attn_bwd_dkdv_kernel, dict(common, HKV=num_kv_heads, GROUP=group, SPLIT=dkdv_split,
-                                                       BM=cfg["dkdv_bm"],
-                                                       BN=cfg["dkdv_bn"]),
-                           cfg["dkdv_warps"], cfg["dkdv_stages"], dict(io, **aux), scalars),
+                                                       BM=cfg["dkdv_bm"], BN=cfg["dkdv_bn"]),
+                           cfg["dkdv_warps"], cfg["dkdv_stages"],
+                           dict(io, **aux, **(dict(dk=torch.float32, dv=torch.float32) if dkdv_split > 1 else {})),
+                           scalars),
         "bwd_dq": Launch(_attn_bwd_dq_kernel, dict(common, HQ=num_q_heads, GROUP=group, BM=cfg["dq_bm"],
                                                    BN=cfg["dq_bn"]),
                          cfg["dq_warps"], cfg["dq_stages"], dict(io, **aux), scalars),
