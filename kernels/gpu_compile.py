@@ -4,8 +4,9 @@ Triton compiles for ``GPUTarget("cuda", 90, 32)`` (Hopper) or ``("cuda", 80, 32)
 present; its bundled ``cuobjdump`` reads the resulting cubin. This module turns one launch (kernel, pointer
 dtypes, constexprs, warps, stages) into a :class:`KernelReport`: registers, stack, spill instructions, shared
 memory, tensor-core instructions (``HGMMA`` = wgmma, ``HMMA`` = mma.sync) and the size of the innermost loop that
-holds a matmul. ``tests/kernels/test_gpu_compile.py`` holds every launch the host code can make to these
-numbers; ``benchmarks/compile_report.py`` prints the table.
+holds a matmul. ``python -m llm2vec_fast.kernels.gpu_compile`` prints them as a table for the launches the host
+code makes (``attention.attention_launches``, the objects the host functions launch), and ``--sweep`` for
+candidate tilings; the kernel tests hold a representative subset to limits (fits, tensor cores, no spills).
 
 Reports are cached beside Triton's own artifacts (its cache manager, keyed by the compiled kernel's hash), so a
 second run costs a cache lookup per launch.
@@ -279,6 +280,7 @@ def sweep(archs=ARCHS, head_dims=(64, 128, 256), dtypes=None, dropouts=(False, T
         attention.CONFIG_OVERRIDE = previous
     from concurrent.futures import ThreadPoolExecutor
 
+    # Not compile_all: the candidates of one case share its id.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         reports = list(pool.map(lambda job: job[1].compile(), jobs))
     return [(*key, report) for (key, _), report in zip(jobs, reports)]
