@@ -191,6 +191,28 @@ def bench_ops(bench, config, dtype, batches):
                        lambda q, k, v, c, m: cpu_ops.varlen_attention_reference(
                            q.double(), k.double(), v.double(), c, scale))())))
 
+    # The op's two kernels on the same batches: the portable C++ one (what runs where oneDNN has no micro-GEMMs for
+    # this CPU) against the brgemm one (the default where it does).
+    def portable(q, k, v, c, m):
+        previous = os.environ.get("LLM2VEC_FAST_CPU_ATTENTION")
+        os.environ["LLM2VEC_FAST_CPU_ATTENTION"] = "portable"
+        try:
+            return cpu_ops.varlen_attention(q, k, v, c, scale)
+        finally:
+            if previous is None:
+                del os.environ["LLM2VEC_FAST_CPU_ATTENTION"]
+            else:
+                os.environ["LLM2VEC_FAST_CPU_ATTENTION"] = previous
+
+    paired(bench, "varlen_attention", dict(shape, op="varlen_attention kernels"),
+           ("cpp-portable", all_batches(portable)),
+           ("cpp", all_batches(lambda q, k, v, c, m: cpu_ops.varlen_attention(q, k, v, c, scale))), rounds=5,
+           flops=4 * HQ * D * sum(n * n for ls in batches for n in ls),
+           check=lambda: _within_rule(torch.cat(all_batches(lambda q, k, v, c, m: cpu_ops.varlen_attention(
+               q, k, v, c, scale))()), torch.cat(all_batches(portable)()), torch.cat(all_batches(
+                   lambda q, k, v, c, m: cpu_ops.varlen_attention_reference(
+                       q.double(), k.double(), v.double(), c, scale))())))
+
 
 def matmul_ceiling(bench, config, dtype):
     """Tokens/s if encode were only the model's projections, run by torch at TOKENS tokens."""

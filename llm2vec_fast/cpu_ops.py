@@ -118,12 +118,16 @@ def silu_mul_reference(gate, up, round_act: bool = True):
 # ------------------------------------------------------------------------------------------- varlen attention
 
 
-def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None):
+def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool = False):
     """Bidirectional attention within each packed sequence: q [T, Hq, D], k / v [T, Hkv, D] (GQA: Hq a multiple
-    of Hkv), cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype."""
+    of Hkv), cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype.
+
+    bf16 inputs: the probabilities are rounded to bf16 before P @ V, as torch's CPU flash attention does, unless
+    fp32_probs, which keeps them to about 16 bits (P split into two bf16 halves, two passes; the mixed mode uses it).
+    LLM2VEC_FAST_CPU_ATTENTION=portable forces the plain C++ kernel (fp32 P) over oneDNN's micro-GEMMs."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = _alloc(q.shape, q)
-    torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out)
+    torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out, bool(fp32_probs))
     return out
 
 

@@ -176,14 +176,21 @@ def test_silu_mul(rows, hidden, dtype):
     _threads_and_rerun(lambda: (cpu_ops.silu_mul(gate, up),))
 
 
+# Odd lengths and head dims (D=33: the VNNI pad column), sequences of several query blocks (257, 130) and of one key
+# vector plus a tail (17), an empty sequence, GQA ratios 1, 3 and 4.
 ATTENTION_CASES = [([1], 9, 3, 64), ([63], 9, 3, 64), ([5, 0, 111, 1], 9, 3, 64), ([257, 3, 40], 4, 4, 100),
-                   ([33, 17], 8, 2, 16)]
+                   ([33, 17], 8, 2, 16), ([130, 7], 8, 2, 33)]
 
 
+@pytest.mark.parametrize("kernel", ["brgemm", "portable"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ATTENTION_CASES,
                          ids=lambda c: f"L{'_'.join(map(str, c[0]))}-HQ{c[1]}-HKV{c[2]}-D{c[3]}")
-def test_varlen_attention(case, dtype):
+def test_varlen_attention(case, dtype, kernel, monkeypatch):
+    # brgemm: oneDNN's micro-GEMMs where this CPU has them (else the op itself falls back to the portable kernel);
+    # portable: LLM2VEC_FAST_CPU_ATTENTION=portable forces the plain C++ kernel, the fallback on other CPUs.
+    if kernel == "portable":
+        monkeypatch.setenv("LLM2VEC_FAST_CPU_ATTENTION", "portable")
     lengths, HQ, HKV, D = case
     T = sum(lengths)
     cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
@@ -197,6 +204,25 @@ def test_varlen_attention(case, dtype):
     assert ours.dtype == dtype and ours.shape == q.shape
     _close(ours, same, truth, "varlen_attention")
     _threads_and_rerun(lambda: (cpu_ops.varlen_attention(q, k, v, cu),))
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES[1:4],
+                         ids=lambda c: f"L{'_'.join(map(str, c[0]))}-HQ{c[1]}-HKV{c[2]}-D{c[3]}")
+def test_varlen_attention_fp32_probs(case):
+    """bf16 q / k / v with fp32_probs (the mixed mode): as accurate as fp32 attention on the bf16 inputs, rounded
+    once at the end, and more accurate than rounding P to bf16."""
+    lengths, HQ, HKV, D = case
+    T = sum(lengths)
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    g = torch.Generator().manual_seed(T + D + 1)
+    q, k, v = ((torch.randn(T, h, D, generator=g) * 2).bfloat16() for h in (HQ, HKV, HKV))
+    truth = cpu_ops.varlen_attention_reference(q.double(), k.double(), v.double(), cu)
+    same = cpu_ops.varlen_attention_reference(q.float(), k.float(), v.float(), cu).bfloat16()
+    ours = cpu_ops.varlen_attention(q, k, v, cu, fp32_probs=True)
+    _close(ours, same, truth, "varlen_attention fp32_probs")
+    rounded = cpu_ops.varlen_attention(q, k, v, cu)
+    assert (ours.double() - truth).abs().mean() <= (rounded.double() - truth).abs().mean()
+    _threads_and_rerun(lambda: (cpu_ops.varlen_attention(q, k, v, cu, fp32_probs=True),))
 
 
 # ---------------------------------------------------------------------------------------------- patch layer
