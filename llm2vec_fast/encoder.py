@@ -34,9 +34,19 @@ from .modeling import (base_model, check_supported, cpu_linears, is_bidirectiona
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
-# Tokens per batch when max_batch_tokens is not given. CPU: measured best of 512-8192 on SmolLM2-135M (README,
-# "Encode engine"); CUDA: a budget that fills an H200 with a 135M-7B model, not yet measured.
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cuda": 32768}
+# Tokens per batch when max_batch_tokens is not given, by device and matmul precision (`default_max_batch_tokens`).
+# CPU: the measured best of 512-8192 on SmolLM2-135M with 2 threads (README, "Encode engine"): 1024 for fp32 GEMMs,
+# 4096 where the GEMMs run in bf16 (bf16 or the mixed mode: larger AMX GEMMs and fewer per-batch passes; 1024 was
+# 26-28% slower there). CUDA: a budget that fills an H200 with a 135M-7B model, not yet measured.
+DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cpu-bf16": 4096, "cuda": 32768}
+
+
+def default_max_batch_tokens(device_type: str, matmul_dtype: Optional[torch.dtype] = None) -> int:
+    """The default token budget for an encode on `device_type` ("cpu", "cuda", ...) whose GEMMs run in
+    matmul_dtype (on CPU, bfloat16 takes the larger budget; anything else, None included, the fp32 one)."""
+    if device_type == "cpu" and matmul_dtype == torch.bfloat16:
+        return DEFAULT_MAX_BATCH_TOKENS["cpu-bf16"]
+    return DEFAULT_MAX_BATCH_TOKENS.get(device_type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
 # Files a save writes whose presence changes what a directory loads as: a stale one left from an earlier save
 # (an adapter beside merged weights, weights beside a new adapter) is removed. Anything else is left alone.
 _SAVE_MANAGED = (*WEIGHT_FILES, ADAPTER_CONFIG, *ADAPTER_WEIGHTS, LLM2VEC_CONFIG)
@@ -292,7 +302,7 @@ class LLM2Vec(nn.Module):
             check_positive_int("max_batch_tokens", max_batch_tokens)
         device = _usable_device(device)
         budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
-                      DEFAULT_MAX_BATCH_TOKENS.get(device.type, 1024))
+                      self.default_batch_tokens(device))
         check_positive_int("max_batch_tokens", budget)  # the attribute may have been set after construction
         output = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
         batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
@@ -319,8 +329,16 @@ class LLM2Vec(nn.Module):
         configured = self.__dict__.get("_cpu_linears_dtype", "never")
         if cpu_linears(self.model) is None or (configured != "never" and configured != self.matmul_dtype):
             self._cpu_linears_dtype = self.matmul_dtype
-            tokens = self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cpu"]
+            tokens = self.max_batch_tokens or self.default_batch_tokens(device)
             use_cpu_linears(self.model, matmul_dtype=self.matmul_dtype, tokens=tokens)
+
+    def default_batch_tokens(self, device=None) -> int:
+        """The token budget an encode on `device` (default: CPU) uses when max_batch_tokens is not given: see
+        `default_max_batch_tokens` (bf16 GEMMs: the model's dtype, or matmul_dtype in the mixed mode)."""
+        device_type = torch.device(device).type if device is not None else "cpu"
+        weights = next(self.model.parameters(), None)
+        matmul = self.matmul_dtype or (weights.dtype if weights is not None else None)
+        return default_max_batch_tokens(device_type, matmul)
 
     # ------------------------------------------------------------------------------------ model methods
 
@@ -585,7 +603,7 @@ def resolve_auto_dtype(config, device=None, max_batch_tokens: Optional[int] = No
         return "auto"
     from .cpu_linear import announce_cpu_dtype, choose_cpu_dtype
 
-    tokens = max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS["cpu"]
+    tokens = max_batch_tokens or default_max_batch_tokens("cpu", torch.bfloat16)  # the budget mixed would use
     choice, reason = choose_cpu_dtype(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
                                       tokens)
     announce_cpu_dtype(choice, reason)

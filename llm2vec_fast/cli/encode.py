@@ -189,7 +189,7 @@ def run(args) -> int:
 def _encode_own_shards(args, model, source: ShardSource, output: OutputDir, corpus, ranks: Ranks) -> Throughput:
     """Encode and commit this rank's unfinished shards, the next one always being tokenized in the background."""
     device = _device(args.device, ranks)
-    budget = args.max_batch_tokens or model.max_batch_tokens or _default_budget(device)
+    budget = args.max_batch_tokens or model.max_batch_tokens or model.default_batch_tokens(device.split(":")[0])
     throughput = Throughput()
     total = initial = None
     if corpus is not None:  # a file: its scan tells how much work this rank has (stdin: unknown)
@@ -286,12 +286,6 @@ def _device(requested: str | None, ranks: Ranks) -> str:
     if requested == "cuda" and ranks.world_size > 1:
         return f"cuda:{ranks.local_rank}"  # one GPU per process, as torchrun intends
     return requested
-
-
-def _default_budget(device: str) -> int:
-    from ..encoder import DEFAULT_MAX_BATCH_TOKENS
-
-    return DEFAULT_MAX_BATCH_TOKENS.get(device.split(":")[0], 4096)
 
 
 def _fingerprint(args, spec: InputSpec, model_dir: str, adapter_dir: str | None) -> dict:

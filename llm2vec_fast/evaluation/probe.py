@@ -171,12 +171,11 @@ def token_states(encoder, rows: list[list[int]], max_batch_tokens: int | None = 
                  device: str | None = None) -> list[torch.Tensor]:
     """Last hidden states [len(row), H] (float32, CPU) of every token of every row, from the frozen encoder."""
     from ..batching import PackedBatch, token_budget_batches
-    from ..encoder import DEFAULT_MAX_BATCH_TOKENS
     from ..modeling import is_bidirectional, run_packed, run_padded
     from ..tokenization import TokenizedRow
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    budget = max_batch_tokens or encoder.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS.get(device.type, 1024)
+    budget = max_batch_tokens or encoder.max_batch_tokens or encoder.default_batch_tokens(device)
     output: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
     was_training = encoder.training
     encoder.eval()

@@ -45,7 +45,7 @@ class LLM2VecPredictor:
         import torch
 
         from ..encode_job.tables import pyarrow
-        from ..encoder import DEFAULT_MAX_BATCH_TOKENS, LLM2Vec
+        from ..encoder import LLM2Vec
         from ..loading import resolve_directory
 
         self._pa = pyarrow()
@@ -56,7 +56,7 @@ class LLM2VecPredictor:
         self.model = LLM2Vec.from_pretrained(resolve_directory(model, "model"), peft_model_name_or_path=peft_model,
                                              dtype=getattr(torch, dtype), **encoder_args)
         self.budget = (max_batch_tokens or self.model.max_batch_tokens
-                       or DEFAULT_MAX_BATCH_TOKENS.get(self.device.split(":")[0], 4096))
+                       or self.model.default_batch_tokens(self.device.split(":")[0]))
         self.text_field, self.instruction_field, self.instruction = text_field, instruction_field, instruction
         self.normalize, self.embedding_column = normalize, embedding_column
         self.embedding_dtype = np.dtype(embedding_dtype)
