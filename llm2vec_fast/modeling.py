@@ -260,7 +260,9 @@ def _native_decoder_layer_forward(self, hidden_states, *args, **kwargs):
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, **kwargs)
     hidden_states, residual = cpu_ops.rms_norm(hidden_states, norm.weight, _eps(norm), residual=residual,
                                                gemma=norm._llm2vec_native_gemma, out_dtype=mixed)
-    return residual + self.mlp(hidden_states)
+    # In place: `residual` is the sum the norm op just allocated, seen by nothing else (the layer's input is never
+    # written). In the mixed mode this adds the bf16 MLP output into the fp32 stream without a converted copy.
+    return residual.add_(self.mlp(hidden_states))
 
 
 def _native_rotary(original):
