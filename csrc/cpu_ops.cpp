@@ -26,7 +26,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -470,16 +469,17 @@ void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
 // ------------------------------------------------------------------- varlen attention on oneDNN's brgemm
 
 // The same attention on the micro-GEMMs torch's own CPU flash attention uses (at::native::cpublas::brgemm: oneDNN
-// ukernels, AMX / AVX-512 BF16 tiles for bf16, AVX-512 / AVX2 FMA for fp32). On one layer's attention over every
-// batch of the benchmark encode (SmolLM2-135M shapes) it measured 3.3x the kernel above in bf16 and 2.2x in fp32,
-// and 2.7x / 2.6x torch's grouped SDPA (benchmarks/bench_native.py, "varlen_attention kernels"): a short sequence
+// ukernels: AMX / AVX-512 BF16 tiles for bf16, FMA for fp32; whether they exist is probed at first use). On one
+// layer's attention over every batch of the benchmark encode (SmolLM2-135M shapes) it measured 3.3x the kernel above
+// in bf16 and 2.2x in fp32, and 2.7x / 2.6x torch's grouped SDPA (benchmarks/bench_native.py): a short sequence
 // costs two micro-GEMM calls, not an operator dispatch.
 //
 // One work item = (sequence, KV head, block of up to QB2 query rows). Its A matrix stacks the GQA group's query
 // heads ([R * G, D], row r * G + g = query row r of head g), so that K and V are packed once for G heads:
-//   S = A @ K^T           [R*G, Lp]   fp32 accumulation
-//   P = softmax(S*scale)  rounded to T (bf16 P, as torch's flash attention does; fp32 stays fp32)
-//   O = P @ V             [R*G, D]    fp32 accumulation, then rounded to T once.
+//   S = A @ K^T                  [R*G, Lp]  fp32 accumulation
+//   P = exp(scale * (S - max))   unnormalised, in T (bf16 P, as torch's flash attention rounds it; with
+//                                fp32_probs P = hi + lo, two bf16 halves, for ~16 bits); fp32 stays fp32
+//   O = (P @ V) / rowsum(P)      [R*G, D]   fp32 accumulation and sum, rounded to T once.
 // bf16 B operands are packed into VNNI pairs ([K/2, N, 2]); fp32 ones are plain row-major. Keys are padded to Lp
 // (a multiple of 16: bounds the number of distinct micro-kernel shapes, each JIT-compiled once per process) with
 // zero K columns, zero V rows and zero P, so padding never reaches the output. Items are assigned to threads
