@@ -37,7 +37,8 @@ ENGINES = ("auto", "packed", "padded")
 # Tokens per batch when max_batch_tokens is not given, by device and matmul precision (`default_max_batch_tokens`).
 # CPU: the measured best of 512-8192 on SmolLM2-135M with 2 threads (README, "Encode engine"): 1024 for fp32 GEMMs,
 # 4096 where the GEMMs run in bf16 (bf16 or the mixed mode: larger AMX GEMMs and fewer per-batch passes; 1024 was
-# 26-28% slower there). CUDA: a budget that fills an H200 with a 135M-7B model, not yet measured.
+# 10-26% slower there in the passes measured). CUDA: a budget that fills an H200 with a 135M-7B model, not yet
+# measured.
 DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cpu-bf16": 4096, "cuda": 32768}
 
 
@@ -47,6 +48,8 @@ def default_max_batch_tokens(device_type: str, matmul_dtype: Optional[torch.dtyp
     if device_type == "cpu" and matmul_dtype == torch.bfloat16:
         return DEFAULT_MAX_BATCH_TOKENS["cpu-bf16"]
     return DEFAULT_MAX_BATCH_TOKENS.get(device_type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
+
+
 # Files a save writes whose presence changes what a directory loads as: a stale one left from an earlier save
 # (an adapter beside merged weights, weights beside a new adapter) is removed. Anything else is left alone.
 _SAVE_MANAGED = (*WEIGHT_FILES, ADAPTER_CONFIG, *ADAPTER_WEIGHTS, LLM2VEC_CONFIG)
