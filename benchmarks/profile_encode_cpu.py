@@ -1,6 +1,6 @@
 """Where the packed CPU encode spends its time: torch.profiler over one encode, per dtype.
 
-    python benchmarks/profile_encode_cpu.py [--dtypes float32 bfloat16] [--sentences 150] [--paragraphs 8]
+    python benchmarks/profile_encode_cpu.py [--dtypes float32 bfloat16 mixed] [--sentences 150] [--paragraphs 8]
                                             [--native auto|0|1] [--top 15] [--out benchmarks/results/cpu_profile.md]
 
 Texts: `bench_encode.benchmark_texts` on the embedded SmolLM2-135M, default max_batch_tokens. The table lists the
@@ -41,7 +41,8 @@ def profile_encode(encoder, texts, top):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                        choices=["float32", "bfloat16", "mixed"])
     parser.add_argument("--sentences", type=int, default=150)
     parser.add_argument("--paragraphs", type=int, default=8)
     parser.add_argument("--native", default="auto", choices=["auto", "0", "1"])
@@ -55,7 +56,8 @@ def main(argv=None):
              "Self CPU time per op over one `encode` (profiler on, so times are inflated; shares are what counts).",
              "Produced by `python benchmarks/profile_encode_cpu.py`.", ""]
     for dtype_name in args.dtypes:
-        encoder = LLM2Vec.from_pretrained(args.model, dtype=getattr(torch, dtype_name))
+        dtype = "mixed" if dtype_name == "mixed" else getattr(torch, dtype_name)  # mixed: fp32 model, bf16 GEMMs
+        encoder = LLM2Vec.from_pretrained(args.model, dtype=dtype)
         tokens = sum(len(r) for r in encoder.tokenize_inputs(texts))
         for native in variants:
             applied = use_native_cpu_ops(encoder.model, enable=native)
