@@ -118,6 +118,23 @@ def pack(rows: list[TokenizedRow], ranges: list[tuple[int, int]]) -> PackedBatch
                        starts, ends)
 
 
+def round_up_tokens(batch: PackedBatch, multiple: int, pad_id: int) -> PackedBatch:
+    """`batch` with a filler sequence of pad_id tokens appended so that its token count is a multiple of `multiple`
+    (unchanged when it already is). The filler is a sequence of its own (the attention keeps it apart) that no
+    pooling range reads, so the batch's embeddings are those of its texts.
+
+    Why: the CPU GEMM libraries JIT-compile and keep kernels per row count, so a long bf16 encode whose batches have
+    ever new token counts grows its memory by MBs per count; rounding bounds the counts to budget / multiple."""
+    extra = -batch.num_tokens % multiple
+    if extra == 0:
+        return batch
+    total = batch.num_tokens + extra
+    return PackedBatch(torch.cat([batch.input_ids, torch.full((extra,), pad_id, dtype=batch.input_ids.dtype)]),
+                       torch.cat([batch.position_ids, torch.arange(extra, dtype=batch.position_ids.dtype)]),
+                       torch.cat([batch.cu_seqlens, torch.tensor([total], dtype=batch.cu_seqlens.dtype)]),
+                       max(batch.max_seqlen, extra), batch.pool_starts, batch.pool_ends)
+
+
 def pad(rows: list[TokenizedRow], ranges: list[tuple[int, int]], pad_id: int) -> PaddedBatch:
     """Right-pad `rows` (at least one) with `pad_id` into a PaddedBatch [B, S], S the longest row's length.
 

@@ -345,3 +345,44 @@ def test_encoder_default_budget_by_dtype(llama_dir, dtype, expected):
     encoder = LLM2Vec.from_pretrained(llama_dir, dtype=dtype)
     assert encoder.default_batch_tokens() == encoder.default_batch_tokens("cpu") == expected
     assert LLM2Vec.from_pretrained(llama_dir, dtype=dtype, max_batch_tokens=64).max_batch_tokens == 64
+
+
+def test_round_up_tokens_adds_a_filler_sequence_that_nothing_pools():
+    from llm2vec_fast.batching import pack, round_up_tokens
+    from llm2vec_fast.tokenization import TokenizedRow
+
+    rows = [TokenizedRow(list(range(5, 5 + n)), 0, n) for n in (7, 3, 50)]
+    batch = pack(rows, [(0, len(r)) for r in rows])
+    rounded = round_up_tokens(batch, 64, pad_id=0)
+    assert rounded.num_tokens == 64 and batch.num_tokens == 60
+    assert rounded.cu_seqlens.tolist() == batch.cu_seqlens.tolist() + [64]
+    assert rounded.input_ids[:60].tolist() == batch.input_ids.tolist() and rounded.input_ids[60:].tolist() == [0] * 4
+    assert rounded.position_ids[60:].tolist() == [0, 1, 2, 3] and rounded.max_seqlen == 50
+    assert torch.equal(rounded.pool_starts, batch.pool_starts) and torch.equal(rounded.pool_ends, batch.pool_ends)
+    assert round_up_tokens(rounded, 64, pad_id=0) is rounded  # already a multiple: unchanged
+
+
+def test_bf16_cpu_encode_rounds_batches_and_keeps_the_embeddings(llama_dir, monkeypatch):
+    """bf16 GEMMs on CPU: every packed batch reaches the model as a multiple of ROUND_TOKENS tokens, and the
+    embeddings match an encode of the same batches without the filler to bf16 accuracy."""
+    from llm2vec_fast import encoder as encoder_module
+    from llm2vec_fast.encoder import ROUND_TOKENS
+
+    model = LLM2Vec.from_pretrained(llama_dir, dtype=torch.bfloat16)
+    texts = [" ".join(WORDS[i:i + 3 + i % 7]) for i in range(12)]
+    seen = []
+    original = model.hidden_states
+
+    def spy(batch):
+        seen.append(batch.num_tokens)
+        return original(batch)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    rounded = model.encode(texts, convert_to_tensor=True)
+    assert seen and all(n % ROUND_TOKENS == 0 for n in seen)
+    monkeypatch.setattr(encoder_module, "round_up_tokens", lambda batch, multiple, pad_id: batch)
+    seen.clear()
+    plain = model.encode(texts, convert_to_tensor=True)
+    assert not all(n % ROUND_TOKENS == 0 for n in seen)
+    cosine = torch.nn.functional.cosine_similarity(rounded.float(), plain.float(), dim=-1)
+    assert cosine.min() > 0.999
