@@ -314,8 +314,8 @@ class LLM2Vec(nn.Module):
         output = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
         batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
         # bf16 GEMMs on CPU: packed batches rounded up to a multiple of ROUND_TOKENS tokens (see round_up_tokens).
-        round_tokens = device.type == "cpu" and self.default_batch_tokens(device) == \
-            DEFAULT_MAX_BATCH_TOKENS["cpu-bf16"] and self.tokenizer.pad_token_id is not None
+        round_tokens = device.type == "cpu" and self._gemm_dtype() == torch.bfloat16 and \
+            self.tokenizer.pad_token_id is not None
         with self._encode_scope.enter(self, device), torch.inference_mode(), \
                 tqdm(total=len(rows), desc="Encoding", unit="text", disable=not show_progress_bar) as progress:
             for indices in batches:
@@ -349,9 +349,12 @@ class LLM2Vec(nn.Module):
         """The token budget an encode on `device` (default: CPU) uses when max_batch_tokens is not given: see
         `default_max_batch_tokens` (bf16 GEMMs: the model's dtype, or matmul_dtype in the mixed mode)."""
         device_type = torch.device(device).type if device is not None else "cpu"
+        return default_max_batch_tokens(device_type, self._gemm_dtype())
+
+    def _gemm_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the linears' GEMMs run in: matmul_dtype (the mixed mode), else the weights' dtype."""
         weights = next(self.model.parameters(), None)
-        matmul = self.matmul_dtype or (weights.dtype if weights is not None else None)
-        return default_max_batch_tokens(device_type, matmul)
+        return self.matmul_dtype or (weights.dtype if weights is not None else None)
 
     # ------------------------------------------------------------------------------------ model methods
 
