@@ -643,13 +643,13 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
           inv[r] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
         }
         ob.resize(M * D);
-        if (vnni) {
+        if constexpr (vnni) {
           const T* vt = vpack + (base[item.b] * HKV + item.h * Lp) * D;
           at::native::cpublas::brgemm(M, D, Lp, Lp, D, D, false, pb.data(), vt, ob.data(), true);
           if (split) at::native::cpublas::brgemm(M, D, Lp, Lp, D, D, true, pl.data(), vt, ob.data(), true);
         } else {  // fp32 V is read in place: [L, D] rows at the token stride
-          at::native::cpublas::brgemm(M, D, L, Lp, svt, D, false, reinterpret_cast<const T*>(sb.data()),
-                                      pv + start * svt + item.h * svh, ob.data(), false);
+          at::native::cpublas::brgemm(M, D, L, Lp, svt, D, false, sb.data(), pv + start * svt + item.h * svh,
+                                      ob.data(), false);
         }
         for (int64_t r = 0; r < R; ++r)
           for (int64_t g = 0; g < G; ++g) {
