@@ -95,7 +95,7 @@ def _convert_gguf(source: str, output_dir: str) -> None:
 
     folder, name = os.path.split(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, use_kernels=False)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     # The GGUF-loaded model keeps a quantization_config that forbids saving; a fresh model from the same config
     # (without it) holds the de-quantised weights instead.

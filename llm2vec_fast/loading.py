@@ -45,7 +45,7 @@ def split_loading_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
     Arguments we override are named, never dropped silently: `torch_dtype` becomes `dtype` (both with different
     values is an error); an `attn_implementation` we do not run warns; `trust_remote_code=True` warns (only the
-    built-in classes of the supported families are loaded).
+    built-in classes of the supported families are loaded); `use_kernels=True` warns (see `load_base_model`).
     """
     kwargs = dict(kwargs)
     hub = {k: kwargs.pop(k) for k in HUB_ARGS if k in kwargs}
@@ -60,6 +60,9 @@ def split_loading_kwargs(kwargs: dict) -> tuple[dict, dict]:
         warnings.warn(f"attn_implementation={attention!r} is not used: llm2vec-fast runs its own attention (PyTorch "
                       f"SDPA for padded batches, a varlen flash-attention kernel for packed ones), which computes the "
                       f"same attention; drop the argument.", stacklevel=3)
+    if kwargs.pop("use_kernels", False):
+        warnings.warn("use_kernels=True is not used: llm2vec-fast runs its own kernels and never swaps in Hugging "
+                      "Face hub kernels; drop the argument.", stacklevel=3)
     if kwargs.pop("trust_remote_code", False):
         warnings.warn("trust_remote_code=True is not used: llm2vec-fast loads the built-in transformers class of "
                       "the supported families (Llama, Mistral, Qwen2, Gemma), never a repository's own code.",
@@ -166,8 +169,13 @@ def load_base_model(auto_model, directory: str, **kwargs):
     transformers initialises missing tensors at random and drops unexpected ones with only a log line, so a
     truncated file or a config with extra layers would otherwise encode with random parts. Adapter files beside
     the weights are left out (see `weights_only_view`); the caller applies them.
+
+    Hub kernels are off (`use_kernels=False`): transformers >= 5.25 otherwise kernelizes every model it loads
+    with Hugging Face's `kernels` when that package is installed, and again on each train()/eval() switch,
+    replacing the forwards of layers whose forwards are ours to choose (and fetching kernels from the hub).
     """
     kwargs.pop("output_loading_info", None)
+    kwargs["use_kernels"] = False
     if is_adapter_directory(directory):
         with weights_only_view(directory) as view:
             model, info = auto_model.from_pretrained(view, output_loading_info=True, **kwargs)

@@ -95,6 +95,11 @@ def patch(model, bidirectional: bool = True):
         config.is_causal = not bidirectional
         config.use_cache = False
     target = base_model(model)
+    # A model loaded by transformers >= 5.25 with Hugging Face's `kernels` installed is kernelized by default, and
+    # re-kernelized on every train()/eval() switch, which replaces layer forwards behind our back: reset it to the
+    # PyTorch forwards and turn that off (`llm2vec_fast.loading` loads with use_kernels=False in the first place).
+    if getattr(target, "use_kernels", False):
+        target.use_kernels = False
     target.set_attn_implementation(ATTENTION_NAME)
     target._llm2vec_fast_bidirectional = bidirectional
     return model

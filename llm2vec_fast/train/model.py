@@ -41,8 +41,9 @@ def load_causal_lm(config: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_directory(config.model, "model")
+    # use_kernels=False: no Hugging Face hub kernels (see llm2vec_fast.loading.load_base_model).
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, config.dtype),
-                                                 attention_dropout=config.attention_dropout)
+                                                 attention_dropout=config.attention_dropout, use_kernels=False)
     patch(model, bidirectional=True)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer, directory
