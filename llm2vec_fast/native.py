@@ -2,7 +2,7 @@
 
 `load()` returns the loaded library (its ops are then ``torch.ops.llm2vec_fast.*``) or None. It takes, in order:
 the extension that ``setup.py`` built (``LLM2VEC_FAST_BUILD_CPP=1``, module ``llm2vec_fast._C``), else a JIT build
-of ``csrc/*.cpp`` (from the installed package or the checkout, see `CSRC`) with ninja into a cached build
+of ``llm2vec_fast/csrc/*.cpp`` (`CSRC`) with ninja into a cached build
 directory (``<cache>/build/<torch>-<cpu>``, cache as for the default model: ``$LLM2VEC_FAST_CACHE`` or
 ``~/.cache/llm2vec_fast``; ~30 s cold, instant afterwards, rebuilt when a source changes; a build announces itself
 in one line on stderr, a cached load prints nothing). Without a compiler, ninja or the sources, or on a build
@@ -27,17 +27,9 @@ ENV_SWITCH = "LLM2VEC_FAST_NATIVE"
 LIBRARY_NAME = "llm2vec_fast_native"
 
 
-def _source_directory() -> str:
-    """The folder of the C++ sources: ``llm2vec_fast/csrc`` in an installed package (the wheel ships the
-    repository's ``csrc/`` there as package data), else the checkout's ``csrc/`` next to the package."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    installed = os.path.join(package, "csrc")
-    if glob.glob(os.path.join(installed, "*.cpp")):
-        return installed
-    return os.path.join(os.path.dirname(package), "csrc")
-
-
-CSRC = _source_directory()
+# The C++ sources: the repository's csrc/, seen through the llm2vec_fast/csrc link in a checkout and shipped as
+# real files at the same place in the wheel.
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
 # -ffp-contract=off keeps a*b + c*d two roundings, as in PyTorch (see csrc/cpu_ops.cpp); -march=native is why the
 # build directory is keyed on the CPU.

@@ -2,11 +2,11 @@
 `setup-default-model` command and the error a GPU path raises without Triton.
 
 `python -m build` makes the sdist and then the wheel from that sdist, so a file missing from the sdist is missing
-from the wheel too. The wheel is pip-installed into a new venv outside the source tree, with torch pinned to the
-running version (the CPU wheel pip already installed here; an unpinned torch would pull a CUDA build) and without
-Triton, which nothing installs there. From a working directory outside the repository its console script then
-encodes, trains and evaluates a tiny random model, and the C++ ops JIT-build from the installed sources into a
-fresh cache. Cost on 2 cores: about 30 s for the venv, 30-45 s for the cold C++ build, ~10 s per command
+from the wheel too. The wheel is pip-installed into a new venv outside the source tree, every package at the version
+running this suite (an unpinned torch would pull a CUDA build) and without Triton, which nothing installs there.
+From a working directory outside the repository its console script then encodes, trains and evaluates a tiny
+random model, and the C++ ops JIT-build from the installed sources into a fresh cache; from the repository root
+the same venv imports the checkout beside Hugging Face's `kernels` package. Cost on 2 cores: about 30 s for the venv, 30-45 s for the cold C++ build, ~10 s per command
 (2.2 min in all).
 """
 
@@ -21,15 +21,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 import llm2vec_fast
 from llm2vec_fast import default_model
 from llm2vec_fast.cli import setup as cli_setup
 from llm2vec_fast.cli import main as cli_main
 from llm2vec_fast.kernels import _triton
-
-REPO = Path(__file__).resolve().parent.parent
+from repo_root import REPO, check_from_repo_root
 
 
 def _run(command, cwd, env, timeout=600):
@@ -98,9 +96,14 @@ def cpu_venv(dists, tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in drop}
     _run([sys.executable, "-m", "venv", venv], cwd=root, env=env)
     python = venv / "bin" / "python"
-    torch_version = torch.__version__.split("+")[0]
-    _run([python, "-m", "pip", "install", "--quiet", "--no-compile", f"torch=={torch_version}",
-          f"llm2vec-fast[cpp] @ {dists['wheel'].as_uri()}"], cwd=root, env=env, timeout=900)
+    # Everything at the versions of the environment running this suite (the lock under `make test`). pytest and
+    # Hugging Face's kernels are there for the run from the repository root (test_wheel_install_runs_from_the_
+    # repository_root); neither pulls Triton.
+    constraints = root / "constraints.txt"
+    constraints.write_text(_run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], cwd=root,
+                                env=env).stdout)
+    _run([python, "-m", "pip", "install", "--quiet", "--no-compile", "-c", constraints, "torch",
+          f"llm2vec-fast[cpp] @ {dists['wheel'].as_uri()}", "pytest", "kernels"], cwd=root, env=env, timeout=900)
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", LLM2VEC_FAST_CACHE=str(root / "cache"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return {"root": root, "python": python, "script": venv / "bin" / "llm2vec-fast", "env": env}
@@ -125,6 +128,11 @@ def test_installed_package_imports_from_the_venv_without_triton(cpu_venv):
     assert info["triton"] is False
     assert "pip install 'llm2vec-fast[gpu]'" in info["error"]
     assert info["cpu"] == [[1.0] * 4]
+
+
+def test_wheel_install_runs_from_the_repository_root(cpu_venv):
+    # A non-editable install, run from the root: the checkout's llm2vec_fast comes first on sys.path there.
+    check_from_repo_root(cpu_venv["python"], cpu_venv["env"])
 
 
 def test_installed_package_jit_builds_the_cpp_ops_from_its_own_sources(cpu_venv):
