@@ -11,6 +11,7 @@ PyTorch alternatives; the Triton interpreter is not timed (it measures nothing a
 """
 
 import argparse
+import inspect
 import os
 import random
 import sys
@@ -65,6 +66,20 @@ def sdpa_backends():
     return {name: getattr(SDPBackend, attr) for name, attr in names.items() if hasattr(SDPBackend, attr)}
 
 
+def _grouped_varlen_attn(varlen_attn):
+    """torch's varlen_attn as fn(q, k, v, cu, S) for grouped K/V heads: through its ``enable_gqa`` where it has
+    one (torch >= 2.12), else with K/V repeated to the query heads first (torch 2.11), as SDPA's GQA does."""
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return lambda q, k, v, cu, S: varlen_attn(q, k, v, cu, cu, S, S, enable_gqa=q.shape[1] != k.shape[1])
+
+    def repeated(q, k, v, cu, S):
+        group = q.shape[1] // k.shape[1]
+        k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))  # [T, HQ, D]
+        return varlen_attn(q, k, v, cu, cu, S, S)
+
+    return repeated
+
+
 def packed_peers():
     """name -> fn(q, k, v, cu_seqlens, max_seqlen) for the packed varlen attentions installed: torch's
     ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) and ``flash_attn.flash_attn_varlen_func``."""
@@ -74,8 +89,7 @@ def packed_peers():
     except ImportError:
         pass
     else:
-        peers["torch-varlen_attn"] = lambda q, k, v, cu, S: varlen_attn(
-            q, k, v, cu, cu, S, S, enable_gqa=q.shape[1] != k.shape[1])
+        peers["torch-varlen_attn"] = _grouped_varlen_attn(varlen_attn)
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
@@ -139,7 +153,7 @@ def bench_attention_gpu(bench, dtype, d, heads, kind, seqlen, total_tokens, back
         err = (got.float() - ref).abs().max().item()
         return err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"max err {err:.2e}"
 
-    bench.run(op, "ours-triton", shape, ours, flops=flops, check=check)
+    bench.run(op, "ours-triton", shape, ours, flops=flops, check=check, ours=True)
 
 
 def bench_pooling(bench, dtype, T, H, seg_len, mode, use_triton):
@@ -168,7 +182,7 @@ def bench_pooling(bench, dtype, T, H, seg_len, mode, use_triton):
 
     bench.run("pool_fwd", "ours-triton" if use_triton else "ours-cpu-path", shape,
               lambda: segment_pool(x, starts, ends, mode, force_triton=use_triton), nbytes=nbytes,
-              check=check if device.type == "cuda" or not use_triton else None)
+              check=check if device.type == "cuda" or not use_triton else None, ours=True)
 
 
 def bench_attention_cpu(bench, dtype, d, heads, lengths, backward):
@@ -204,7 +218,7 @@ def bench_attention_cpu(bench, dtype, d, heads, lengths, backward):
         return err <= TOL[dtype], f"max err {err:.2e}"
 
     bench.run(op, "torch-per-seq-sdpa", shape, per_sequence, flops=flops, baseline=True)
-    bench.run(op, "ours-cpu-path", shape, ours, flops=flops, check=check)
+    bench.run(op, "ours-cpu-path", shape, ours, flops=flops, check=check, ours=True)
 
 
 def run_gpu(bench, quick=False):

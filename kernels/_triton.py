@@ -6,6 +6,8 @@ and run without it. Each op module imports ``triton`` / ``tl`` from here, define
 error that names the fix instead of a NameError.
 """
 
+import os
+
 try:
     import triton
     import triton.language as tl
@@ -14,6 +16,33 @@ try:
 except ImportError:
     triton = tl = None
     HAS_TRITON = False
+
+
+def _triton_version() -> tuple:
+    return tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+
+
+def _fix_interpreter_index_on_numpy_2_4() -> None:
+    """Make Triton < 3.8's interpreter run on numpy >= 2.4. Its ``tensor.__index__`` (used for a loop bound that is
+    a loaded scalar, as in every varlen loop) calls ``int()`` on a one-element array, which numpy 2.4 refuses;
+    Triton 3.8 squeezes the array first, and this does the same for the older interpreters. Only the interpreter
+    is touched: compiled kernels never call ``__index__``."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _triton_version() < (3, 8):
+    _fix_interpreter_index_on_numpy_2_4()
 
 INSTALL_HINT = "pip install 'llm2vec-fast[gpu]'"
 

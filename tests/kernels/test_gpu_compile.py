@@ -60,12 +60,11 @@ def test_launch_fits_the_target(table, case):
 
 
 # Spills no candidate tiling removed (benchmarks/results/compile_sweep_bf16_d64_d128.txt), as the stack bound
-# (bytes per thread) measured at the chosen tiling with triton 3.9, keyed by (target, padded head dim, dropout,
-# kernel): all on Ampere, where mma.sync keeps more in registers than Hopper's wgmma. Head dims 80 and 128 share
-# the padded 128 tiling. Every other 16-bit launch up to head dim 128 must not spill.
+# (bytes per thread) measured at the chosen tiling, keyed by (target, padded head dim, dropout, kernel): on
+# Ampere, where mma.sync keeps more in registers than Hopper's wgmma. Head dims 80 and 128 share the padded 128
+# tiling. Every other 16-bit launch up to head dim 128 must not spill, under every Triton the locks hold (CI
+# runs this file under the newest and under 3.6).
 KNOWN_SPILLS = {
-    (80, 128, False, "bwd_dq"): 16,
-    (80, 128, True, "bwd_dq"): 96,
     (80, 128, False, "bwd_dkdv"): 8,
 }
 
