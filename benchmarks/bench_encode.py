@@ -72,7 +72,7 @@ def compare(bench, make_encoder, texts, dtypes, device, max_batch_tokens=None, l
             results["reference"] = reference_encode(encoder, texts, device=device)
 
         bench.run("encode", "llm2vec-0.2.3-algo", shape, reference, tokens=tokens, baseline=True)
-        bench.run("encode", "llm2vec-fast", shape, ours, tokens=tokens)
+        bench.run("encode", "llm2vec-fast", shape, ours, tokens=tokens, ours=True)
         ok, message = _agree(results, truth if dtype_name != "float32" else None, dtype_name != "float32")
         row = bench.rows[-1]
         row["correct"], row["note"] = ok, message if ok else f"CORRECTNESS FAILED {message}"

@@ -184,7 +184,7 @@ def add_simcse_rows(bench, stage, label=""):
         simcse_two_forwards(stage, 0)
 
     bench.run("simcse_step", "two-forwards (reference)", shape, reference_step, tokens=tokens, baseline=True)
-    bench.run("simcse_step", "one-packed-forward", shape, ours_step, tokens=tokens)
+    bench.run("simcse_step", "one-packed-forward", shape, ours_step, tokens=tokens, ours=True)
 
 
 def run(model_name, dtype, blocks, block_size, simcse_batch, device, out):

@@ -8,6 +8,8 @@
 Each row: device, git commit, op, backend, shape, median / p20 / p80 time, derived rate (TFLOP/s, GB/s or
 tokens/s), peak memory, and the speed ratio to the baseline row of the same (op, shape) measured in the same run
 (fastest baseline time / this time: > 1 means faster). A row whose correctness check fails gets no time and no rate.
+A peer that raises (a backend without support for the shape) is reported as unavailable; one of our own rows
+(``ours=True``) that raises is a failure, as a failed check is, so the run exits non-zero.
 """
 
 import csv
@@ -86,10 +88,11 @@ class Bench:
         self.rows = []
 
     def run(self, op, backend, shape, fn, *, flops=None, nbytes=None, tokens=None, check=None, baseline=False,
-            note=""):
+            ours=False, note=""):
         """Time fn (no arguments) after an optional correctness check (a callable returning True/False or
         (ok, message)). Exactly one of flops / nbytes / tokens gives the rate (TFLOP/s, GB/s, tokens/s). Rows
-        marked baseline=True compete: the fastest of them in an (op, shape) group is that group's denominator."""
+        marked baseline=True compete: the fastest of them in an (op, shape) group is that group's denominator.
+        ``ours=True`` marks this project's own implementation: an exception in it fails the row."""
         row = dict(device=self.device_name, commit=self.commit, op=op, backend=backend, shape=shape,
                    ms=None, ms_p20=None, ms_p80=None, n=0, rate=None, unit=None, ratio=None, peak_mib=None,
                    correct=None, baseline=baseline, note=note)
@@ -103,8 +106,13 @@ class Bench:
                     self.rows.append(row)
                     return row
             row.update(measure(fn, self.device, self.warmup, self.repeats, self.max_seconds))
-        except Exception as exc:  # a backend that does not support the shape is reported, not fatal
-            row["note"] = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0][:120] if str(exc) else ""
+            if ours:
+                row["correct"] = False
+                row["note"] = f"FAILED: {type(exc).__name__}: {first_line}"
+            else:  # a peer that does not support the shape is reported, not fatal
+                row["note"] = f"unavailable: {type(exc).__name__}: {first_line}"
             self.rows.append(row)
             return row
         seconds = row["ms"] / 1e3

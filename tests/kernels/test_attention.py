@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from devices import CPU, DEVICE, get_rng_state, on, set_rng_state
 from hypothesis import strategies as st
 
 from llm2vec_fast.kernels import attention
@@ -34,7 +35,7 @@ def shape_id(lengths, hq, hkv, d, dtype=None):
     return sid if dtype is None else f"{sid}-{dtype}"
 
 
-def make_inputs(lengths, hq, hkv, d, dtype, seed=0, scale=1.0):
+def make_inputs(lengths, hq, hkv, d, dtype, seed=0, scale=1.0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
     q = (torch.randn(T, hq, d, generator=g, dtype=torch.float64) * scale).to(dtype)
@@ -42,7 +43,7 @@ def make_inputs(lengths, hq, hkv, d, dtype, seed=0, scale=1.0):
     v = torch.randn(T, hkv, d, generator=g, dtype=torch.float64).to(dtype)
     do = torch.randn(T, hq, d, generator=g, dtype=torch.float64).to(dtype)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    return q, k, v, do, cu
+    return tuple(x.to(device) for x in (q, k, v, do, cu))
 
 
 def run(fn, q, k, v, do, **kw):
@@ -74,7 +75,7 @@ def test_triton_matches_reference(check, lengths, hq, hkv, d, dtype):
 @pytest.mark.parametrize("lengths,hq,hkv,d", SHAPES, ids=[shape_id(*s) for s in SHAPES])
 def test_cpu_path_matches_reference(check, lengths, hq, hkv, d, dtype):
     dt = FP[dtype]
-    q, k, v, do, cu = make_inputs(lengths, hq, hkv, d, dt)
+    q, k, v, do, cu = make_inputs(lengths, hq, hkv, d, dt, device=CPU)
     got = run(lambda q, k, v: varlen_attention(q, k, v, cu, max(lengths)), q, k, v, do)
     check_all(check, got, q, k, v, do, cu, dt)
 
@@ -143,16 +144,17 @@ def test_rerun_is_bitwise_identical():
         assert torch.equal(x, y)
 
 
-def test_empty_batch():
-    q = torch.randn(0, 2, 64, requires_grad=True)
-    k = torch.randn(0, 1, 64, requires_grad=True)
-    v = torch.randn(0, 1, 64, requires_grad=True)
-    for cu in (torch.zeros(1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)):
-        for force in (True, False):
-            out = varlen_attention(q, k, v, cu, 0, force_triton=force)
-            assert out.shape == (0, 2, 64)
-            dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
-            assert dq is None or dq.shape == q.shape
+@pytest.mark.parametrize("force", [True, False], ids=["triton", "cpu"])
+def test_empty_batch(force):
+    q = torch.randn(0, 2, 64, device=on(force), requires_grad=True)
+    k = torch.randn(0, 1, 64, device=on(force), requires_grad=True)
+    v = torch.randn(0, 1, 64, device=on(force), requires_grad=True)
+    for batch in (0, 2):
+        cu = torch.zeros(batch + 1, dtype=torch.int32, device=on(force))
+        out = varlen_attention(q, k, v, cu, 0, force_triton=force)
+        assert out.shape == (0, 2, 64)
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+        assert dq is None or dq.shape == q.shape
 
 
 def test_long_single_sequence_forward(monkeypatch):
@@ -161,7 +163,7 @@ def test_long_single_sequence_forward(monkeypatch):
     T, d = 8192, 16
     q, k, v, _, cu = make_inputs([T], 1, 1, d, torch.float32)
     out = varlen_attention(q, k, v, cu, T, force_triton=True)
-    rows = torch.cat([torch.arange(64), torch.arange(T - 64, T)])
+    rows = torch.cat([torch.arange(64), torch.arange(T - 64, T)]).to(DEVICE)
     s = torch.einsum("md,nd->mn", q[rows, 0].double(), k[:, 0].double()) / math.sqrt(d)
     ref = torch.softmax(s, -1) @ v[:, 0].double()
     assert torch.isfinite(out).all()
@@ -172,7 +174,7 @@ def test_long_single_sequence_forward(monkeypatch):
 # Dropout
 # ---------------------------------------------------------------------------------------------------------------
 
-DROP_LENGTHS, DROP_CU = [40, 0, 57, 1], torch.tensor([0, 40, 40, 97, 98], dtype=torch.int32)
+DROP_LENGTHS, DROP_CU = [40, 0, 57, 1], torch.tensor([0, 40, 40, 97, 98], dtype=torch.int32, device=DEVICE)
 
 
 def test_dropout_rate_and_masks_change_between_calls():
@@ -191,7 +193,7 @@ def test_dropout_keeps_of_one_philox_draw_are_independent():
     # for neighbouring tokens, must be independent. 3 heads x 128^2 = 49,152 draws, 24,576 pairs: a correlation
     # of 0.03 would be ~5 standard deviations.
     p = 0.4
-    (m,) = varlen_attention_dropout_mask(torch.tensor([0, 128], dtype=torch.int32), 128, 3, p)
+    (m,) = varlen_attention_dropout_mask(torch.tensor([0, 128], dtype=torch.int32, device=DEVICE), 128, 3, p)
     m = m.float()
     assert abs(m.mean().item() - (1 - p)) < 0.015
     for a, b in ((m[:, :, 0::2], m[:, :, 1::2]), (m[:, 0::2, :], m[:, 1::2, :]), (m[0], m[1])):
@@ -225,15 +227,15 @@ def test_dropout_matches_reference_with_identical_mask(check, dtype):
 def test_dropout_replays_with_rng_state():
     # GradCache re-runs the forward after restoring the generator state: the masks must replay.
     q, k, v, do, _ = make_inputs(DROP_LENGTHS, 2, 1, 64, torch.float32)
-    state = torch.get_rng_state()
+    state = get_rng_state()
     a = varlen_attention(q, k, v, DROP_CU, 57, dropout_p=0.5, force_triton=True)
-    torch.set_rng_state(state)
+    set_rng_state(state)
     b = varlen_attention(q, k, v, DROP_CU, 57, dropout_p=0.5, force_triton=True)
     assert torch.equal(a, b)
 
 
 def test_cpu_path_dropout():
-    q, k, v, do, cu = make_inputs([30, 0, 45], 4, 2, 64, torch.float32)
+    q, k, v, do, cu = make_inputs([30, 0, 45], 4, 2, 64, torch.float32, device=CPU)
     torch.manual_seed(3)
     a = run(lambda q, k, v: varlen_attention(q, k, v, cu, 45, dropout_p=0.3), q, k, v, do)
     torch.manual_seed(3)
@@ -249,11 +251,11 @@ def test_autocast_mixed_dtypes_compute_in_autocast_dtype(check, force_triton):
     # fp32 weights under bf16 autocast: the projections give bf16, rotary embeddings promote q and k back to fp32.
     # SDPA casts all three to bf16 there; so do we, and each gradient comes back in its input's dtype.
     lengths = [5, 0, 40, 1, 23]
-    q, k, v, do, cu = make_inputs(lengths, 6, 2, 64, torch.float32)
+    q, k, v, do, cu = make_inputs(lengths, 6, 2, 64, torch.float32, device=on(force_triton))
     v = v.bfloat16()
 
     def autocast_attention(q, k, v):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(q.device.type, dtype=torch.bfloat16):
             return varlen_attention(q, k, v, cu, 40, force_triton=force_triton)
 
     got = run(autocast_attention, q, k, v, do)
@@ -266,7 +268,7 @@ def test_autocast_mixed_dtypes_compute_in_autocast_dtype(check, force_triton):
 
 
 def test_mixed_dtypes_outside_autocast_are_refused_like_sdpa():
-    q, k, v, _, cu = make_inputs([9, 4], 2, 1, 32, torch.float32)
+    q, k, v, _, cu = make_inputs([9, 4], 2, 1, 32, torch.float32, device=CPU)
     with pytest.raises(ValueError, match="dtypes differ.*autocast"):
         varlen_attention(q, k, v.bfloat16(), cu, 9)
     with pytest.raises(RuntimeError, match="same dtype"):

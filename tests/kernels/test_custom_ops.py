@@ -4,17 +4,18 @@ eager results, forward and gradients (the kernels run in the interpreter here)."
 
 import pytest
 import torch
+from devices import DEVICE
 
 from llm2vec_fast.kernels import attention, pooling
 from llm2vec_fast.kernels.attention import varlen_attention
 from llm2vec_fast.kernels.pooling import segment_pool
 
-CU = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+CU = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=DEVICE)
 
 
 def _qkv(dtype=torch.float32, requires_grad=True):
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(12, h, 16, generator=g, dtype=dtype) for h in (4, 2, 2))
+    q, k, v = (torch.randn(12, h, 16, generator=g, dtype=dtype).to(DEVICE) for h in (4, 2, 2))
     return [x.requires_grad_(requires_grad) for x in (q, k, v)]
 
 
@@ -27,8 +28,8 @@ def test_attention_ops_pass_opcheck(dropout_p):
 
 
 def test_pooling_ops_pass_opcheck():
-    x = torch.randn(12, 24, dtype=torch.float32, requires_grad=True)
-    starts, ends = torch.tensor([0, 5, 3], dtype=torch.int32), torch.tensor([5, 12, 3], dtype=torch.int32)
+    x = torch.randn(12, 24, dtype=torch.float32, device=DEVICE, requires_grad=True)
+    starts, ends = (torch.tensor(r, dtype=torch.int32, device=DEVICE) for r in ([0, 5, 3], [5, 12, 3]))
     # As for attention, test_aot_dispatch_dynamic differentiates through the op: that covers the backward op and its
     # fake. A direct opcheck of the backward op passes alone but, after the rest of the suite in one process, failed
     # with "doesn't have a schema registered yet" inside opcheck's schema test (cause not found; see the README's

@@ -3,6 +3,7 @@ d weight; ignored rows; chunk boundaries that do not divide the row count."""
 
 import pytest
 import torch
+from devices import DEVICE, on
 
 from llm2vec_fast.kernels.fused_linear_cross_entropy import (IGNORE_INDEX, fused_linear_cross_entropy,
                                                            naive_linear_cross_entropy)
@@ -17,13 +18,13 @@ CASES = {
 }
 
 
-def make(N, H, V, ignored, dtype, seed=0):
+def make(N, H, V, ignored, dtype, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     h = (torch.randn(N, H, generator=g, dtype=torch.float64)).to(dtype)
     w = (torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3).to(dtype)
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.randperm(N, generator=g)[:ignored]] = IGNORE_INDEX
-    return h, w, labels
+    return h.to(device), w.to(device), labels.to(device)
 
 
 def run(fn, h, w, labels):
@@ -40,7 +41,7 @@ def run(fn, h, w, labels):
 def test_matches_full_logits(check, case, dtype, force_triton):
     N, H, V, C, ignored = CASES[case]
     dt = FP[dtype]
-    h, w, labels = make(N, H, V, ignored, dt)
+    h, w, labels = make(N, H, V, ignored, dt, device=on(force_triton))
     got = run(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_rows=C, force_triton=force_triton),
               h, w, labels)
     ref64 = run(naive_linear_cross_entropy, h.double(), w.double(), labels)

@@ -59,6 +59,26 @@ def test_spent_budget_skips_the_sections_not_started(tmp_path, monkeypatch):
     assert sections["next"]["status"] == "skipped" and "budget" in sections["next"]["error"]
 
 
+def test_an_exception_in_our_own_row_fails_the_run_while_a_peer_is_only_unavailable(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "results.json")
+
+    def broken():
+        raise RuntimeError("kernel launch failed")
+
+    def rows(ctx):
+        ctx.bench.run("op", "peer", "S1", broken, tokens=1, baseline=True)
+        ctx.bench.run("op", "ours-triton", "S1", broken, tokens=1, ours=True)
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"rows": rows})
+    assert gpu_check.main(("rows",), out=out, cpu_smoke=True, budget_s=None) == 1
+    result = read(out)
+    peer, ours = result["bench"]
+    assert peer["note"].startswith("unavailable: RuntimeError") and peer["correct"] is None
+    assert ours["note"] == "FAILED: RuntimeError: kernel launch failed" and ours["correct"] is False
+    assert result["failed"] == 1
+    assert "1 failed" in capsys.readouterr().out
+
+
 def test_section_names_and_groups():
     assert gpu_check.parse_sections("encode,kernels") == (*gpu_check.GROUPS["kernels"], "encode")
     with pytest.raises(ValueError, match="unknown sections"):
