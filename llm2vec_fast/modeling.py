@@ -279,8 +279,20 @@ def _native_rotary(original):
         q_out, k_out = cpu_ops.rotary(q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0])
         return q_out.transpose(0, 1).unsqueeze(0), k_out.transpose(0, 1).unsqueeze(0)
 
-    apply_rotary_pos_emb._llm2vec_native_original = original
-    return apply_rotary_pos_emb
+    if not isinstance(original, torch.nn.Module):
+        apply_rotary_pos_emb._llm2vec_native_original = original
+        return apply_rotary_pos_emb
+
+    # transformers >= 5.25 with Hugging Face's `kernels` installed makes the family's apply_rotary_pos_emb a module
+    # (kernels' Func), and unpickles each model's private copy of it as `type(<the family's global>)()`: the
+    # replacement must be of that type, or a model that ran the native ops no longer pickles (Ray ships models so).
+    class NativeRotary(type(original)):
+        def forward(self, *args, **kwargs):
+            return apply_rotary_pos_emb(*args, **kwargs)
+
+    replacement = NativeRotary()
+    replacement.__dict__["_llm2vec_native_original"] = original  # a reference, not a registered submodule
+    return replacement
 
 
 def _swap_forward(module, forward, slot: str = "native", **attributes) -> None:
