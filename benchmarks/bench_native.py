@@ -31,7 +31,7 @@ from reference_encode import reference_encode  # noqa: E402
 
 from llm2vec_fast import LLM2Vec, cpu_ops, native  # noqa: E402
 from llm2vec_fast.batching import token_budget_batches  # noqa: E402
-from llm2vec_fast.kernels.attention import _torch_varlen_attention  # noqa: E402
+from llm2vec_fast.kernels.attention import _torch_varlen_attention, naive_varlen_attention  # noqa: E402
 from llm2vec_fast.modeling import use_native_cpu_ops  # noqa: E402
 
 TOKENS = 1024
@@ -165,7 +165,7 @@ def bench_ops(bench, config, dtype, batches):
            ("cpp", lambda: cpu_ops.varlen_attention(qa, ka, va, cu, scale)), flops=flops, rounds=15,
            check=lambda: _within_rule(cpu_ops.varlen_attention(qa, ka, va, cu, scale),
                                          _torch_varlen_attention(qa, ka, va, cu, max(lengths), scale, 0.0),
-                                         cpu_ops.varlen_attention_reference(qa.double(), ka.double(), va.double(),
+                                         naive_varlen_attention(qa.double(), ka.double(), va.double(),
                                                                             cu, scale)))
 
     # One layer's attention over every batch of the encode: what the encode path actually runs.
@@ -188,21 +188,13 @@ def bench_ops(bench, config, dtype, batches):
            check=lambda: _within_rule(torch.cat(all_batches(lambda q, k, v, c, m: cpu_ops.varlen_attention(
                q, k, v, c, scale))()), torch.cat(all_batches(lambda q, k, v, c, m: _torch_varlen_attention(
                    q, k, v, c, m, scale, 0.0))()), torch.cat(all_batches(
-                       lambda q, k, v, c, m: cpu_ops.varlen_attention_reference(
+                       lambda q, k, v, c, m: naive_varlen_attention(
                            q.double(), k.double(), v.double(), c, scale))())))
 
     # The op's two kernels on the same batches: the portable C++ one (what runs where oneDNN has no micro-GEMMs for
     # this CPU) against the brgemm one (the default where it does).
     def portable(q, k, v, c, m):
-        previous = os.environ.get("LLM2VEC_FAST_CPU_ATTENTION")
-        os.environ["LLM2VEC_FAST_CPU_ATTENTION"] = "portable"
-        try:
-            return cpu_ops.varlen_attention(q, k, v, c, scale)
-        finally:
-            if previous is None:
-                del os.environ["LLM2VEC_FAST_CPU_ATTENTION"]
-            else:
-                os.environ["LLM2VEC_FAST_CPU_ATTENTION"] = previous
+        return cpu_ops.varlen_attention(q, k, v, c, scale, kernel="portable")
 
     paired(bench, "varlen_attention", dict(shape, op="varlen_attention kernels"),
            ("cpp-portable", all_batches(portable)),
@@ -210,7 +202,7 @@ def bench_ops(bench, config, dtype, batches):
            flops=4 * HQ * D * sum(n * n for ls in batches for n in ls),
            check=lambda: _within_rule(torch.cat(all_batches(lambda q, k, v, c, m: cpu_ops.varlen_attention(
                q, k, v, c, scale))()), torch.cat(all_batches(portable)()), torch.cat(all_batches(
-                   lambda q, k, v, c, m: cpu_ops.varlen_attention_reference(
+                   lambda q, k, v, c, m: naive_varlen_attention(
                        q.double(), k.double(), v.double(), c, scale))())))
 
 

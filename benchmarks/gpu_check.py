@@ -274,19 +274,19 @@ def attention_section(ctx):
 
 
 def attention_fp32_section(ctx):
-    """fp32 inputs on TF32 tensor cores (``attention.FP32_PRECISION``): error against float64 under the same rule
+    """fp32 inputs on TF32 tensor cores (``attention.fp32_precision()``): error against float64 under the same rule
     as the 16-bit checks, the same-precision computation being PyTorch's fp32 attention with TF32 matmuls allowed
     (``ieee``: without)."""
     cases = [([1, 0, 17, 40], 4, 2, 64)] if ctx.smoke else [([1, 0, 777, 1024, 63], 8, 2, 128),
                                                             ([300, 911], 6, 2, 64)]
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = attn_mod.FP32_PRECISION != "ieee"
+    torch.backends.cuda.matmul.allow_tf32 = attn_mod.fp32_precision() != "ieee"
     try:
         for lengths, hq, hkv, d in cases:
             check_attention_case(ctx, lengths, hq, hkv, d, torch.float32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    return dict(precision=attn_mod.FP32_PRECISION)
+    return dict(precision=attn_mod.fp32_precision())
 
 
 def dropout_section(ctx):

@@ -489,12 +489,9 @@ constexpr int64_t QB2 = 64;  // query rows per work item
 constexpr int64_t KPAD = 16;
 static_assert(KPAD % VS == 0, "padded key rows must hold whole vectors");
 
-// Whether the brgemm path runs here: oneDNN's ukernels exist for this CPU and dtype (probed once with a tiny
-// call), and LLM2VEC_FAST_CPU_ATTENTION is not "portable" (which forces the kernel above, e.g. to test it).
+// Whether oneDNN's brgemm ukernels exist for this CPU and dtype: probed once with a tiny call.
 template <typename T>
-bool brgemm_usable() {
-  const char* env = std::getenv("LLM2VEC_FAST_CPU_ATTENTION");
-  if (env != nullptr && std::strcmp(env, "portable") == 0) return false;
+bool brgemm_available() {
   static const bool ok = [] {
     try {
       T a[4] = {T(1.f), T(1.f), T(1.f), T(1.f)}, b[4] = {T(1.f), T(1.f), T(1.f), T(1.f)};
@@ -667,8 +664,21 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
   });
 }
 
+// kernel: "auto" (brgemm where available, else portable), "brgemm" (an error where it is not available) or
+// "portable" (the plain kernel above, e.g. to test it). The caller passes the user's choice (Python's settings).
+template <typename T>
+bool use_brgemm(c10::string_view kernel) {
+  TORCH_CHECK(kernel == "auto" || kernel == "brgemm" || kernel == "portable",
+              "varlen_attention kernel must be auto, brgemm or portable, got ", kernel);
+  if (kernel == "portable") return false;
+  const bool available = brgemm_available<T>();
+  TORCH_CHECK(available || kernel == "auto",
+              "the brgemm attention kernel is not available on this CPU for this dtype; use kernel auto or portable");
+  return available;
+}
+
 void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-                      double scale, at::Tensor out, bool fp32_probs) {
+                      double scale, at::Tensor out, bool fp32_probs, c10::string_view kernel) {
   check_cpu_float(q, "q");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &out}) check_same(q, *t, "k/v/out");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
@@ -682,12 +692,12 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK(cu.front() == 0 && cu.back() == q.size(0), "cu_seqlens must run from 0 to T");
   for (size_t i = 1; i < cu.size(); ++i) TORCH_CHECK(cu[i] >= cu[i - 1], "cu_seqlens must be non-decreasing");
   if (q.scalar_type() == at::kFloat) {
-    if (brgemm_usable<float>()) {
+    if (use_brgemm<float>(kernel)) {
       varlen_attention_brgemm<float>(q, k, v, cu, scale, false, out);
     } else {
       varlen_attention_kernel<float>(q, k, v, cu, scale, out);
     }
-  } else if (brgemm_usable<BFloat16>()) {
+  } else if (use_brgemm<BFloat16>(kernel)) {
     varlen_attention_brgemm<BFloat16>(q, k, v, cu, scale, fp32_probs, out);
   } else {
     varlen_attention_kernel<BFloat16>(q, k, v, cu, scale, out);
@@ -695,6 +705,13 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 }
 
 int64_t vector_width() { return VS; }
+
+// Whether the brgemm attention kernel can run for inputs of this dtype here (llm2vec_fast/backends.py asks).
+bool brgemm_attention_available(at::ScalarType dtype) {
+  if (dtype == at::kFloat) return brgemm_available<float>();
+  if (dtype == at::kBFloat16) return brgemm_available<BFloat16>();
+  return false;
+}
 
 }  // namespace
 
@@ -704,8 +721,9 @@ TORCH_LIBRARY(llm2vec_fast, m) {
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
   m.def("silu_mul(Tensor gate, Tensor up, Tensor(a!) out, bool round_act=True) -> ()");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor(a!) out, "
-        "bool fp32_probs=False) -> ()");
+        "bool fp32_probs=False, str kernel=\"auto\") -> ()");
   m.def("vector_width() -> int", &vector_width);
+  m.def("brgemm_attention_available(ScalarType dtype) -> bool", &brgemm_attention_available);
 }
 
 TORCH_LIBRARY_IMPL(llm2vec_fast, CPU, m) {

@@ -6,7 +6,7 @@ and run without it. Each op module imports ``triton`` / ``tl`` from here, define
 error that names the fix instead of a NameError.
 """
 
-import os
+from ._common import _interpreting
 
 try:
     import triton
@@ -41,7 +41,7 @@ def _fix_interpreter_index_on_numpy_2_4() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
-if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1" and _triton_version() < (3, 8):
+if HAS_TRITON and _interpreting() and _triton_version() < (3, 8):
     _fix_interpreter_index_on_numpy_2_4()
 
 INSTALL_HINT = "pip install 'llm2vec-fast[gpu]'"

@@ -12,28 +12,16 @@ RNG scheme.
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ._common import _alloc, _interpreting
+from .. import settings
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
-# Tests set this to True: outputs are then allocated NaN-filled, so an element a kernel never writes fails loudly.
-POISON_OUTPUTS = False
-
 LOG2E = 1.4426950408889634
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -476,18 +464,17 @@ def attention_config(head_dim, dtype=torch.bfloat16, dropout=False, arch=90):
 # fp32 inputs run on TF32 tensor cores by default ("tf32": 10-bit mantissas in the products, fp32 accumulation,
 # ~1e-3 relative error, as torch gives fp32 matmuls under torch.set_float32_matmul_precision("high")). The opt-outs
 # cost registers: "tf32x3" (each operand split into a TF32 high part and residual, three products: close to fp32)
-# and "ieee" (exact fp32 FMA, no tensor cores) both spill at every tiling compiled (kernels/README.md). Set with
-# LLM2VEC_FAST_ATTENTION_FP32 or here.
-FP32_PRECISION = os.environ.get("LLM2VEC_FAST_ATTENTION_FP32", "tf32")
-FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")
+# and "ieee" (exact fp32 FMA, no tensor cores) both spill at every tiling compiled (kernels/README.md). The
+# setting LLM2VEC_FAST_ATTENTION_FP32 (llm2vec_fast/settings.py) chooses.
+def fp32_precision() -> str:
+    """"tf32", "tf32x3" or "ieee": how fp32 inputs are multiplied (LLM2VEC_FAST_ATTENTION_FP32)."""
+    return settings.current().attention_fp32
 
 
 def _precision(dtype):
     if dtype != torch.float32:
         return "tf32"  # fp16/bf16 operands go to the tensor cores as they are; the setting is ignored
-    if FP32_PRECISION not in FP32_PRECISIONS:
-        raise ValueError(f"LLM2VEC_FAST_ATTENTION_FP32={FP32_PRECISION!r}: use one of {', '.join(FP32_PRECISIONS)}")
-    return FP32_PRECISION
+    return fp32_precision()
 
 
 class Launch:

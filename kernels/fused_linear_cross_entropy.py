@@ -9,27 +9,20 @@ incoming gradient. Peak extra memory: one ``[C, V]`` fp32 chunk.
 
 Rows whose label equals ``ignore_index`` contribute nothing; the mean is over the other rows (as
 ``torch.nn.functional.cross_entropy``).
-"""
 
-import os
+The file holds the Triton kernel, the per-chunk softmax gradient (Triton or PyTorch), the chunked host function,
+the custom op with its autograd, the public entry point and the naive reference.
+"""
 
 import torch
 
+from ._common import _alloc, _interpreting
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 IGNORE_INDEX = -100
 # Rows per chunk: big enough that the two matmuls per chunk run at full speed, small enough that the fp32
 # [C, V] chunk stays a fraction of what full logits would cost (C=4096, V=128k: 2 GiB vs 8 GiB at 16k rows).
 DEFAULT_CHUNK_ROWS = 4096
-
-# Tests set this to True: outputs are then allocated NaN-filled, so an element never written fails loudly.
-POISON_OUTPUTS = False
-
-
-def _alloc(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # The kernels exist only where Triton is installed (the gpu extra); the CPU paths below never need them.
@@ -69,7 +62,7 @@ def _cross_entropy_grad_(logits, labels, scale, force_triton=False):
     if logits.device.type == "cuda" or force_triton:
         require_triton("fused_linear_cross_entropy on a CUDA tensor")
         loss = _alloc((C,), torch.float32, logits.device)
-        BV = 1024 if os.environ.get("TRITON_INTERPRET") != "1" else 256
+        BV = 256 if _interpreting() else 1024
         if C:
             _cross_entropy_grad_kernel[(C,)](logits, labels, loss, scale, logits.stride(0), V, IGNORE=IGNORE_INDEX,
                                              BV=BV, num_warps=8 if logits.device.type == "cuda" else 1)
@@ -86,7 +79,8 @@ def _cross_entropy_grad_(logits, labels, scale, force_triton=False):
 
 def fused_linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=DEFAULT_CHUNK_ROWS, force_triton=False,
                                        need_weight_grad=True):
-    """Returns (mean loss, d loss/d hidden, d loss/d weight or None); never holds more than one logits chunk."""
+    """hidden [N, H], weight [V, H], labels [N]. Returns (mean loss [] fp32, d loss/d hidden [N, H] in hidden's
+    dtype, d loss/d weight [V, H] fp32 or None without need_weight_grad); never holds more than one logits chunk."""
     N = hidden.shape[0]
     count = (labels != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
     scale = (1.0 / count).reshape(1)
@@ -106,25 +100,45 @@ def fused_linear_cross_entropy_forward(hidden, weight, labels, chunk_rows=DEFAUL
     return total * scale[0], grad_hidden, grad_weight
 
 
-class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd of the chunked LM head + cross-entropy: the gradients are computed during the forward pass, chunk
-    by chunk, so the full logits never exist; the backward only scales them by the incoming gradient."""
+# The chunked forward as a torch.library custom op, so torch.compile traces through it (the fake implementation
+# gives the output shapes without running anything). The op already returns both gradients, computed chunk by
+# chunk so the full logits never exist; its registered backward only scales them by the incoming gradient.
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows, force_triton):
-        loss, grad_hidden, grad_weight = fused_linear_cross_entropy_forward(
-            hidden, weight, labels, chunk_rows, force_triton, need_weight_grad=ctx.needs_input_grad[1])
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
-        ctx.has_weight_grad = grad_weight is not None
-        ctx.weight_dtype = weight.dtype
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        d_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        d_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return d_hidden, d_weight, None, None, None
+@torch.library.custom_op("llm2vec_fast_triton::fused_linear_cross_entropy_forward", mutates_args=())
+def fused_linear_cross_entropy_forward_op(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                          chunk_rows: int, force_triton: bool,
+                                          need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fused_linear_cross_entropy_forward` as a custom op: ``(loss [] fp32, d hidden [N, H] in hidden's dtype,
+    d weight [V, H] fp32)``; d weight is an empty ``[0]`` fp32 tensor when need_weight_grad is False (an op cannot
+    return None)."""
+    loss, grad_hidden, grad_weight = fused_linear_cross_entropy_forward(hidden, weight, labels, chunk_rows,
+                                                                        force_triton, need_weight_grad)
+    return loss, grad_hidden, grad_weight if grad_weight is not None else weight.new_empty(0, dtype=torch.float32)
+
+
+@fused_linear_cross_entropy_forward_op.register_fake
+def _(hidden, weight, labels, chunk_rows, force_triton, need_weight_grad):
+    grad_weight_shape = weight.shape if need_weight_grad else (0,)
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape),
+            weight.new_empty(grad_weight_shape, dtype=torch.float32))
+
+
+def _flce_setup_context(ctx, inputs, output):
+    _, weight, _, _, _, need_weight_grad = inputs
+    _, grad_hidden, grad_weight = output
+    ctx.save_for_backward(grad_hidden, grad_weight)
+    ctx.has_weight_grad, ctx.weight_dtype = need_weight_grad, weight.dtype
+
+
+def _flce_backward(ctx, grad_loss, _grad_grad_hidden, _grad_grad_weight):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    d_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+    d_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.has_weight_grad else None
+    return d_hidden, d_weight, None, None, None, None
+
+
+fused_linear_cross_entropy_forward_op.register_autograd(_flce_backward, setup_context=_flce_setup_context)
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, *, chunk_rows=DEFAULT_CHUNK_ROWS, force_triton=False):
@@ -132,14 +146,18 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, chunk_rows=DEFAULT_CHU
 
     Same value and gradients (w.r.t. hidden and weight) as ``F.cross_entropy(hidden @ weight.T, labels)``, with
     at most ``chunk_rows x V`` logits alive at once. CUDA tensors (or force_triton=True) compute the softmax
-    gradient with the Triton kernel; CPU tensors with PyTorch ops.
+    gradient with the Triton kernel; CPU tensors with PyTorch ops. Returns the loss, a 0-dim fp32 tensor.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)}")
-    return FusedLinearCrossEntropyFunction.apply(hidden, weight, labels.contiguous(), int(chunk_rows), force_triton)
+    # A frozen weight (the LoRA case) skips the [V, H] fp32 gradient and its matmuls.
+    need_weight_grad = weight.requires_grad and torch.is_grad_enabled()
+    loss, _, _ = fused_linear_cross_entropy_forward_op(hidden, weight, labels.contiguous(), int(chunk_rows),
+                                                       bool(force_triton), need_weight_grad)
+    return loss
 
 
 def naive_linear_cross_entropy(hidden, weight, labels):

@@ -19,6 +19,7 @@ import re
 import subprocess
 import tempfile
 
+from ._common import _interpreting
 from ._triton import require_triton, triton
 
 # Dynamic shared memory one block may use (bytes): H100 227 KiB, A100 163 KiB (CUDA programming guide, table of
@@ -336,7 +337,7 @@ def main(argv=None):
     parser.add_argument("--config-override", metavar="JSON",
                         help="tiling keys of attention_config to replace, e.g. '{\"fwd_bm\": 64}', to try a tiling")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         parser.error("TRITON_INTERPRET=1 makes the kernels interpreted functions, which cannot be compiled: unset it")
     if args.config_override:
         from . import attention

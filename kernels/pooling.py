@@ -9,26 +9,12 @@ The file holds the Triton kernels (forward, backward), the launch configuration,
 Function, the vectorised PyTorch path for CPU tensors, the public entry point and the naive reference.
 """
 
-import os
-
 import torch
 
+from ._common import _alloc, _interpreting
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 POOLING_MODES = ("mean", "weighted_mean", "first", "last")
-
-# Tests set this to True: outputs are then allocated NaN-filled, so an element a kernel never writes fails loudly.
-POISON_OUTPUTS = False
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------------

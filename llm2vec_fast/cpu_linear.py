@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import settings
+
 BACKENDS = ("torch", "onednn")
 ENV_BACKEND = "LLM2VEC_FAST_CPU_GEMM"
 # A backend or a fusion must beat the plain path by this factor to be chosen: below it the difference is noise on
@@ -39,13 +41,10 @@ def onednn_available() -> bool:
 
 
 def forced_backend() -> Optional[str]:
-    """The backend LLM2VEC_FAST_CPU_GEMM forces, or None; a value that is not a backend raises ValueError."""
-    value = os.environ.get(ENV_BACKEND, "").strip().lower()
-    if not value or value == "auto":
-        return None
-    if value not in BACKENDS:
-        raise ValueError(f"{ENV_BACKEND}={value!r}: choose one of auto, {', '.join(BACKENDS)}")
-    return value
+    """The backend LLM2VEC_FAST_CPU_GEMM forces (`settings`), or None; a value that is not a backend raises
+    ValueError."""
+    value = settings.current().cpu_gemm
+    return None if value == "auto" else value
 
 
 def pack_weight(weight: torch.Tensor, backend: str, tokens: int) -> torch.Tensor:
@@ -208,10 +207,6 @@ class CpuLinear:
 
 # --------------------------------------------------------------------------------------- dtype="auto" on CPU
 
-# What dtype="auto" can resolve to on CPU: float32, pure bfloat16, or the mixed mode (an fp32 model whose matmuls
-# run in bf16). Mixed is what auto takes where bf16 matmuls win: benchmarks/bench_cpu_peers.py measured it within
-# the issue's fidelity target (1 - cosine to fp32 <= 0.002), which pure bf16 misses.
-CPU_DTYPES = ("float32", "bfloat16", "mixed")
 # bf16 GEMMs must beat fp32 GEMMs by this factor for auto to leave fp32: the mixed mode spends some of the gain on
 # conversions and fp32 elementwise work.
 BF16_MIN_SPEEDUP = 1.3
@@ -256,9 +251,7 @@ def _machine_key(K: int, N: int, tokens: int) -> str:
 
 
 def _choice_path() -> str:
-    from .default_model import cache_root
-
-    return os.path.join(cache_root(), _CHOICE_FILE)
+    return os.path.join(settings.current().cache_dir, _CHOICE_FILE)
 
 
 def _read_choices() -> dict:
@@ -300,10 +293,8 @@ def choose_cpu_dtype(hidden_size: int, intermediate_size: int, tokens: int = 102
     BF16_MIN_SPEEDUP faster, float32 otherwise. The measurement is cached per machine, torch version, thread count
     and shape in <cache>/cpu_dtype.json (delete it to measure again). LLM2VEC_FAST_CPU_DTYPE fixes the answer.
     """
-    forced = os.environ.get(ENV_DTYPE, "").strip().lower()
+    forced = settings.current().cpu_dtype
     if forced:
-        if forced not in CPU_DTYPES:
-            raise ValueError(f"{ENV_DTYPE}={forced!r}: choose one of {', '.join(CPU_DTYPES)}")
         return forced, f"set by {ENV_DTYPE}"
     if not native_bf16_matmul(flags):
         return "float32", "no native bf16 matmul (AVX-512 BF16 / AMX) on this CPU"

@@ -1,9 +1,10 @@
 """Host functions of the C++ CPU ops (csrc/cpu_ops.cpp), each next to its PyTorch reference.
 
 Inference only: the ops have no backward, so callers (modeling.use_native_cpu_ops) use them only when no input
-needs a gradient. Each host function allocates its outputs (NaN-filled when POISON_OUTPUTS is set, as tests do)
-and calls ``torch.ops.llm2vec_fast.<op>``; `native.load()` must have returned a library first. Inputs are CPU
-float32 / bfloat16 tensors with a contiguous last dim; the references run in any dtype (tests use float64).
+needs a gradient. Each host function allocates its outputs (NaN-filled when tests set kernels/_common.py's
+POISON_OUTPUTS) and calls ``torch.ops.llm2vec_fast.<op>``; `native.load()` must have returned a library first. Inputs are CPU
+float32 / bfloat16 tensors with a contiguous last dim; the references run in any dtype (tests use float64). The
+attention's reference is the Triton kernel's, `llm2vec_fast.kernels.attention.naive_varlen_attention`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Tests set this to True: outputs are then allocated NaN-filled, so an element an op never writes fails loudly.
-POISON_OUTPUTS = False
+from . import settings
+from .kernels import _common
 
 
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    """An output like `like` (its device, its dtype unless `dtype`), NaN-filled under the tests' poisoning
+    switch, which the C++ ops share with the Triton ops (kernels/_common.py)."""
+    return _common._alloc(shape, dtype or like.dtype, like.device)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -118,30 +118,18 @@ def silu_mul_reference(gate, up, round_act: bool = True):
 # ------------------------------------------------------------------------------------------- varlen attention
 
 
-def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool = False):
+def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool = False, kernel=None):
     """Bidirectional attention within each packed sequence: q [T, Hq, D], k / v [T, Hkv, D] (GQA: Hq a multiple
     of Hkv), cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype.
 
     bf16 inputs: the probabilities are rounded to bf16 before P @ V, as torch's CPU flash attention does, unless
     fp32_probs, which keeps them to about 16 bits (P split into two bf16 halves, two passes; the mixed mode uses it).
-    LLM2VEC_FAST_CPU_ATTENTION=portable forces the plain C++ kernel (fp32 P) over oneDNN's micro-GEMMs."""
+    kernel: "brgemm" (oneDNN's micro-GEMMs), "portable" (the plain C++ kernel, fp32 P) or "auto" (brgemm where this
+    CPU has it for the dtype); None takes the setting LLM2VEC_FAST_CPU_ATTENTION (`llm2vec_fast.backends` passes
+    the kernel it chose)."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = _alloc(q.shape, q)
-    torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out, bool(fp32_probs))
+    torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out, bool(fp32_probs),
+                                            kernel or settings.current().cpu_attention)
     return out
 
-
-def varlen_attention_reference(q, k, v, cu_seqlens, softmax_scale=None):
-    """Per-sequence softmax(q k^T * scale) v, one sequence at a time (the plain ground truth)."""
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    group = q.shape[1] // k.shape[1]
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, L, D]
-        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
-        p = torch.softmax((qs @ ks.transpose(1, 2)) * scale, dim=-1)
-        out[start:end] = (p @ vs).transpose(0, 1)
-    return out

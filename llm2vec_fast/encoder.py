@@ -380,13 +380,9 @@ class LLM2Vec(nn.Module):
 
         gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); kwargs:
         the HF method's others (every_n_layers, offload on transformers versions that have them)."""
-        target = base_model(self.model)
-        # transformers >= 5.2x renamed the method and warns on the old name; 5.17 has only the old one.
-        if hasattr(target, "activation_checkpointing_enable"):
-            target.activation_checkpointing_enable(activation_checkpointing_kwargs=gradient_checkpointing_kwargs,
-                                                   **kwargs)
-        else:
-            target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        from .train.model import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(base_model(self.model), gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
                                         **kwargs) -> None:

@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import cpu_ops, native
+from . import backends, cpu_ops, native
 from .batching import check_positive_int
 from .kernels.attention import varlen_attention
 
@@ -46,8 +46,10 @@ def llm2vec_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         raise ValueError(f"packed attention expects all sequences in one row, got batch size {query.shape[0]}")
     # [1, H, T, D] -> [T, H, D]; the kernel reads strided inputs, so no copies beyond what transpose needs.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    if getattr(module, "_llm2vec_native_attention", False) and dropout == 0.0 and _native_eligible(q, k, v):
-        return cpu_ops.varlen_attention(q, k, v, cu_seqlens, scaling).unsqueeze(0), None
+    if getattr(module, "_llm2vec_native_attention", False) and dropout == 0.0:
+        kernel = _cpp_attention_kernel(q, k, v)
+        if kernel is not None:
+            return cpu_ops.varlen_attention(q, k, v, cu_seqlens, scaling, kernel=kernel).unsqueeze(0), None
     out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], softmax_scale=scaling, dropout_p=dropout)
     return out.unsqueeze(0), None
 
@@ -56,6 +58,12 @@ AttentionInterface.register(ATTENTION_NAME, llm2vec_attention)
 # Without a registered mask function transformers hands a custom attention a None mask, which would silently drop
 # padding in direct (unpacked) calls of a patched model.
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _cpp_attention_kernel(q, k, v):
+    """"brgemm" or "portable": the C++ kernel `backends` chooses for this call, or None when PyTorch takes it."""
+    name = backends.choose("attention", q, k, v).name
+    return name[len("cpp-"):] if name.startswith("cpp-") else None
 
 
 def check_supported(config) -> None:
@@ -144,18 +152,11 @@ NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attentio
 # The ones that beat their PyTorch counterpart in benchmarks/bench_native.py (results/native_cpu.json): the
 # default set. An op that does not win there is not wired in.
 SHIPPED_NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention", "attention_block")
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _SILU_NAMES = ("SiLU", "SiLUActivation")
 _rotary_users: dict = {}  # python module of a model family -> (original apply_rotary_pos_emb, number of models)
 
 
-def _native_eligible(x, *others) -> bool:
-    """CPU, a supported dtype, and nothing that autograd would have to differentiate."""
-    if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
-        return False
-    if any(o.dtype != x.dtype for o in others):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
+_native_eligible = backends.native_eligible
 
 
 def _eps(norm) -> float:
@@ -242,7 +243,11 @@ def _native_attention_forward(self, hidden_states, *args, **kwargs):
     # Mixed mode (bf16 q / k / v of an fp32 model): P @ V keeps the probabilities to fp32 accuracy; rounding them to
     # bf16 as the pure-bf16 path does cut the minimum cosine to fp32 from 0.98 to 0.94 on the benchmark texts.
     fp32_probs = q.dtype == torch.bfloat16 and self.o_proj.weight.dtype == torch.float32
-    out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling, fp32_probs=fp32_probs)
+    kernel = _cpp_attention_kernel(q, k, v)
+    if kernel is None:  # only when a forced kernel is unavailable here: the PyTorch path of the same attention
+        out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], softmax_scale=self.scaling)
+    else:
+        out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling, fp32_probs=fp32_probs, kernel=kernel)
     return _project(self.o_proj, out.view(tokens, -1), dtype).unsqueeze(0), None
 
 

@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from . import settings
+
 ENV_SWITCH = "LLM2VEC_FAST_NATIVE"
 LIBRARY_NAME = "llm2vec_fast_native"
 
@@ -41,8 +43,8 @@ _state: dict = {}
 
 
 def enabled() -> bool:
-    """False when the user switched the native ops off (LLM2VEC_FAST_NATIVE=0)."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    """False when the user switched the native ops off (LLM2VEC_FAST_NATIVE=0, see `settings`)."""
+    return settings.current().native
 
 
 def load():
@@ -68,9 +70,7 @@ def has_op(name: str) -> bool:
 
 def build_directory() -> str:
     """The JIT build's cached directory, keyed on the torch version and the CPU: ``<cache>/build/torch<v>-<cpu>``."""
-    from .default_model import cache_root
-
-    return os.path.join(cache_root(), "build", f"torch{torch.__version__.replace('+', '_')}-{_cpu_tag()}")
+    return os.path.join(settings.current().cache_dir, "build", f"torch{torch.__version__.replace('+', '_')}-{_cpu_tag()}")
 
 
 def _load():

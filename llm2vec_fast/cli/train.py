@@ -1,7 +1,7 @@
 """`llm2vec-fast train mntp|simcse|supervised`: the training stages of the LLM2Vec recipe.
 
 Every hyper-parameter lives in TrainConfig (train/config.py); a config file (--config, JSON or YAML) sets any of
-them, or is one of the llm2vec reference's training configs (mapped onto them, see config.REFERENCE_KEYS), and the
+them, or is one of the llm2vec reference's training configs (mapped onto them, see reference_config.REFERENCE_KEYS), and the
 flags below override the most common ones. Output: the adapter in the released LLM2Vec layout,
 a loss log (train_log.jsonl), checkpoints every --save-steps steps, and --resume to continue a killed run.
 A non-empty --output is refused unless --resume continues or --overwrite replaces the run there.
@@ -10,12 +10,12 @@ A non-empty --output is refused unless --resume continues or --overwrite replace
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
 from .options import silence_progress_bars
 from ..errors import UserError
+from ..settings import Ranks
 from ..train.config import DTYPES, STAGES, ConfigWarning, TrainConfig, stage_defaults, stages_using
 
 # flag -> (type, help); each maps to the TrainConfig field of the same name with dashes as underscores.
@@ -125,7 +125,7 @@ def _read_config(stage: str, path: str | None, overrides: dict):
     for warning in caught:
         if not issubclass(warning.category, ConfigWarning):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-        elif os.environ.get("RANK", "0") == "0":
+        elif Ranks.from_env().is_main:
             print(f"llm2vec-fast train: warning: {warning.message}", file=sys.stderr)
     return config
 

@@ -24,6 +24,7 @@ from .checkpoint import clean_checkpoints, find_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DataError
 from ..files import make_staging, move_files, seal, write_atomic
+from ..settings import Ranks
 from .output import CHECKPOINTS, RUN_CONFIG, check_output, prepare_output, record_outputs, stored_config
 
 
@@ -74,8 +75,7 @@ def example_generator(seed: int, step: int, example: int) -> torch.Generator:
 
 def distributed_context() -> tuple[int, int]:
     """(rank, world size) under torchrun, initialising the process group once; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if Ranks.from_env().distributed and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     if dist.is_available() and dist.is_initialized():

@@ -17,6 +17,19 @@ def lora_config(config: TrainConfig):
                       target_modules=list(config.lora_targets), bias="none")
 
 
+def enable_gradient_checkpointing(model, checkpoint_kwargs: dict | None = None, **options) -> None:
+    """Make `model` (a Hugging Face PreTrainedModel: the base decoder, or a task model around it) recompute each
+    decoder layer's activations in the backward pass.
+
+    checkpoint_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); options: the HF method's
+    others (every_n_layers, offload on transformers versions that have them)."""
+    # transformers 5.2x renamed the method and warns on the old name; the GPU machine's 5.17 has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
+
+
 def add_lora(base, config: TrainConfig):
     """Wrap a base decoder (LlamaModel & co.) with trainable LoRA adapters; everything else is frozen.
 
@@ -26,12 +39,7 @@ def add_lora(base, config: TrainConfig):
     from peft import get_peft_model
 
     if config.gradient_checkpointing:
-        # Renamed in transformers 5.2x (old name deprecated); the GPU machine's 5.17 only knows the old one.
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_gradient_checkpointing(base, {"use_reentrant": False})
     # peft keeps bf16/fp16 adapter weights in fp32 (autocast_adapter_dtype), so updates stay stable.
     return get_peft_model(base, lora_config(config))
 

@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="the kernel tests need Triton: pip install 
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from llm2vec_fast.kernels import attention, fused_linear_cross_entropy, pooling  # noqa: E402
+from llm2vec_fast.kernels import _common  # noqa: E402
 
 # Absolute floors on top of "2x the error of the same-precision PyTorch computation". fp32: ~8 ulp at the O(1)
 # magnitudes used, room for a different summation order (online softmax, blocked sums). fp16: a tenth of an ulp
@@ -67,9 +67,7 @@ def interpreter_bf16(monkeypatch):
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN: an element no kernel writes fails the comparison."""
-    monkeypatch.setattr(attention, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(pooling, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(fused_linear_cross_entropy, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 def assert_close(name, out, ref64, ref_lowp, dtype):

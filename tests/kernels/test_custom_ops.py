@@ -1,12 +1,13 @@
-"""The Triton attention and pooling as torch.library custom ops: their schemas, fake implementations and autograd
-registrations pass ``torch.library.opcheck``, and ``torch.compile`` (inductor) of code that calls them gives the
-eager results, forward and gradients (the kernels run in the interpreter here)."""
+"""The Triton attention, pooling and fused linear cross-entropy as torch.library custom ops: their schemas, fake
+implementations and autograd registrations pass ``torch.library.opcheck``, and ``torch.compile`` (inductor) of code
+that calls attention and pooling gives the eager results, forward and gradients (the kernels run in the interpreter
+here)."""
 
 import pytest
 import torch
 from devices import DEVICE
 
-from llm2vec_fast.kernels import attention, pooling
+from llm2vec_fast.kernels import attention, fused_linear_cross_entropy, pooling
 from llm2vec_fast.kernels.attention import varlen_attention
 from llm2vec_fast.kernels.pooling import segment_pool
 
@@ -35,6 +36,18 @@ def test_pooling_ops_pass_opcheck():
     # with "doesn't have a schema registered yet" inside opcheck's schema test (cause not found; see the README's
     # Tests section), so it is not run here.
     torch.library.opcheck(pooling.segment_pool_forward_op, (x, starts, ends, True, torch.float32))
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True], ids=["weight-grad", "frozen-weight"])
+def test_fused_linear_cross_entropy_op_passes_opcheck(frozen_weight):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 16, generator=g).to(DEVICE).requires_grad_()  # [N, H]
+    weight = (torch.randn(37, 16, generator=g) * 0.3).to(DEVICE).requires_grad_(not frozen_weight)  # [V, H]
+    labels = torch.randint(0, 37, (11,), generator=g)
+    labels[[2, 7]] = fused_linear_cross_entropy.IGNORE_INDEX
+    # Chunks of 4 rows (the last one shorter), the Triton softmax gradient; the frozen case returns d weight as [0].
+    torch.library.opcheck(fused_linear_cross_entropy.fused_linear_cross_entropy_forward_op,
+                          (hidden, weight, labels.to(DEVICE), 4, True, not frozen_weight))
 
 
 def test_torch_compile_through_the_ops_equals_eager():
