@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from llm2vec_fast.cli import main
-from llm2vec_fast.encode_job.shards import TEST_KILL_ENV, load_embeddings
+from llm2vec_fast.encode_job import load_embeddings
+from llm2vec_fast.faults import VARIABLE as FAULT_ENV
 from tiny_models import corpus
 
 N_LINES, SHARD = 45, 10  # five shards, the last one partial
@@ -47,7 +48,7 @@ def encode_args(model_dir, input_path, out, *extra):
 
 
 def subprocess_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", FAULT_ENV)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 
@@ -58,3 +59,15 @@ def assert_same_output(out, reference):
     np.testing.assert_array_equal(lines, ref_lines)
     assert len(np.unique(lines)) == len(lines)
     np.testing.assert_array_equal(embeddings, ref_embeddings)  # bitwise: same shards, same batches
+
+
+def error_of(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "llm2vec-fast: error: " in err and "Traceback" not in err, err
+    return err[err.index("llm2vec-fast: error: "):]  # after any progress bar of the model loading
+
+
+def temp_files(out) -> list[str]:
+    return [os.path.join(d, n) for d, _, names in os.walk(out) for n in names if ".tmp-" in n or "probe" in n]

@@ -17,7 +17,9 @@ import torch
 
 from llm2vec_fast import LLM2Vec
 from llm2vec_fast.cli import main
-from llm2vec_fast.encode_job.shards import MANIFEST, TEST_KILL_ENV, load_embeddings
+from llm2vec_fast.encode_job import load_embeddings
+from llm2vec_fast.encode_job.layout import MANIFEST
+from llm2vec_fast.faults import VARIABLE as FAULT_ENV
 from encode_helpers import (N_LINES, SHARD, assert_same_output, encode_args, private_hash_cache,  # noqa: F401
                             reference, subprocess_env, texts, txt_file)
 
@@ -83,11 +85,12 @@ def test_float16_shards_and_normalize(llama_dir, txt_file, reference, tmp_path):
     np.testing.assert_allclose(embeddings.astype(np.float32), expected, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("kill", ["2", "2:temp", "2:unrecorded"], ids=["at-boundary", "mid-write", "unrecorded"])
+@pytest.mark.parametrize("kill", ["shard:2:recorded", "shard:3:temp", "shard:3:unrecorded"],
+                         ids=["at-boundary", "mid-write", "unrecorded"])
 def test_resume_after_sigkill(llama_dir, txt_file, reference, tmp_path, kill):
     out = tmp_path / "out"
     args = encode_args(llama_dir, txt_file, out)
-    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{TEST_KILL_ENV: kill}),
+    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{FAULT_ENV: kill}),
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     assert not (out / MANIFEST).exists()
@@ -369,3 +372,29 @@ def test_choices_are_validated(txt_file, tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["encode", "--input", txt_file, "--output", str(tmp_path / "o"), option, value])
     assert exit_info.value.code == 2 and f"argument {option}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- issue 21, item 4
+
+def test_a_resume_stating_the_defaults_is_the_same_run(llama_dir, txt_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    stored = json.loads((out / "fingerprint.json").read_text())
+    assert (stored["pooling"], stored["max_length"]) == ("mean", 512)  # resolved before the fingerprint
+    capsys.readouterr()
+    assert main(encode_args(llama_dir, txt_file, out, "--pooling", "mean", "--max-length", "512")) == 0
+    assert "already complete" in capsys.readouterr().err
+    # Outputs of earlier versions recorded the unset defaults as null: they still resume.
+    (out / "fingerprint.json").write_text(json.dumps(dict(stored, pooling=None, max_length=None)))
+    assert main(encode_args(llama_dir, txt_file, out)) == 0
+    assert "already complete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["encode", "eval similarity", "eval probe"])
+def test_help_gives_the_real_default_token_budgets(command):
+    from llm2vec_fast.encoder import DEFAULT_MAX_BATCH_TOKENS
+
+    help_text = " ".join(subcommand_parsers()[command].format_help().split())
+    budgets = help_text[help_text.index("tokens per batch"):]
+    for key in ("cpu", "cpu-bf16", "cuda"):
+        assert str(DEFAULT_MAX_BATCH_TOKENS[key]) in budgets[:200], budgets[:200]

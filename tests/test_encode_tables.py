@@ -15,7 +15,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from llm2vec_fast.cli import main  # noqa: E402
 from llm2vec_fast.encode_job import load_embeddings  # noqa: E402
-from llm2vec_fast.encode_job.shards import MANIFEST, TEST_KILL_ENV  # noqa: E402
+from llm2vec_fast.encode_job.layout import MANIFEST  # noqa: E402
+from llm2vec_fast.faults import VARIABLE as FAULT_ENV  # noqa: E402
 from llm2vec_fast.encode_job.stacked import StackedRows  # noqa: E402
 from encode_helpers import (N_LINES, SHARD, assert_same_output, encode_args, private_hash_cache,  # noqa: E402,F401
                             reference, subprocess_env, texts, txt_file)
@@ -160,11 +161,11 @@ def test_null_and_empty_texts_and_null_ids_are_bad_rows(llama_dir, tmp_path, cap
                                                            (5, "null id")]
 
 
-@pytest.mark.parametrize("kill", ["2", "2:temp"], ids=["at-boundary", "mid-write"])
+@pytest.mark.parametrize("kill", ["shard:2:recorded", "shard:3:temp"], ids=["at-boundary", "mid-write"])
 def test_parquet_output_resumes_after_sigkill(llama_dir, parquet_file, reference, tmp_path, kill):
     out = tmp_path / "out"
     args = encode_args(llama_dir, parquet_file, out, *PARQUET, "--id-field", "doc_id")
-    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{TEST_KILL_ENV: kill}),
+    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{FAULT_ENV: kill}),
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     assert [s["shard"] for s in json.loads((out / "progress" / "rank0.json").read_text())["shards"]] == [0, 1]

@@ -16,8 +16,8 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from llm2vec_fast.cli import main  # noqa: E402
-from llm2vec_fast.encode_job.ray_engine import TEST_KILL_ACTOR_ENV  # noqa: E402
-from llm2vec_fast.encode_job.shards import MANIFEST, TEST_KILL_ENV  # noqa: E402
+from llm2vec_fast.encode_job.layout import MANIFEST  # noqa: E402
+from llm2vec_fast.faults import VARIABLE as FAULT_ENV  # noqa: E402
 from llm2vec_fast.integrations.ray import LLM2VecPredictor  # noqa: E402
 from encode_helpers import (N_LINES, assert_same_output, encode_args, private_hash_cache,  # noqa: E402,F401
                             reference, subprocess_env, texts, txt_file)
@@ -28,10 +28,10 @@ RAY = ("--engine", "ray", "--ray-actors", "2")
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    """One Ray instance for the module; actors inherit TEST_KILL_ACTOR_ENV, armed by creating the file it names."""
+    """One Ray instance for the module; actors inherit the fault "ray-actor@FILE", armed by creating FILE."""
     kill_file = str(tmp_path_factory.mktemp("kill") / "armed")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(TEST_KILL_ACTOR_ENV, kill_file)
+        patch.setenv(FAULT_ENV, f"ray-actor@{kill_file}")
         patch.setenv("OMP_NUM_THREADS", "1")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         yield kill_file
@@ -128,7 +128,7 @@ def test_a_killed_actor_is_retried_with_nothing_lost_or_duplicated(local_ray, ll
 def test_engine_ray_resumes_a_killed_local_run(local_ray, llama_dir, table_file, reference, tmp_path):
     out = tmp_path / "out"
     args = encode_args(llama_dir, table_file, out, *PARQUET)
-    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{TEST_KILL_ENV: "2"}),
+    killed = subprocess.run([sys.executable, "-m", "llm2vec_fast", *args], env=subprocess_env(**{FAULT_ENV: "shard:2:recorded"}),
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -9, killed.stderr
     assert main([*args, *RAY]) == 0

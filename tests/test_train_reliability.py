@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from llm2vec_fast.cli import main as cli_main
-from llm2vec_fast.train.checkpoint import TEST_KILL_ENV, decode_state, encode_state
+from llm2vec_fast.faults import VARIABLE as FAULT_ENV
+from llm2vec_fast.train.checkpoint import decode_state, encode_state
 from llm2vec_fast.train.config import TrainConfig
 from llm2vec_fast.train.data import DataError, read_jsonl, read_texts
 from llm2vec_fast.files import TEMP_MARK
@@ -225,7 +226,7 @@ def test_resume_without_any_checkpoint_starts_over(llama_dir, text_file, finishe
 
 def subprocess_env(**extra):
     # This process's thread count, so the subprocess computes bitwise like finished_run, the reference.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", TEST_KILL_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", FAULT_ENV)}
     env.update(OMP_NUM_THREADS=str(torch.get_num_threads()), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                **extra)
     return env
@@ -253,8 +254,8 @@ def kill_at_random(command, output, seed):
 def test_kills_mid_checkpoint_and_at_a_random_moment_then_resume_is_exact(llama_dir, text_file, finished_run,
                                                                            tmp_path):
     output = str(tmp_path / "out")
-    killed = subprocess.run(train_command(llama_dir, text_file, output), env=subprocess_env(**{TEST_KILL_ENV:
-                                                                                                "4:state"}),
+    killed = subprocess.run(train_command(llama_dir, text_file, output), env=subprocess_env(**{FAULT_ENV:
+                                                                                                "checkpoint:4:state"}),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     left = sorted(os.listdir(os.path.join(output, "checkpoints")))

@@ -13,11 +13,8 @@ import json
 import os
 import time
 
-from ..batching import POOLING_MODES
-from .options import DefaultsHelpFormatter, positive_int, silence_progress_bars
 from ..errors import UserError
-
-DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
+from .options import DefaultsHelpFormatter, add_model_options, positive_int, silence_progress_bars
 
 
 def register(subparsers) -> None:
@@ -72,20 +69,8 @@ def register(subparsers) -> None:
 
 
 def _model_arguments(parser) -> None:
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="model directory or Hugging Face id, or 'smollm2-135m' for the embedded model")
-    parser.add_argument("--peft-model", default=None, help="an adapter directory on top of --model (e.g. SimCSE)")
+    add_model_options(parser)
     parser.add_argument("--causal", action="store_true", help="keep the decoder causal (the uni-directional baseline)")
-    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
-                        help="pooling mode (default: the model's llm2vec_config.json, else mean)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model weights dtype; mixed: float32 weights with bf16 matmuls on CPU; auto: on CPU, "
-                             "mixed where bf16 matmuls are native and measure faster, else float32 (printed), on "
-                             "GPU the checkpoint's dtype")
-    parser.add_argument("--max-length", type=positive_int, default=None, help="tokens per input (default: the model's)")
-    parser.add_argument("--max-batch-tokens", type=positive_int, default=None,
-                        help="tokens per batch (default: 1024 on CPU, 32768 on GPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--output", default=None, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (neither ours nor transformers' weight-loading bars)")

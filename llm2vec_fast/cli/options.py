@@ -1,9 +1,15 @@
-"""What the subcommands share: `positive_int` (argparse type), `DefaultsHelpFormatter` (``--help`` shows each
-default once) and `silence_progress_bars` (what ``--no-progress`` does beyond our own bars)."""
+"""What the subcommands share: `add_model_options` (the options that choose and configure the model),
+`positive_int` (argparse type), `DefaultsHelpFormatter` (``--help`` shows each default once) and
+`silence_progress_bars` (what ``--no-progress`` does beyond our own bars)."""
 
 from __future__ import annotations
 
 import argparse
+
+from ..batching import POOLING_MODES
+from ..default_model import DEFAULT_MODEL_NAME
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 
 
 def positive_int(value: str) -> int:
@@ -39,3 +45,36 @@ def silence_progress_bars() -> None:
 
     transformers_logging.disable_progress_bar()
     disable_progress_bars()
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that choose and configure the encoder to `parser`: --model, --peft-model, --pooling,
+    --dtype, --max-length, --max-batch-tokens and --device (each unset one leaves the choice to the model, or to
+    the library's default for the device)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
+                        help=f"model directory or Hugging Face id, or '{DEFAULT_MODEL_NAME}' for the embedded model; "
+                             f"for the released two-adapter layout, the MNTP directory (base config + adapter)")
+    parser.add_argument("--peft-model", default=None, metavar="DIR",
+                        help="an adapter applied on top of --model (e.g. the SimCSE or supervised adapter of a "
+                             "released LLM2Vec model)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                        help="pooling mode (default: the model's llm2vec_config.json, else mean)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="model weights dtype; mixed: float32 weights with bf16 matmuls on CPU; auto: on CPU, "
+                             "mixed where bf16 matmuls are native and measure faster, else float32 (printed), on "
+                             "GPU the checkpoint's dtype")
+    parser.add_argument("--max-length", type=positive_int, default=None,
+                        help="tokens per input, instruction included (default: the model's llm2vec_config.json, "
+                             "else 512)")
+    parser.add_argument("--max-batch-tokens", type=positive_int, default=None, help=_batch_tokens_help())
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when CUDA is present, else cpu; encode under "
+                             "torchrun: cuda:LOCAL_RANK)")
+
+
+def _batch_tokens_help() -> str:
+    # Computed from the encoder's table, so that --help cannot go stale when a default budget changes.
+    from ..encoder import DEFAULT_MAX_BATCH_TOKENS as budgets
+
+    return (f"tokens per batch (default: {budgets['cpu']} on CPU with float32 matmuls, {budgets['cpu-bf16']} with "
+            f"bf16 ones (--dtype bfloat16 or mixed), {budgets['cuda']} on CUDA)")

@@ -7,41 +7,14 @@ always gloo, also on GPUs: a barrier needs no NCCL communicator, and gloo's work
 from __future__ import annotations
 
 import datetime
-import os
-from dataclasses import dataclass
 
 import torch
+
+from ..settings import Ranks  # noqa: F401 - the encode job's ranks are the settings' (one parser of RANK & co.)
 
 # A rank that finishes its shards early waits at the final barrier for the slowest one, which on a large corpus
 # can take days; the default 30-minute collective timeout would kill healthy runs.
 BARRIER_TIMEOUT = datetime.timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a launch: rank of world_size processes, local_rank its index on its node."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """True for rank 0, which prepares the output and reports."""
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        """The ranks that torchrun set in RANK, WORLD_SIZE and LOCAL_RANK (default: one process).
-
-        LOCAL_RANK defaults to RANK; a RANK outside WORLD_SIZE raises ValueError.
-        """
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-        if not 0 <= rank < world_size:
-            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
-        return cls(rank, world_size, local_rank)
 
 
 def default_device(ranks: Ranks) -> str:

@@ -1,6 +1,8 @@
-"""Content hashes of model and input files, cached so that re-running a command over large files stays cheap.
+"""An encode run's fingerprint, and the content hashes of model and input files it holds, cached so that re-running
+a command over large files stays cheap.
 
-`encode` fingerprints its output with the sha256 of every file that can change an embedding. Hashing a 15 GB
+`run_fingerprint` is what identifies a run: the config's `identity()` (config.py) and the sha256 of the input and of
+every file that can change an embedding; `fingerprint_differences` says how two of them differ. Hashing a 15 GB
 checkpoint takes about a minute, so each hash is cached in a small JSON file under the llm2vec-fast cache directory
 (LLM2VEC_FAST_CACHE, see default_model.py), keyed by the file's real path, size, inode, mtime and ctime: any write,
 rename-over or `touch` of the file changes one of them (ctime cannot be set back by a user). The cache is an
@@ -12,10 +14,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
 from ..default_model import cache_root
 from ..files import sha256_file, write_atomic
+from ..loading import adapter_base_name, has_weights, is_adapter_directory, resolve_directory
 
+if TYPE_CHECKING:
+    from .config import EncodeJobConfig
+
+FINGERPRINT_VERSION = 2
+# Fingerprint keys that older versions recorded as None when unset, before defaults were resolved: such a None
+# matches whatever they resolve to now, since the model files that decide the default are fingerprinted too.
+RESOLVED_SINCE_UNSET = ("pooling", "max_length")
 CACHE_FILE = "file_hashes.json"
 # A file changed twice within one timestamp tick keeps its mtime and ctime; a hash taken right after a change is
 # therefore not cached, or a second same-size write in that tick would be missed.
@@ -25,6 +36,56 @@ RACY_SECONDS = 2.0
 _IGNORED_NAMES = frozenset({"flax_model.msgpack", "tf_model.h5", "rust_model.ot"})
 _IGNORED_PREFIXES = (".", "README", "LICENSE")
 _IGNORED_SUFFIXES = (".md", ".onnx", ".gguf")
+
+
+def run_fingerprint(config: EncodeJobConfig, model_dir: str, adapter_dir: str | None) -> dict:
+    """Everything that changes the stored embeddings of the run `config` (resolved: see job.resolve_config)
+    describes: its identity, the sha256 of its input and of every file of the model directory model_dir (with the
+    adapter directory adapter_dir's, when --peft-model is given)."""
+    from .sources import input_identity  # sources.py imports this module for file_sha256
+
+    adapter = {} if adapter_dir is None else {"peft_model_files": directory_sha256s(adapter_dir)}
+    return {"version": FINGERPRINT_VERSION, **config.identity(), **_model_identity(model_dir), **adapter,
+            **input_identity(config.input_spec())}
+
+
+def fingerprint_differences(stored: dict, now: dict) -> list[str]:
+    """How fingerprint `now` differs from `stored`, one phrase per key ([] when they agree)."""
+    differences = []
+    for key in sorted(set(stored) | set(now)):
+        if stored.get(key) == now.get(key) or (key in RESOLVED_SINCE_UNSET and stored.get(key, 0) is None):
+            continue
+        differences.append(_difference(key, stored.get(key), now.get(key)))
+    return differences
+
+
+def _difference(key: str, stored, now) -> str:
+    if isinstance(stored, dict) or isinstance(now, dict):
+        stored, now = (value if isinstance(value, dict) else {} for value in (stored, now))
+        changed = sorted(name for name in set(stored) | set(now) if stored.get(name) != now.get(name))
+        return f"{key}: {', '.join(changed)} changed"
+    if key.endswith("sha256"):
+        return f"{key}: the content changed"
+    return f"{key}: {stored!r} there, {now!r} now"
+
+
+def _model_identity(model_dir: str) -> dict:
+    """The sha256 of every file of the model directory that can change an embedding (config, weights, adapter,
+    tokenizer, llm2vec_config.json), and of the base model's for an adapter directory without base weights."""
+    identity = {"model_files": directory_sha256s(model_dir)}
+    base_dir = _adapter_base_dir(model_dir)
+    if base_dir is not None:
+        identity["base_model_files"] = directory_sha256s(base_dir)
+    return identity
+
+
+def _adapter_base_dir(model_dir: str) -> str | None:
+    if not is_adapter_directory(model_dir) or has_weights(model_dir):
+        return None
+    try:
+        return resolve_directory(adapter_base_name(model_dir), "base model named in the adapter config")
+    except (OSError, ValueError, TypeError, RuntimeError):
+        return None  # loading the model reports this with its own clear error, before anything is encoded
 
 
 def file_sha256(path: str) -> str:

@@ -5,15 +5,16 @@ One file per shard, `shards/shard-000007.parquet`, one row group, columns:
     id         the row's --id-field value (int64 or string), only with --id-field
     embedding  fixed_size_list<float32 or float16>[dim]
 so `datasets.load_dataset("parquet", ...)`, pyarrow, DuckDB or Spark read the output directly, and the sorted file
-names give the rows in input order. The file is built in memory and written by shards.py's atomic write, as a .npy
-shard is. The embedding column is stored uncompressed: float embeddings do not compress, and readers then copy
-nothing to decode them.
+names give the rows in input order. `ParquetShards` is the format's `ShardFormat` (shard_formats.py); the file is
+built in memory and written by shards.py's atomic write, as a .npy shard is. The embedding column is stored
+uncompressed: float embeddings do not compress, and readers then copy nothing to decode them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .shard_formats import ShardFormat
 from .tables import pyarrow
 
 SUFFIX = ".parquet"
@@ -67,3 +68,31 @@ def read_embeddings(path: str) -> np.ndarray:
     column = pa.parquet.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
     dim = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class ParquetShards(ShardFormat):
+    """One shard-K.parquet per shard (the functions above); read whole, never memory-mapped as an array."""
+
+    name = "parquet"
+    suffix = SUFFIX
+
+    def encode(self, embeddings, line_numbers, ids, id_kind):
+        return [(self.suffix, shard_bytes(embeddings, line_numbers, ids, id_kind))]
+
+    def count(self, stem):
+        try:
+            return num_rows(stem + self.suffix)
+        except (OSError, ValueError):  # pyarrow's errors derive from these
+            return None
+
+    def layout_problem(self, stem, name, dim, dtype):
+        layout = embedding_layout(stem + self.suffix)
+        if layout != (dim, np.dtype(dtype)):
+            return f"{name}{self.suffix} has embeddings {layout}, expected ({dim}, {dtype})"
+        return None
+
+    def read_lines(self, path):
+        return read_lines(path)
+
+    def read_embeddings(self, path, mmap=False):
+        return read_embeddings(path)

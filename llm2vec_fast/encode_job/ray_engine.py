@@ -17,19 +17,17 @@ numbers against the plan, so a lost or duplicated row is an error, never a silen
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import faults
 from ..errors import UserError
 from ..integrations.ray import LLM2VecPredictor
 from . import sources, tables
+from .config import EncodeJobConfig
 from .corpus import BadLine, InputSpec, Scan
 from .pipeline import Throughput
-
-TEST_KILL_ACTOR_ENV = "LLM2VEC_FAST_TEST_KILL_ACTOR"
 
 
 @dataclass
@@ -81,26 +79,17 @@ class ShardPredictor(LLM2VecPredictor):
     """`LLM2VecPredictor` that encodes each shard of a batch on its own (so a shard's embeddings do not depend on
     how Ray cut the blocks) and adds each row's token count (column tokens) for the throughput report."""
 
+    calls = 0  # batches this actor was handed, counted by the fault point "ray-actor:N" (faults.py)
+
     def __call__(self, batch):
-        _test_kill()
+        self.calls += 1
+        faults.point("ray-actor", self.calls)
         pa = self._pa
         pieces = []
         for start, stop in _runs(batch.column("shard").to_numpy()) or [(0, 0)]:
             embedded = super().__call__(batch.slice(start, stop - start))
             pieces.append(embedded.append_column("tokens", pa.array(self.last_token_counts, pa.int32())))
         return pa.concat_tables(pieces)
-
-
-def _test_kill() -> None:
-    # Test-only: TEST_KILL_ACTOR_ENV names a file; the first actor call that removes it kills its own process.
-    armed = os.environ.get(TEST_KILL_ACTOR_ENV)
-    if not armed:
-        return
-    try:
-        os.remove(armed)
-    except FileNotFoundError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _runs(values: np.ndarray) -> list[tuple[int, int]]:
@@ -112,26 +101,28 @@ def _runs(values: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def encode_with_ray(args, spec: InputSpec, model_dir: str, output, plans: list[ShardPlan], progress,
+def encode_with_ray(config: EncodeJobConfig, model_dir: str, output, plans: list[ShardPlan], progress,
                     dim: int) -> Throughput:
     """Encode every unfinished shard of `plans` on Ray and commit it to `output` (an OutputDir) in order.
 
-    args: the encode command's arguments; progress: a tqdm-like bar; dim: the model's hidden size."""
+    config: the job, resolved (job.resolve_config); model_dir: its --model directory; progress: a tqdm-like bar;
+    dim: the model's hidden size."""
     try:
         import ray
     except ImportError:
         raise UserError("--engine ray needs Ray: pip install 'llm2vec-fast[ray]'.") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.ray_address, log_to_driver=False, include_dashboard=False)
+        ray.init(address=config.ray_address, log_to_driver=False, include_dashboard=False)
     try:
-        return _run(ray, args, spec, model_dir, output, plans, progress, dim)
+        return _run(ray, config, model_dir, output, plans, progress, dim)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, args, spec, model_dir, output, plans, progress, dim) -> Throughput:
+def _run(ray, config: EncodeJobConfig, model_dir, output, plans, progress, dim) -> Throughput:
+    spec = config.input_spec()
     columns = sources.columns(spec)
     counts = tables.file_row_counts(columns, spec.format)
     done = output.completed()
@@ -150,22 +141,22 @@ def _run(ray, args, spec, model_dir, output, plans, progress, dim) -> Throughput
     # in flight per actor keeps every actor fed and the number of worker processes (and memory) fixed, whatever
     # the number of shards.
     rows = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=0,
-                             concurrency=args.ray_actors,
+                             concurrency=config.ray_actors,
                              fn_kwargs={"columns": columns, "fmt": spec.format, "counts": counts})
-    gpus = args.ray_gpus_per_actor
+    gpus = config.ray_gpus_per_actor
     # batch_size=None: one call per block, and each block is one shard's rows (one read task's output).
     embedded = rows.map_batches(
-        ShardPredictor, batch_size=None, batch_format="pyarrow", concurrency=args.ray_actors,
-        num_cpus=args.ray_cpus_per_actor, num_gpus=gpus or None,  # Ray Data restarts actors and retries by default
+        ShardPredictor, batch_size=None, batch_format="pyarrow", concurrency=config.ray_actors,
+        num_cpus=config.ray_cpus_per_actor, num_gpus=gpus or None,  # Ray Data restarts actors and retries by default
         fn_constructor_kwargs={
-            "model": model_dir, "peft_model": args.peft_model, "text_field": columns.text,
+            "model": model_dir, "peft_model": config.peft_model, "text_field": columns.text,
             "instruction_field": columns.instruction or "", "instruction": spec.instruction,
-            "pooling": args.pooling, "max_length": args.max_length, "dtype": args.dtype,
-            "device": args.device, "normalize": args.normalize, "max_batch_tokens": args.max_batch_tokens,
-            "num_threads": None if gpus else max(1, int(args.ray_cpus_per_actor)),
-            "embedding_dtype": args.shard_dtype,
+            "pooling": config.pooling, "max_length": config.max_length, "dtype": config.dtype,
+            "device": config.device, "normalize": config.normalize, "max_batch_tokens": config.max_batch_tokens,
+            "num_threads": None if gpus else max(1, int(config.ray_cpus_per_actor)),
+            "embedding_dtype": config.shard_dtype,
             "drop_columns": [c for c in (columns.text, columns.instruction) if c is not None]})
-    writer = _ShardWriter(output, todo, dim, args.shard_dtype, columns.id, progress, throughput)
+    writer = _ShardWriter(output, todo, dim, config.shard_dtype, columns.id, progress, throughput)
     try:
         for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
@@ -242,32 +233,12 @@ class _ShardWriter:
             raise RuntimeError(f"Ray returned no rows for shards {missing[:10]}; re-run the same command to resume.")
 
 
-@dataclass
-class EncoderSettings:
-    """What the manifest records of the model, read from its files without loading the weights (the driver of a
-    cluster run may have no room for them): config.hidden_size, pooling_mode and max_length, resolved as
-    `LLM2Vec.from_pretrained` resolves them (explicit argument, else llm2vec_config.json, else LLM2Vec's default)."""
-
-    config: object
-    pooling_mode: str
-    max_length: int
-
-
-def encoder_settings(model_dir: str, adapter_dir: str | None, pooling: str | None,
-                     max_length: int | None) -> EncoderSettings:
-    """The EncoderSettings of the model in model_dir (with the adapter in adapter_dir, if any)."""
-    import inspect
-
+def model_dim(model_dir: str) -> int:
+    """The hidden size of the model in model_dir, read from its config without loading the weights (the driver of
+    a cluster run may have no room for them)."""
     from transformers import AutoConfig
 
-    from ..encoder import LLM2Vec
-    from ..loading import read_llm2vec_config
-
-    defaults = inspect.signature(LLM2Vec.__init__).parameters
-    stored = read_llm2vec_config(adapter_dir if adapter_dir is not None else model_dir)
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        return AutoConfig.from_pretrained(model_dir).hidden_size
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the model config of {model_dir!r}: {error}") from None
-    return EncoderSettings(config, pooling or stored.get("pooling_mode", defaults["pooling_mode"].default),
-                           max_length or stored.get("max_length", defaults["max_length"].default))

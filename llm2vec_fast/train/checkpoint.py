@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import faults
 from ..errors import UserError
 from ..files import (fsync_directory, is_plain_name, make_staging, remove_entry, remove_orphans, seal, sha256_file,
                     write_atomic)
@@ -43,9 +43,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _STEP_DIR = re.compile(r"step-(\d+)")
 # Directories a killed run of llm2vec-fast <= 0.x left behind while writing a checkpoint.
 _LEGACY_TEMP = re.compile(r"step-\d+\.tmp")
-# Test-only: "N:POINT" kills the process (SIGKILL) while writing the checkpoint of step N, at POINT: "adapter"
-# (adapter written), "state" (trainer state written), "sealed" (manifest written, not yet renamed) or "renamed".
-TEST_KILL_ENV = "LLM2VEC_FAST_TEST_KILL_CHECKPOINT"
 
 
 def step_directory(checkpoints: str, step: int) -> str:
@@ -57,25 +54,25 @@ def save_checkpoint(checkpoints: str, step: int, save_adapter, state: dict) -> s
     """Write checkpoint `step` (the adapter via save_adapter(directory), and `state`); returns its directory."""
     staging = make_staging(checkpoints, f"step-{step}")
     save_adapter(staging)
-    _test_kill(step, "adapter")
+    faults.point("checkpoint", step, "adapter")
     tensors, meta = encode_state(state)
     save_file(tensors, os.path.join(staging, STATE_TENSORS))
     with open(os.path.join(staging, STATE_JSON), "w") as f:
         json.dump(meta, f)
-    _test_kill(step, "state")
+    faults.point("checkpoint", step, "state")
     files = {name: dict(size=os.path.getsize(os.path.join(staging, name)),
                         sha256=sha256_file(os.path.join(staging, name))) for name in sorted(os.listdir(staging))}
     write_atomic(os.path.join(staging, MANIFEST), json.dumps(dict(format=FORMAT, step=step, files=files),
                                                              indent=1).encode())
     seal(staging)
-    _test_kill(step, "sealed")
+    faults.point("checkpoint", step, "sealed")
     directory = step_directory(checkpoints, step)
     # A step-N already there is a leftover of the run this one resumed (it was skipped as damaged, or lies past
     # the checkpoint resumed from); the new one replaces it.
     remove_entry(directory)
     os.rename(staging, directory)
     fsync_directory(checkpoints)
-    _test_kill(step, "renamed")
+    faults.point("checkpoint", step, "renamed")
     return directory
 
 
@@ -227,9 +224,4 @@ def _decode(tree, tensors: dict):
     if "__items__" in tree:
         return {_decode(k, tensors): _decode(v, tensors) for k, v in tree["__items__"]}
     return {k: _decode(v, tensors) for k, v in tree.items()}
-
-
-def _test_kill(step: int, point: str) -> None:
-    if os.environ.get(TEST_KILL_ENV) == f"{step}:{point}":
-        os.kill(os.getpid(), signal.SIGKILL)
 

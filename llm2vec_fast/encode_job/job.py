@@ -1,0 +1,248 @@
+"""Running an encode job (`EncodeJobConfig`) from start to end, on one process, under torchrun or on Ray.
+
+The run: validate the config and the whole input (a bad line stops it before anything is encoded), resolve the
+defaults that depend on the model (dtype, pooling, max_length), check the output directory against the
+fingerprint (the config's identity, and the sha256 of the input, of every model file and of the --peft-model
+adapter's files; a directory without any finished shard, left by a run that failed before encoding anything, is
+reused whatever its fingerprint), then encode this rank's shards (shard k belongs to rank k % WORLD_SIZE),
+skipping those already done, and refusing a shard with a non-finite embedding; finally rank 0 merges every rank's
+progress into one index. See shards.py for the output layout and reader.py's `load_embeddings` to read it.
+Messages name the command line's options, as the command line is what builds the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..loading import read_llm2vec_config, resolve_directory
+from .config import EncodeJobConfig
+from .corpus import bad_lines_error, describe_bad_lines
+from .distributed import ProcessGroup, Ranks, default_device
+from .fingerprint import run_fingerprint
+from .pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
+from .shards import OutputDir
+from .sources import check_input, columns, is_table, resolve_format, scan
+
+
+def run(config: EncodeJobConfig) -> int:
+    """Embed config.input into shards under config.output and return the exit status 0.
+
+    Under torchrun this rank encodes its own shards and rank 0 writes the manifest; an interrupted run resumes, a
+    complete one is left as it is. Bad input, bad options or a changed input raise UserError.
+    """
+    if config.output == "-":
+        raise UserError("--output - (stdout) is not supported: encode writes a resumable directory of shards, not a "
+                        "stream. Pass --output DIR and read the embeddings with "
+                        "llm2vec_fast.encode_job.load_embeddings(DIR).")
+    ranks = Ranks.from_env()
+    config = dataclasses.replace(config, format=resolve_format(config.input, config.format))
+    spec = config.input_spec()
+    check_input(spec)
+    if config.id_field is not None and config.output_format != "parquet":
+        raise UserError("--id-field stores each row's id beside its embedding, which the .npy layout has no place "
+                        "for; pass --output-format parquet (or leave --id-field out: line_numbers.npy then "
+                        "identifies the rows).")
+    if spec.is_stdin and ranks.world_size > 1:
+        raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
+    model_dir = _resolve_model(config.model, "--model")
+    adapter_dir = None if config.peft_model is None else _resolve_model(config.peft_model, "--peft-model")
+    config = resolve_config(config, model_dir, adapter_dir, ranks)
+    fingerprint = run_fingerprint(config, model_dir, adapter_dir)
+    output = OutputDir(config.output, ranks.rank, config.output_format,
+                       columns(spec).id_kind if is_table(spec) else None)
+    output.check(fingerprint, config.overwrite)
+    if not config.overwrite and output.is_complete():
+        if spec.is_stdin:
+            check_input_unchanged(spec, config.shard_size, output.completed())
+        _say(ranks, f"{config.output} is already complete; nothing to do (pass --overwrite to encode again).")
+        return 0
+
+    plans = None
+    if config.engine == "ray":
+        _check_ray_engine(spec, ranks)
+        from . import ray_engine
+
+        plans, corpus = ray_engine.plan(spec, config.shard_size)
+    else:
+        corpus = None if spec.is_stdin else scan(spec)
+    if corpus is not None and corpus.bad:
+        if not config.skip_bad_lines:
+            raise bad_lines_error(spec.name, corpus.bad)
+        _say(ranks, f"skipping {len(corpus.bad)} bad line(s) of {spec.name} (--skip-bad-lines):\n"
+                    + describe_bad_lines(spec.name, corpus.bad))
+
+    if plans is not None:
+        output.prepare(fingerprint, config.overwrite)
+        dim = ray_engine.model_dim(model_dir)
+        throughput = _encode_with_ray(config, model_dir, output, plans, corpus, dim)
+        manifest = output.merge(len(plans), config.manifest_fields(dim))
+        _report(config, manifest, throughput, ranks)
+        return 0
+
+    with ProcessGroup(ranks) as group:
+        if ranks.is_main:
+            output.prepare(fingerprint, config.overwrite)
+        group.barrier()
+        model = _load_model(config, model_dir)
+        source = ShardSource(model, spec, config.shard_size, ranks.rank, ranks.world_size, output.completed(),
+                             config.skip_bad_lines)
+        throughput = _encode_own_shards(config, model, source, output, corpus, ranks)
+        group.barrier()
+        if ranks.is_main:
+            manifest = output.merge(_ceil_div(source.num_lines, config.shard_size),
+                                    config.manifest_fields(model.config.hidden_size))
+            _report(config, manifest, throughput, ranks)
+    return 0
+
+
+def resolve_config(config: EncodeJobConfig, model_dir: str, adapter_dir: str | None,
+                   ranks: Ranks) -> EncodeJobConfig:
+    """`config` with the defaults that depend on the model resolved, as the run's fingerprint records them: dtype
+    ("auto": the precision the embeddings get), pooling and max_length (the model's llm2vec_config.json, else
+    LLM2Vec's defaults). model_dir, adapter_dir: the resolved --model and --peft-model directories."""
+    config = dataclasses.replace(config, dtype=_resolved_dtype(config, model_dir, ranks))
+    if config.pooling is not None and config.max_length is not None:
+        return config
+    from ..encoder import LLM2Vec
+
+    try:
+        stored = read_llm2vec_config(adapter_dir if adapter_dir is not None else model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load {_model_description(config)}: {error}") from None
+    defaults = inspect.signature(LLM2Vec.__init__).parameters
+    return dataclasses.replace(
+        config, pooling=config.pooling or stored.get("pooling_mode", defaults["pooling_mode"].default),
+        max_length=config.max_length or stored.get("max_length", defaults["max_length"].default))
+
+
+def _encode_own_shards(config: EncodeJobConfig, model, source: ShardSource, output: OutputDir, corpus,
+                       ranks: Ranks) -> Throughput:
+    """Encode and commit this rank's unfinished shards, the next one always being tokenized in the background."""
+    device = _device(config.device, ranks)
+    budget = config.max_batch_tokens or model.max_batch_tokens or model.default_batch_tokens(device.split(":")[0])
+    throughput = Throughput()
+    total = initial = None
+    if corpus is not None:  # a file: its scan tells how much work this rank has (stdin: unknown)
+        counts = corpus.valid_lines_per_shard(config.shard_size)
+        total = sum(n for k, n in enumerate(counts) if source.owns(k))
+        initial = sum(n for k, n in enumerate(counts) if source.owns(k) and k in source.done)
+    description = "encode" if ranks.world_size == 1 else f"encode (rank {ranks.rank})"
+    try:
+        with tqdm(total=total, initial=initial or 0, unit="text", desc=description, dynamic_ncols=True,
+                  disable=not config.progress or not ranks.is_main) as progress:
+            for shard in prefetched(source):
+                embeddings = encode_shard(model, shard.rows, device=device, normalize=config.normalize,
+                                          max_batch_tokens=budget, progress=progress, throughput=throughput)
+                embeddings = finite_in_dtype(embeddings, config.shard_dtype, shard, source.spec.name)
+                record = {"first_line": shard.first_line, "last_line": shard.last_line,
+                          "input_sha256": shard.parsed.sha256,
+                          "skipped": [[b.line, b.reason] for b in shard.parsed.bad]}
+                output.commit_shard(shard.index, embeddings, shard.parsed.line_numbers, record, shard.parsed.ids)
+    except KeyboardInterrupt:
+        print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
+              file=sys.stderr)
+        raise
+    return throughput
+
+
+def _check_ray_engine(spec, ranks: Ranks) -> None:
+    if not is_table(spec):
+        raise UserError(f"--engine ray reads Parquet or datasets inputs (Ray Data reads their row groups on the "
+                        f"workers); {spec.name} is {spec.format}. Convert it to Parquet, or use --engine local.")
+    if ranks.world_size > 1:
+        raise UserError("--engine ray schedules its own workers; run it as one process, not under torchrun.")
+
+
+def _encode_with_ray(config: EncodeJobConfig, model_dir: str, output: OutputDir, plans, corpus,
+                     dim: int) -> Throughput:
+    from .ray_engine import encode_with_ray
+
+    done = output.completed()
+    counts = corpus.valid_lines_per_shard(config.shard_size)
+    with tqdm(total=sum(counts), initial=sum(n for k, n in enumerate(counts) if k in done), unit="text",
+              desc="encode (ray)", dynamic_ncols=True, disable=not config.progress) as progress:
+        try:
+            return encode_with_ray(config, model_dir, output, plans, progress, dim)
+        except KeyboardInterrupt:
+            print("llm2vec-fast: the shards written so far are kept; re-run the same command to resume.",
+                  file=sys.stderr)
+            raise
+
+
+def _resolve_model(name: str, option: str) -> str:
+    try:
+        return resolve_directory(name, option)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as error:
+        raise UserError(str(error)) from None
+
+
+def _resolved_dtype(config: EncodeJobConfig, model_dir: str, ranks: Ranks) -> str:
+    """--dtype with auto resolved once, before the fingerprint, so that it names the precision the embeddings get."""
+    if config.engine == "ray":
+        if config.dtype == "mixed":
+            raise UserError("--dtype mixed is not available with --engine ray; pass --dtype float32 or bfloat16.")
+        return "float32" if config.dtype == "auto" else config.dtype  # workers may run on other machines
+    if config.dtype != "auto":
+        return config.dtype
+    from transformers import AutoConfig
+
+    from ..encoder import resolve_auto_dtype
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of --model {config.model!r}: {error}") from None
+    return resolve_auto_dtype(model_config, device=_device(config.device, ranks),
+                              max_batch_tokens=config.max_batch_tokens)
+
+
+def _load_model(config: EncodeJobConfig, model_dir: str):
+    import torch
+
+    from ..encoder import LLM2Vec
+
+    try:
+        dtype = config.dtype if config.dtype in ("auto", "mixed") else getattr(torch, config.dtype)
+        return LLM2Vec.from_pretrained(model_dir, peft_model_name_or_path=config.peft_model, dtype=dtype,
+                                       pooling_mode=config.pooling, max_length=config.max_length)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise UserError(f"cannot load {_model_description(config)}: {error}") from None
+
+
+def _model_description(config: EncodeJobConfig) -> str:
+    return f"--model {config.model!r}" + (f" with --peft-model {config.peft_model!r}" if config.peft_model else "")
+
+
+def _device(requested: str | None, ranks: Ranks) -> str:
+    if requested is None:
+        return default_device(ranks)
+    if requested == "cuda" and ranks.world_size > 1:
+        return f"cuda:{ranks.local_rank}"  # one GPU per process, as torchrun intends
+    return requested
+
+
+def _report(config: EncodeJobConfig, manifest: dict, throughput: Throughput, ranks: Ranks) -> None:
+    skipped = manifest["skipped"]
+    who = "this run" if ranks.world_size == 1 else "rank 0"
+    print(f"llm2vec-fast: wrote {manifest['count']} embeddings (dim {manifest['dim']}, {manifest['dtype']}) in "
+          f"{len(manifest['shards'])} shard(s) to {config.output}; {who}: {throughput.texts} texts in "
+          f"{throughput.seconds:.1f} s ({throughput.rates()}).", file=sys.stderr)
+    if skipped:
+        lines = ", ".join(str(s["line"]) for s in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        print(f"llm2vec-fast: skipped {len(skipped)} bad line(s) (lines {lines}); all are listed in "
+              f"{os.path.join(config.output, 'manifest.json')}.", file=sys.stderr)
+
+
+def _say(ranks: Ranks, message: str) -> None:
+    if ranks.is_main:
+        print(f"llm2vec-fast: {message}", file=sys.stderr)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
