@@ -352,7 +352,7 @@ def subcommand_parsers():
 def test_help_shows_every_default_once(command):
     parser = subcommand_parsers()[command]
     help_text = " ".join(parser.format_help().split())
-    assert "(default: smollm2-135m)" in help_text and "(default: auto)" in help_text  # --dtype auto
+    assert "(default: smollm2-135m)" in help_text and "(default: float32)" in help_text  # --dtype float32
     for action in parser._actions:
         if not action.option_strings or action.default in (None, False, "", [], argparse.SUPPRESS):
             continue

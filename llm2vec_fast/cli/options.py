@@ -59,10 +59,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "released LLM2Vec model)")
     parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
                         help="pooling mode (default: the model's llm2vec_config.json, else mean)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model weights dtype; mixed: float32 weights with bf16 matmuls on CPU; auto: on CPU, "
-                             "mixed where bf16 matmuls are native and measure faster, else float32 (printed), on "
-                             "GPU the checkpoint's dtype")
+    # float32 by default, as the Python API: the faster modes move embeddings beyond float32's batch invariance,
+    # so they are the user's choice, never a default.
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="model weights dtype; mixed: float32 weights with bf16 matmuls on CPU (faster, "
+                             "embeddings move slightly); auto: on CPU, mixed where bf16 matmuls are native and "
+                             "measure faster, else float32 (printed), on GPU the checkpoint's dtype")
     parser.add_argument("--max-length", type=positive_int, default=None,
                         help="tokens per input, instruction included (default: the model's llm2vec_config.json, "
                              "else 512)")

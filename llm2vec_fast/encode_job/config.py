@@ -35,7 +35,7 @@ class EncodeJobConfig:
     input: a .txt or .jsonl file, "-" for stdin, a Parquet file or directory, or a datasets directory.
     output: the output directory. format: the input format, "auto" until resolved. model / peft_model: a model
     directory or hub id, and an adapter on top (None: none). pooling, max_length: None until resolved from the
-    model. dtype: "auto" until resolved. max_batch_tokens: tokens per batch (None: the
+    model. dtype: float32 by default, "auto" until resolved. max_batch_tokens: tokens per batch (None: the
     model's default for the device). device: None for cuda:LOCAL_RANK when CUDA is present, else cpu. progress:
     draw progress bars.
     engine: "local" or "ray"; the ray_* fields size the Ray actor pool.
@@ -51,7 +51,7 @@ class EncodeJobConfig:
     id_field: str | None = None
     instruction: str = ""
     pooling: str | None = None
-    dtype: str = "auto"
+    dtype: str = "float32"
     max_length: int | None = None
     max_batch_tokens: int | None = None
     normalize: bool = False
