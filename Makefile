@@ -44,9 +44,11 @@ demo: venv native
 test: venv native
 	$(PY) -m pytest -q $(TESTS_ARGS)
 
+# The suite, then gpu_check.py's own code at toy sizes through the interpreter (~1 minute), on the GPU stack.
 test-minimum:
 	$(MAKE) test VENV=.venv-minimum LOCK=constraints/minimum.txt PYTHON=$(PYTHON_MIN) \
 		TESTS_ARGS="$(MIN_TESTS)"
+	.venv-minimum/bin/python benchmarks/gpu_check.py --cpu-smoke --out .venv-minimum/gpu_check_smoke.json
 
 # Each lock: a fresh venv from its .in file (pins) and pyproject.toml (ranges), the suite, then the freeze. A red
 # suite leaves the old lock in place. Local version labels are dropped (torch==2.13.0 matches 2.13.0+cpu and the
