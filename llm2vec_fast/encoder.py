@@ -29,8 +29,8 @@ from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CON
                       apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
                       make_reference_loadable, read_adapter_config, read_llm2vec_config, resolve_directory,
                       split_loading_kwargs)
-from .modeling import (base_model, check_supported, cpu_linears, is_bidirectional, native_cpu_ops, patch, run_packed,
-                       run_padded, use_cpu_linears, use_native_cpu_ops)
+from .modeling import (base_model, check_supported, cpu_linears, enable_gradient_checkpointing, is_bidirectional,
+                       native_cpu_ops, patch, run_packed, run_padded, use_cpu_linears, use_native_cpu_ops)
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
@@ -380,8 +380,6 @@ class LLM2Vec(nn.Module):
 
         gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); kwargs:
         the HF method's others (every_n_layers, offload on transformers versions that have them)."""
-        from .train.model import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(base_model(self.model), gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,

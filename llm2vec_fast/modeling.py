@@ -113,6 +113,19 @@ def patch(model, bidirectional: bool = True):
     return model
 
 
+def enable_gradient_checkpointing(model, checkpoint_kwargs: dict | None = None, **options) -> None:
+    """Make `model` (a Hugging Face PreTrainedModel: the base decoder, or a task model around it) recompute each
+    decoder layer's activations in the backward pass.
+
+    checkpoint_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); options: the HF method's
+    others (every_n_layers, offload on transformers versions that have them)."""
+    # transformers 5.2x renamed the method and warns on the old name; 5.17 has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
+
+
 def is_bidirectional(model) -> bool:
     """True when `patch` made `model` (the decoder inside it) bidirectional."""
     return getattr(base_model(model), "_llm2vec_fast_bidirectional", False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..loading import resolve_directory
-from ..modeling import patch
+from ..modeling import enable_gradient_checkpointing, patch
 from .config import TrainConfig
 
 
@@ -15,19 +15,6 @@ def lora_config(config: TrainConfig):
 
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_targets), bias="none")
-
-
-def enable_gradient_checkpointing(model, checkpoint_kwargs: dict | None = None, **options) -> None:
-    """Make `model` (a Hugging Face PreTrainedModel: the base decoder, or a task model around it) recompute each
-    decoder layer's activations in the backward pass.
-
-    checkpoint_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); options: the HF method's
-    others (every_n_layers, offload on transformers versions that have them)."""
-    # transformers 5.2x renamed the method and warns on the old name; the GPU machine's 5.17 has only the old one.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
 
 
 def add_lora(base, config: TrainConfig):
