@@ -10,7 +10,7 @@ End to end: `encode` of `bench_encode.benchmark_texts` with the native ops off a
 (the machine is shared: alternating keeps the ratio fair), plus the llm2vec 0.2.3 algorithm once as the reference.
 The matmul ceiling is measured in the same run: torch's F.linear on the model's seven projection shapes at 1,024
 tokens; tokens/s at the ceiling = tokens / (layers x time of one layer's projections). An op that does not beat
-PyTorch here is not in modeling.SHIPPED_NATIVE_OPS.
+PyTorch here is not in cpu_runtime.SHIPPED_NATIVE_OPS.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from reference_encode import reference_encode  # noqa: E402
 from llm2vec_fast import LLM2Vec, cpu_ops, native  # noqa: E402
 from llm2vec_fast.batching import token_budget_batches  # noqa: E402
 from llm2vec_fast.kernels.attention import _torch_varlen_attention, naive_varlen_attention  # noqa: E402
-from llm2vec_fast.modeling import use_native_cpu_ops  # noqa: E402
+from llm2vec_fast.cpu_runtime import use_native_cpu_ops  # noqa: E402
 
 TOKENS = 1024
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_encode import benchmark_texts  # noqa: E402
 
 from llm2vec_fast import LLM2Vec  # noqa: E402
-from llm2vec_fast.modeling import use_native_cpu_ops  # noqa: E402
+from llm2vec_fast.cpu_runtime import use_native_cpu_ops  # noqa: E402
 
 
 def profile_encode(encoder, texts, top):

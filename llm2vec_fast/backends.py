@@ -8,7 +8,7 @@ is available and eligible and logs, once per op and implementation, which one ra
 `llm2vec-fast env` prints. A reader finds "why did this op run on that path" here.
 
 The C++ ops (csrc/) are inference-only CPU kernels: they are eligible for CPU float32 / bfloat16 inputs that need
-no gradient. A model uses them only after `modeling.use_native_cpu_ops` swapped them into its modules (encode does
+no gradient. A model uses them only after `cpu_runtime.use_native_cpu_ops` swapped them into its modules (encode does
 that on CPU); the per-call choice between them and PyTorch is made here.
 """
 
@@ -34,6 +34,14 @@ def native_eligible(x: torch.Tensor, *others: torch.Tensor) -> bool:
     if any(o.dtype != x.dtype for o in others):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
+
+
+def block_eligible(x: torch.Tensor, weight: torch.Tensor, matmul_dtype=None) -> bool:
+    """native_eligible for a block (an MLP, an attention block) whose input may already be in its prepared GEMMs'
+    dtype `matmul_dtype` (the mixed mode hands bf16 norm outputs to blocks with fp32 weights)."""
+    if matmul_dtype is None or x.dtype != matmul_dtype or x.device.type != "cpu":
+        return native_eligible(x, weight)
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 def _on_cuda(x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -86,6 +94,10 @@ TABLE: dict[str, tuple[Implementation, ...]] = {
                        _portable_available, native_eligible),
         _TORCH,
     ),
+    "attention_block": (  # q/k/v, rotary, attention and o_proj of a packed CPU encode in one swapped forward
+        Implementation("cpp", "cpu", "LLM2VEC_FAST_NATIVE", _native_op("rotary"), block_eligible),
+        _TORCH,
+    ),
     "pooling": (
         Implementation("triton", "cuda", "", _triton_installed, _on_cuda),
         _TORCH,
@@ -99,7 +111,7 @@ TABLE: dict[str, tuple[Implementation, ...]] = {
         _TORCH,
     ),
     "mlp": (
-        Implementation("cpp", "cpu", "LLM2VEC_FAST_NATIVE", _native_op("silu_mul"), native_eligible),
+        Implementation("cpp", "cpu", "LLM2VEC_FAST_NATIVE", _native_op("silu_mul"), block_eligible),
         _TORCH,
     ),
 }
@@ -107,9 +119,10 @@ TABLE: dict[str, tuple[Implementation, ...]] = {
 _logged: set = set()
 
 
-def choose(op: str, *tensors: torch.Tensor) -> Implementation:
+def choose(op: str, *tensors) -> Implementation:
     """The first implementation of `op` (a key of TABLE) that is available and eligible for these tensors (the
-    call's inputs, the first one deciding the device); logs the choice the first time it is made."""
+    call's inputs, the first one deciding the device; a block's eligibility also takes its GEMMs' dtype); logs the
+    choice the first time it is made."""
     for implementation in TABLE[op]:
         if implementation.is_available() and implementation.eligible(*tensors):
             key = (op, implementation.name)

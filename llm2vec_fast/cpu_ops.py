@@ -1,6 +1,6 @@
 """Host functions of the C++ CPU ops (csrc/cpu_ops.cpp), each next to its PyTorch reference.
 
-Inference only: the ops have no backward, so callers (modeling.use_native_cpu_ops) use them only when no input
+Inference only: the ops have no backward, so callers (the CPU runtime, llm2vec_fast.cpu_runtime) use them only when no input
 needs a gradient. Each host function allocates its outputs (NaN-filled when tests set kernels/_common.py's
 POISON_OUTPUTS) and calls ``torch.ops.llm2vec_fast.<op>``; `native.load()` must have returned a library first. Inputs are CPU
 float32 / bfloat16 tensors with a contiguous last dim; the references run in any dtype (tests use float64). The

@@ -29,8 +29,8 @@ from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CON
                       apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
                       make_reference_loadable, read_adapter_config, read_llm2vec_config, resolve_directory,
                       split_loading_kwargs)
-from .modeling import (base_model, check_supported, cpu_linears, enable_gradient_checkpointing, is_bidirectional,
-                       native_cpu_ops, patch, run_packed, run_padded, use_cpu_linears, use_native_cpu_ops)
+from .cpu_runtime import prepare_for_cpu_encode
+from .modeling import base_model, check_supported, enable_gradient_checkpointing, is_bidirectional, patch, run_packed, run_padded
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
@@ -335,15 +335,8 @@ class LLM2Vec(nn.Module):
         self.to(device)
         if device.type != "cpu":
             return
-        if native_cpu_ops(self.model) is None:
-            use_native_cpu_ops(self.model)  # once per model; an explicit use_native_cpu_ops(..., enable=False) stays
-        # The prepared GEMMs: set up once per model, and again when this encoder's matmul_dtype changed since it set
-        # them up; an explicit use_cpu_linears(...) call (enable=False included) is otherwise left as it is.
-        configured = self.__dict__.get("_cpu_linears_dtype", "never")
-        if cpu_linears(self.model) is None or (configured != "never" and configured != self.matmul_dtype):
-            self._cpu_linears_dtype = self.matmul_dtype
-            tokens = self.max_batch_tokens or self.default_batch_tokens(device)
-            use_cpu_linears(self.model, matmul_dtype=self.matmul_dtype, tokens=tokens)
+        tokens = self.max_batch_tokens or self.default_batch_tokens(device)
+        prepare_for_cpu_encode(self.model, self.matmul_dtype, tokens)
 
     def default_batch_tokens(self, device=None) -> int:
         """The token budget an encode on `device` (default: CPU) uses when max_batch_tokens is not given: see

@@ -352,7 +352,7 @@ def test_model_with_native_cpu_ops_pickles_and_copies(llama_dir):
     import copy
     import pickle
 
-    from llm2vec_fast.modeling import native_cpu_ops
+    from llm2vec_fast.cpu_runtime import native_cpu_ops
 
     model = load(llama_dir)
     expected = encode(model, TEXTS)  # a CPU encode turns the native ops on

@@ -18,7 +18,7 @@ def qkv(dtype=torch.float32, requires_grad=False):
 
 
 def test_every_op_ends_with_the_torch_path_that_takes_any_call():
-    assert set(backends.TABLE) == {"attention", "pooling", "rms_norm", "rotary", "mlp"}
+    assert set(backends.TABLE) == {"attention", "attention_block", "pooling", "rms_norm", "rotary", "mlp"}
     for implementations in backends.TABLE.values():
         assert implementations[-1].name == "torch" and implementations[-1].eligible(torch.ones(1, dtype=torch.int8))
 
@@ -42,8 +42,10 @@ def test_calls_the_cpp_ops_cannot_take_go_to_torch(set_env, why):
         tensors[2] = tensors[2].bfloat16()
     if why == "native off":
         set_env(LLM2VEC_FAST_NATIVE="0")
-    for op in ("attention", "rms_norm", "rotary", "mlp"):
+    for op in ("attention", "rms_norm", "rotary"):
         assert backends.choose(op, *tensors).name == "torch"
+    for block in ("mlp", "attention_block"):  # (input, weight, the prepared GEMMs' dtype)
+        assert backends.choose(block, tensors[0], tensors[2], None).name == "torch"
 
 
 def test_the_choice_is_logged_once_per_op_and_implementation(caplog, monkeypatch):

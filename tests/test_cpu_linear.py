@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from llm2vec_fast import LLM2Vec, cpu_linear
 from llm2vec_fast.cpu_linear import CpuLinear
-from llm2vec_fast.modeling import cpu_linears, use_cpu_linears, use_native_cpu_ops
+from llm2vec_fast.cpu_runtime import cpu_linears, use_cpu_linears, use_native_cpu_ops
+from llm2vec_fast.cpu_runtime import swaps
 
 TEXTS = ["A man is playing a guitar.", "The stock market fell sharply today, as investors sold off bank shares.",
          "x", ["Represent the question:", "How do plants make food?"], "the cat sat on the mat " * 12] * 3
@@ -281,7 +282,7 @@ def test_prepared_model_pickles_and_copies(llama_dir):
     encoder = LLM2Vec.from_pretrained(llama_dir, dtype="mixed")
     expected = encoder.encode(TEXTS, show_progress_bar=False)
     for clone in (pickle.loads(pickle.dumps(encoder)), copy.deepcopy(encoder)):
-        plan = clone.model.layers[0].self_attn.o_proj._llm2vec_cpu_linear
+        plan = swaps.state(clone.model.layers[0].self_attn.o_proj).plans["linear"]
         assert plan.linears[0] is clone.model.layers[0].self_attn.o_proj  # bound to the clone's module
         torch.testing.assert_close(clone.encode(TEXTS, show_progress_bar=False), expected, atol=1e-6, rtol=0)
 

@@ -16,15 +16,18 @@ import torch
 from llm2vec_fast import LLM2Vec, cpu_ops, native
 from llm2vec_fast.kernels import _common
 from llm2vec_fast.kernels.attention import naive_varlen_attention
-from llm2vec_fast.modeling import NATIVE_OPS, native_cpu_ops, use_native_cpu_ops
+from llm2vec_fast.cpu_runtime import NATIVE_OPS, native_cpu_ops, use_native_cpu_ops
 
 DTYPES = [torch.float32, torch.bfloat16]
 ROWS = [1, 63, 111, 257]
 HIDDEN = [64, 576, 100]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def library():
+@pytest.fixture(autouse=True)
+def library(request):
+    # The build-key tests only hash files; every other test needs the library (built once per process).
+    if request.node.name.startswith("test_build_key"):
+        return
     if native.load() is None:
         pytest.skip("the C++ ops cannot be built here (no compiler / ninja); llm2vec_fast.native warned why")
 
@@ -300,24 +303,94 @@ def test_unbuildable_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert len([w for w in caught if "C++ CPU ops unavailable" in str(w.message)]) == 1
 
 
-def test_first_build_says_what_it_does_and_a_cached_load_is_silent(monkeypatch, tmp_path, capsys):
-    """A fresh cache (LLM2VEC_FAST_CACHE) announces the ~30 s build in one stderr line; the next load is silent.
-    The compiler is replaced by a stub that leaves the library file a real build leaves."""
+def _fake_jit(monkeypatch, tmp_path):
+    """A fresh cache (LLM2VEC_FAST_CACHE), no setup.py build, and torch's JIT build and library load replaced by
+    stubs: the build leaves the library file a real one leaves and counts itself in the returned list."""
     import torch.utils.cpp_extension as cpp_extension
 
+    builds = []
+
     def fake_build(name, sources, build_directory, **kwargs):
-        open(os.path.join(build_directory, f"{name}.so"), "w").close()
-        return "library"
+        builds.append(build_directory)
+        path = os.path.join(build_directory, f"{name}.so")
+        open(path, "w").close()
+        return path
 
     monkeypatch.setenv("LLM2VEC_FAST_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(cpp_extension, "load", fake_build)
     monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    monkeypatch.setattr(native, "_load_library", lambda path: path)
     monkeypatch.setitem(sys.modules, "llm2vec_fast._C", None)  # no setup.py build: importing it fails
-    assert native.load() == "library"
+    return builds
+
+
+def test_first_build_says_what_it_does_and_a_cached_load_is_silent(monkeypatch, tmp_path, capsys):
+    """A fresh cache announces the ~30 s build on stderr and how long it took; the next load is silent and
+    compiles nothing."""
+    builds = _fake_jit(monkeypatch, tmp_path)
+    directory = native.build_directory()
+    assert native.load() == os.path.join(directory, f"{native.LIBRARY_NAME}.so")
     err = capsys.readouterr().err
-    assert err == f"llm2vec-fast: building the C++ CPU ops (once, ~30 s) into {native.build_directory()}\n"
-    assert native.build_directory().startswith(str(tmp_path / "cache"))
+    assert err.startswith(f"llm2vec-fast: building the C++ CPU ops (once, ~30 s) into {directory} ... done in ")
+    assert err.endswith(" s\n") and err.count("\n") == 1
+    assert directory.startswith(str(tmp_path / "cache")) and builds == [directory]
+    assert native.build_seconds() > 0
     monkeypatch.setattr(native, "_state", {})  # a new process: the library is cached on disk
-    assert native.load() == "library"
-    assert capsys.readouterr().err == ""
+    assert native.load() == os.path.join(directory, f"{native.LIBRARY_NAME}.so")
+    assert capsys.readouterr().err == "" and builds == [directory] and native.build_seconds() == 0
+
+
+def test_reinstall_elsewhere_loads_the_cached_build(monkeypatch, tmp_path, capsys):
+    """The same sources installed into another directory, with newer file times (a `pip install` of the same
+    version elsewhere), load the first install's build instead of compiling again."""
+    import shutil
+
+    builds = _fake_jit(monkeypatch, tmp_path)
+    first, second = tmp_path / "site-a" / "csrc", tmp_path / "site-b" / "csrc"
+    shutil.copytree(native.CSRC, first)
+    monkeypatch.setattr(native, "CSRC", str(first))
+    assert native.load() is not None and len(builds) == 1
+    shutil.copytree(native.CSRC, second)
+    for path in native.source_files(str(second)):
+        os.utime(path, (os.path.getmtime(path) + 3600,) * 2)
+    monkeypatch.setattr(native, "CSRC", str(second))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.load() is not None
+    assert len(builds) == 1, "the reinstall compiled the C++ ops again"
+    capsys.readouterr()
+
+
+def test_build_key_ignores_the_install_path_and_follows_the_content(tmp_path):
+    """Two copies of csrc/ in different directories have one key (and build directory); one changed byte, a
+    flag, the compiler or the torch version gives another."""
+    import shutil
+
+    first, second = tmp_path / "a" / "csrc", tmp_path / "elsewhere" / "b" / "csrc"
+    shutil.copytree(native.CSRC, first)
+    shutil.copytree(native.CSRC, second)
+    key = native.build_key(native.source_files(str(first)))
+    assert native.build_key(native.source_files(str(second))) == key
+    assert native.build_directory(native.build_key(native.source_files(str(second)))) == native.build_directory(key)
+    assert native.build_key() == key  # the shipped sources themselves
+
+    source = native.source_files(str(second))[0]
+    content = bytearray(open(source, "rb").read())
+    content[len(content) // 2] ^= 1
+    open(source, "wb").write(bytes(content))
+    changed = native.build_key(native.source_files(str(second)))
+    assert changed["sources"] != key["sources"]
+    assert native.build_directory(changed) != native.build_directory(key)
+    for field, value in (("compiler", "c++ (GCC) 0.0"), ("torch", "0.0.0"), ("cflags", ["-O0"])):
+        assert native.build_directory({**key, field: value}) != native.build_directory(key), field
+
+
+def test_build_key_ignores_files_that_are_not_sources(tmp_path):
+    """Documentation beside the sources (csrc/README.md) is not part of the build."""
+    import shutil
+
+    directory = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, directory)
+    key = native.build_key(native.source_files(str(directory)))
+    (directory / "README.md").write_text("edited\n")
+    assert native.build_key(native.source_files(str(directory))) == key
