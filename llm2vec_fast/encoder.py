@@ -8,12 +8,6 @@ batches through PyTorch SDPA with an explicit mask (used for causal models and a
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import threading
-import warnings
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -22,47 +16,25 @@ from tqdm.auto import tqdm
 
 from .batching import (PackedBatch, PaddedBatch, check_pooling_mode, check_positive_int, kernel_mode, pack, pad,
                        pooling_range, round_up_tokens, token_budget_batches)
-from .files import staging_beside
+from .cpu_runtime import prepare_for_cpu_encode
+from .encode_scope import EvalScope, usable_device
+from .hf_model import HuggingFaceModelMixin
 from .inputs import normalize_inputs
 from .kernels.pooling import segment_pool
-from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES, adapter_base_name,
-                      apply_adapter, check_model_directory, has_weights, is_adapter_directory, load_base_model,
-                      make_reference_loadable, read_adapter_config, read_llm2vec_config, resolve_directory,
-                      split_loading_kwargs)
-from .cpu_runtime import prepare_for_cpu_encode
-from .modeling import base_model, check_supported, enable_gradient_checkpointing, is_bidirectional, patch, run_packed, run_padded
+from .loading import load_encoder
+from .modeling import base_model, check_supported, is_bidirectional, patch, run_packed, run_padded
+from .precision import default_max_batch_tokens
+from .saving import save_encoder
 from .tokenization import RowTokenizer, TokenizedRow
 
 ENGINES = ("auto", "packed", "padded")
-# Tokens per batch when max_batch_tokens is not given, by device and matmul precision (`default_max_batch_tokens`).
-# CPU: the measured best of 512-8192 on SmolLM2-135M with 2 threads (README, "Encode engine"): 1024 for fp32 GEMMs,
-# 4096 where the GEMMs run in bf16 (bf16 or the mixed mode: larger AMX GEMMs and fewer per-batch passes; 1024 was
-# 10-26% slower there in the passes measured). CUDA: a budget that fills an H200 with a 135M-7B model, not yet
-# measured.
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cpu-bf16": 4096, "cuda": 32768}
 # A CPU encode with bf16 GEMMs pads each packed batch to a multiple of this many tokens (a filler sequence, at most
 # 1.5% more work at the 4096 budget): without it, RSS grew by ~4 MB per new batch token count, which a corpus
 # encode meets by the thousand (oneDNN keeps JIT kernels per GEMM shape).
 ROUND_TOKENS = 64
 
 
-def default_max_batch_tokens(device_type: str, matmul_dtype: Optional[torch.dtype] = None) -> int:
-    """The default token budget for an encode on `device_type` ("cpu", "cuda", ...) whose GEMMs run in
-    matmul_dtype (on CPU, bfloat16 takes the larger budget; anything else, None included, the fp32 one)."""
-    if device_type == "cpu" and matmul_dtype == torch.bfloat16:
-        return DEFAULT_MAX_BATCH_TOKENS["cpu-bf16"]
-    return DEFAULT_MAX_BATCH_TOKENS.get(device_type, DEFAULT_MAX_BATCH_TOKENS["cpu"])
-
-
-# Files a save writes whose presence changes what a directory loads as: a stale one left from an earlier save
-# (an adapter beside merged weights, weights beside a new adapter) is removed. Anything else is left alone.
-_SAVE_MANAGED = (*WEIGHT_FILES, ADAPTER_CONFIG, *ADAPTER_WEIGHTS, LLM2VEC_CONFIG)
-_SHARD_SUFFIXES = (".safetensors", ".bin")
-# Written by PEFT's save_pretrained as a model card; a README the user keeps in the directory wins.
-_KEEP_EXISTING = ("README.md",)
-
-
-class LLM2Vec(nn.Module):
+class LLM2Vec(HuggingFaceModelMixin, nn.Module):
     """A decoder LLM used as a text encoder.
 
     model: a Hugging Face Llama / Mistral / Qwen2 / Gemma base model (or a PEFT wrapper of one). A model that was
@@ -109,7 +81,7 @@ class LLM2Vec(nn.Module):
         self.max_batch_tokens = max_batch_tokens
         self.matmul_dtype = matmul_dtype
         self.config = model.config
-        self._encode_scope = _EvalScope()
+        self._encode_scope = EvalScope()
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -132,49 +104,8 @@ class LLM2Vec(nn.Module):
         measure faster, else float32), printed once on stderr; with CUDA it keeps Hugging Face's meaning (the
         checkpoint's dtype).
         """
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-        if "batch_size" in kwargs:
-            raise TypeError("batch_size is an argument of encode(), not of from_pretrained(); pass it to encode(), "
-                            "or max_batch_tokens= here for a default token budget.")
-        encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
-        runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens", "matmul_dtype") if k in kwargs}
-        hub, kwargs = split_loading_kwargs(kwargs)
-        cache = {"cache_dir": hub.get("cache_dir")}
-
-        base_dir = resolve_directory(base_model_name_or_path, "base model", revision=hub.get("revision"),
-                                     subfolder=hub.get("subfolder"), **cache)
-        check_model_directory(base_dir)
-        if is_adapter_directory(base_dir):
-            read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
-        base_config = AutoConfig.from_pretrained(base_dir)
-        check_supported(base_config)
-        kwargs, runtime_args = _resolve_dtype(kwargs, runtime_args, base_config)
-
-        weights_dir = base_dir
-        if is_adapter_directory(base_dir) and not has_weights(base_dir):
-            # The released LLM2Vec layout: base config + adapter; the weights are those of the adapter's base.
-            weights_dir = resolve_directory(adapter_base_name(base_dir), "base model named in the adapter config",
-                                            revision=read_adapter_config(base_dir).get("revision"), **cache)
-        model = load_base_model(AutoModel, weights_dir, **kwargs)
-        _warn_if_spread(model)
-        model.config._name_or_path = _name_of(base_model_name_or_path, base_dir)
-        if is_adapter_directory(base_dir):
-            model = apply_adapter(model, base_dir, merge=True)
-
-        adapter_dir = None
-        if peft_model_name_or_path is not None:
-            adapter_dir = resolve_directory(peft_model_name_or_path, "adapter", **cache)
-            model = apply_adapter(model, adapter_dir, merge=merge_peft)
-
-        tokenizer = _load_tokenizer(AutoTokenizer, base_dir, weights_dir)
-        tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
-
-        patch(model, bidirectional=enable_bidirectional)
-        config = read_llm2vec_config(adapter_dir if adapter_dir is not None else base_dir)
-        config.update(encoder_args)
-        return cls(model=model, tokenizer=tokenizer, **config, **runtime_args)
+        return load_encoder(cls, base_model_name_or_path, peft_model_name_or_path, merge_peft,
+                            enable_bidirectional, **kwargs)
 
     # ------------------------------------------------------------------------------------------ tokenization
 
@@ -307,7 +238,7 @@ class LLM2Vec(nn.Module):
             check_positive_int("batch_size", batch_size)
         if max_batch_tokens is not None:
             check_positive_int("max_batch_tokens", max_batch_tokens)
-        device = _usable_device(device)
+        device = usable_device(device)
         budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
                       self.default_batch_tokens(device))
         check_positive_int("max_batch_tokens", budget)  # the attribute may have been set after construction
@@ -349,118 +280,6 @@ class LLM2Vec(nn.Module):
         weights = next(self.model.parameters(), None)
         return self.matmul_dtype or (weights.dtype if weights is not None else None)
 
-    # ------------------------------------------------------------------------------------ model methods
-
-    # What code written for the reference and HF Trainer call on an LLM2Vec, delegated to the wrapped Hugging Face
-    # model (the decoder inside a PEFT wrapper). The reference has only resize_token_embeddings and
-    # gradient_checkpointing_enable; the rest are what Trainer and PEFT-era training scripts reach for.
-
-    supports_gradient_checkpointing = True
-    main_input_name = "input_ids"
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the model's first parameter."""
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the model's first floating-point parameter."""
-        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
-        """Recompute each decoder layer's activations in the backward pass (HF's method, on the wrapped model).
-
-        gradient_checkpointing_kwargs: passed to torch.utils.checkpoint (e.g. {"use_reentrant": False}); kwargs:
-        the HF method's others (every_n_layers, offload on transformers versions that have them)."""
-        enable_gradient_checkpointing(base_model(self.model), gradient_checkpointing_kwargs, **kwargs)
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
-                                        **kwargs) -> None:
-        """transformers 5's name for `gradient_checkpointing_enable` (what its Trainer calls)."""
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Undo `gradient_checkpointing_enable`."""
-        target = base_model(self.model)
-        if hasattr(target, "activation_checkpointing_disable"):
-            target.activation_checkpointing_disable()
-        else:
-            target.gradient_checkpointing_disable()
-
-    activation_checkpointing_disable = gradient_checkpointing_disable
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        """Whether any decoder layer recomputes its activations in the backward pass."""
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules())
-
-    is_activation_checkpointing = is_gradient_checkpointing
-
-    def enable_input_require_grads(self) -> None:
-        """Make the input embeddings' output require grad, so that reentrant checkpointing reaches the adapter."""
-        base_model(self.model).enable_input_require_grads()
-
-    def disable_input_require_grads(self) -> None:
-        """Undo `enable_input_require_grads`."""
-        base_model(self.model).disable_input_require_grads()
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The token embedding module of the wrapped model."""
-        return base_model(self.model).get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        """Replace the token embedding module of the wrapped model."""
-        base_model(self.model).set_input_embeddings(value)
-
-    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
-                                **kwargs) -> nn.Embedding:
-        """Resize the token embeddings (after adding tokens to the tokenizer); returns the new embedding module.
-
-        kwargs: the HF method's others (mean_resizing)."""
-        return base_model(self.model).resize_token_embeddings(new_num_tokens, pad_to_multiple_of, **kwargs)
-
-    def tie_weights(self, *args, **kwargs):
-        """Tie the wrapped model's shared weights (HF Trainer calls it after loading a checkpoint)."""
-        return base_model(self.model).tie_weights(*args, **kwargs)
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Number of parameters (HF's method on the wrapped model; counts an unmerged adapter's too)."""
-        if not exclude_embeddings:
-            return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
-        return base_model(self.model).num_parameters(only_trainable=only_trainable, exclude_embeddings=True)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, as PEFT's method of that name."""
-        return self.num_parameters(only_trainable=True), self.num_parameters()
-
-    def print_trainable_parameters(self) -> None:
-        """Print the trainable and total parameter counts (PEFT's output, for an unmerged adapter or not)."""
-        if hasattr(self.model, "print_trainable_parameters"):
-            self.model.print_trainable_parameters()
-            return
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / max(total, 1):.4f}")
-
-    def save_pretrained(self, save_directory: str, state_dict: Optional[dict] = None,
-                        safe_serialization: bool = True, **kwargs) -> None:
-        """`save(save_directory)` under HF's name and signature (as Trainer-style code calls it).
-
-        state_dict: weights to write instead of the module's own, keyed as `self.state_dict()` is (e.g. gathered
-        by a distributed trainer). safe_serialization: only True (safetensors) is supported. kwargs go to the
-        wrapped model's save_pretrained (max_shard_size, is_main_process, ...)."""
-        if not safe_serialization:
-            raise ValueError("save_pretrained(safe_serialization=False) is not supported: llm2vec-fast writes "
-                             "safetensors only. Drop the argument.")
-        if state_dict is not None:
-            prefix = "model."
-            if any(not k.startswith(prefix) for k in state_dict):
-                raise ValueError("save_pretrained(state_dict=...) expects the keys of LLM2Vec.state_dict() "
-                                 "('model.' + the wrapped model's keys).")
-            kwargs["state_dict"] = {k[len(prefix):]: v for k, v in state_dict.items()}
-        self._save(save_directory, merge_before_save=False, save_config=True, model_kwargs=kwargs)
-
     # ------------------------------------------------------------------------------------------------- save
 
     def save(self, output_path: str, merge_before_save: bool = False, save_config: bool = True) -> None:
@@ -473,187 +292,4 @@ class LLM2Vec(nn.Module):
         beside a new adapter, an llm2vec_config.json when save_config=False) are removed; other files are kept.
         The files are also loadable by llm2vec 0.2.3 and its transformers 4.4x (see `make_reference_loadable`).
         """
-        self._save(output_path, merge_before_save, save_config, model_kwargs={})
-
-    def _save(self, output_path, merge_before_save: bool, save_config: bool, model_kwargs: dict) -> None:
-        from peft import PeftModel
-
-        if merge_before_save and isinstance(self.model, PeftModel):
-            self.model = self.model.merge_and_unload()
-        output_path = os.fspath(output_path)
-        if os.path.lexists(output_path) and not os.path.isdir(output_path):
-            raise FileExistsError(f"{output_path!r} exists and is not a directory; pass a directory to save into.")
-        staging = staging_beside(output_path, "saving")
-        try:
-            self.model.save_pretrained(staging, **model_kwargs)
-            if isinstance(self.model, PeftModel):
-                self.model.get_base_model().config.save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-            if save_config:
-                with open(os.path.join(staging, LLM2VEC_CONFIG), "w") as f:
-                    json.dump({k: getattr(self, k) for k in ENCODER_ARGS}, f, indent=4)
-            make_reference_loadable(staging, self.tokenizer)
-            _install_saved_files(staging, output_path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-class _EvalScope:
-    """One eval-mode scope shared by the encode calls running on a model at the same time.
-
-    The first call to enter records every module's training flag and switches to eval; the last one to leave
-    restores the flags. Calls in between see eval mode throughout, whatever the order they end in.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._active = 0
-        self._device = None
-        self._saved_modes = None
-
-    def __reduce__(self):
-        return _EvalScope, ()  # a copied or unpickled model starts with no encode running (locks do not pickle)
-
-    @contextmanager
-    def enter(self, encoder: "LLM2Vec", device: torch.device):
-        with self._lock:
-            if self._active and device != self._device:
-                raise RuntimeError(
-                    f"an encode on {self._device} is running on this model; a concurrent encode must use the same "
-                    f"device (got {device}). Pass device={str(self._device)!r} or wait for it to finish.")
-            if not self._active:
-                saved = [(module, module.training) for module in encoder.modules()]
-                encoder.eval()
-                try:
-                    encoder._prepare_for_encoding(device)
-                except BaseException:
-                    _restore_modes(saved)
-                    raise
-                self._saved_modes, self._device = saved, device
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._active -= 1
-                if not self._active:
-                    _restore_modes(self._saved_modes)
-                    self._saved_modes = self._device = None
-
-
-def _restore_modes(saved: list) -> None:
-    for module, training in saved:
-        module.training = training
-
-
-def _usable_device(device) -> torch.device:
-    """`device` (default: cuda if available, else cpu) after checking that the weights can live there.
-
-    Checked before anything moves: a model sent to an unusable device (meta, a missing GPU) is left unusable.
-    """
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device={device!r} is not a device ({error}); pass e.g. 'cpu' or 'cuda:0'.") from None
-    if device.type == "meta":
-        raise ValueError("device='meta' holds no data, so the model cannot run there (and moving it would drop its "
-                         "weights); pass 'cpu' or 'cuda'.")
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} but CUDA is not available here; pass device='cpu'.")
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError, ValueError) as error:
-        raise ValueError(f"device={str(device)!r} cannot be used here ({str(error)[:200]}); pass 'cpu' or an "
-                         f"available accelerator.") from None
-    return device
-
-
-def _install_saved_files(staging: str, output_path: str) -> None:
-    """Move a finished save from `staging` into `output_path`, removing stale files an earlier save left."""
-    if not os.path.lexists(output_path):
-        os.rename(staging, output_path)  # a new directory appears whole
-        return
-    new = set(os.listdir(staging))
-    for name in os.listdir(output_path):
-        if name not in new and _is_managed(name):
-            os.remove(os.path.join(output_path, name))  # a symlink is removed itself, its target kept
-    for name in sorted(new, key=lambda n: n == LLM2VEC_CONFIG or n == ADAPTER_CONFIG):
-        destination = os.path.join(output_path, name)
-        if name in _KEEP_EXISTING and os.path.lexists(destination):
-            continue
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            raise IsADirectoryError(f"cannot save {name} into {output_path!r}: a directory of that name is in the "
-                                    f"way. Move it, or save elsewhere.")
-        os.replace(os.path.join(staging, name), destination)
-
-
-def _is_managed(name: str) -> bool:
-    # Sharded weights: model-00001-of-00004.safetensors, pytorch_model-00001-of-00002.bin.
-    sharded = name.startswith(("model-", "pytorch_model-")) and "-of-" in name and name.endswith(_SHARD_SUFFIXES)
-    return name in _SAVE_MANAGED or sharded
-
-
-def resolve_auto_dtype(config, device=None, max_batch_tokens: Optional[int] = None) -> str:
-    """What dtype="auto" means for a model with this `config` encoding on `device` (default: cuda if available):
-    on CPU the measured choice of `cpu_linear.choose_cpu_dtype` ("mixed" or "float32", announced once on
-    stderr); on a GPU "auto", Hugging Face's meaning (the checkpoint's dtype)."""
-    device = torch.device(device) if device is not None else None
-    if (device is None and torch.cuda.is_available()) or (device is not None and device.type != "cpu"):
-        return "auto"
-    from .cpu_linear import announce_cpu_dtype, choose_cpu_dtype
-
-    tokens = max_batch_tokens or default_max_batch_tokens("cpu", torch.bfloat16)  # the budget mixed would use
-    choice, reason = choose_cpu_dtype(config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
-                                      tokens)
-    announce_cpu_dtype(choice, reason)
-    return choice
-
-
-def _resolve_dtype(kwargs: dict, runtime_args: dict, config) -> tuple[dict, dict]:
-    """Turn from_pretrained's dtype="mixed" / "auto" (CPU) into a Hugging Face dtype plus our matmul_dtype."""
-    name = "dtype" if "dtype" in kwargs else "torch_dtype"
-    dtype = kwargs.get(name)
-    if not isinstance(dtype, str) or dtype not in ("auto", "mixed"):
-        return kwargs, runtime_args
-    if dtype == "auto":
-        dtype = resolve_auto_dtype(config, max_batch_tokens=runtime_args.get("max_batch_tokens"))
-        if dtype == "auto":
-            return kwargs, runtime_args
-    if runtime_args.get("matmul_dtype") is not None and dtype == "mixed" \
-            and runtime_args["matmul_dtype"] != torch.bfloat16:
-        raise ValueError(f"dtype='mixed' means matmul_dtype=torch.bfloat16, got matmul_dtype="
-                         f"{runtime_args['matmul_dtype']!r}; pass one of the two.")
-    kwargs = dict(kwargs)
-    kwargs[name] = torch.float32 if dtype in ("mixed", "float32") else getattr(torch, dtype)
-    if dtype == "mixed":
-        runtime_args = {**runtime_args, "matmul_dtype": torch.bfloat16}
-    return kwargs, runtime_args
-
-
-def _warn_if_spread(model) -> None:
-    # A device_map is honoured at load, but encode runs the whole model on one device and moves it there.
-    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
-    if len(devices) > 1:
-        warnings.warn(f"device_map placed the model on {len(devices)} devices ({', '.join(devices)}); "
-                      f"encode() runs the whole model on one device and moves it there (encode(device=...)). "
-                      f"For several GPUs, run one process per GPU instead.", stacklevel=3)
-
-
-def _name_of(requested, directory: str) -> str:
-    # Prompt templates are keyed on the hub name; keep a name the user gave rather than a cache path.
-    requested = os.fspath(requested)
-    return requested if not os.path.isdir(requested) else directory
-
-
-def _load_tokenizer(auto_tokenizer, *directories):
-    errors = []
-    for directory in dict.fromkeys(directories):
-        try:
-            return auto_tokenizer.from_pretrained(directory)
-        except (OSError, ValueError, TypeError) as error:
-            errors.append(f"{directory}: {error}")
-    raise FileNotFoundError("no tokenizer could be loaded: " + "; ".join(errors))
+        save_encoder(self, output_path, merge_before_save, save_config)

@@ -252,11 +252,14 @@ def apply_adapter(model, adapter_dir: str, merge: bool):
     """Load the PEFT adapter in `adapter_dir` onto `model`; merge it into the weights if asked."""
     from peft import PeftModel
 
+    from .modeling import peft_wrapping
+
     if not is_adapter_directory(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir!r} has no {ADAPTER_CONFIG}: it is not a PEFT adapter directory.")
     check_adapter_directory(adapter_dir)
     try:
-        wrapped = PeftModel.from_pretrained(model, adapter_dir)
+        with peft_wrapping():
+            wrapped = PeftModel.from_pretrained(model, adapter_dir)
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(
             f"the adapter in {adapter_dir!r} does not fit the base model {model.config._name_or_path!r} "
@@ -403,3 +406,85 @@ def _peft_config_defaults(peft_type) -> dict:
 def _json_value(value):
     # The file holds JSON (lists, strings for enums); compare defaults in that form.
     return json.loads(json.dumps(value, default=str))
+
+
+# ------------------------------------------------------------------------------------------------ an encoder
+
+
+def load_encoder(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft: bool = False,
+                 enable_bidirectional: bool = True, **kwargs):
+    """The body of `LLM2Vec.from_pretrained` (see its docstring): resolve the directories (never downloading),
+    apply the dtype policy (`precision`), load the weights, apply the adapters, load the tokenizer, patch the
+    model, and read the encoder arguments from kwargs, then llm2vec_config.json."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from .modeling import check_supported, patch
+    from .precision import resolve_dtype_argument
+
+    if "batch_size" in kwargs:
+        raise TypeError("batch_size is an argument of encode(), not of from_pretrained(); pass it to encode(), "
+                        "or max_batch_tokens= here for a default token budget.")
+    encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
+    runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens", "matmul_dtype") if k in kwargs}
+    hub, kwargs = split_loading_kwargs(kwargs)
+    cache = {"cache_dir": hub.get("cache_dir")}
+
+    base_dir = resolve_directory(base_model_name_or_path, "base model", revision=hub.get("revision"),
+                                 subfolder=hub.get("subfolder"), **cache)
+    check_model_directory(base_dir)
+    if is_adapter_directory(base_dir):
+        read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
+    base_config = AutoConfig.from_pretrained(base_dir)
+    check_supported(base_config)
+    kwargs, runtime_args = resolve_dtype_argument(kwargs, runtime_args, base_config)
+
+    weights_dir = base_dir
+    if is_adapter_directory(base_dir) and not has_weights(base_dir):
+        # The released LLM2Vec layout: base config + adapter; the weights are those of the adapter's base.
+        weights_dir = resolve_directory(adapter_base_name(base_dir), "base model named in the adapter config",
+                                        revision=read_adapter_config(base_dir).get("revision"), **cache)
+    model = load_base_model(AutoModel, weights_dir, **kwargs)
+    warn_if_spread(model)
+    model.config._name_or_path = _name_of(base_model_name_or_path, base_dir)
+    if is_adapter_directory(base_dir):
+        model = apply_adapter(model, base_dir, merge=True)
+
+    adapter_dir = None
+    if peft_model_name_or_path is not None:
+        adapter_dir = resolve_directory(peft_model_name_or_path, "adapter", **cache)
+        model = apply_adapter(model, adapter_dir, merge=merge_peft)
+
+    tokenizer = _load_tokenizer(AutoTokenizer, base_dir, weights_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+    patch(model, bidirectional=enable_bidirectional)
+    config = read_llm2vec_config(adapter_dir if adapter_dir is not None else base_dir)
+    config.update(encoder_args)
+    return cls(model=model, tokenizer=tokenizer, **config, **runtime_args)
+
+
+def warn_if_spread(model) -> None:
+    """Warn when a device_map spread the model: it is honoured at load, but encode runs the whole model on one
+    device and moves it there."""
+    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1:
+        warnings.warn(f"device_map placed the model on {len(devices)} devices ({', '.join(devices)}); "
+                      f"encode() runs the whole model on one device and moves it there (encode(device=...)). "
+                      f"For several GPUs, run one process per GPU instead.", stacklevel=4)
+
+
+def _name_of(requested, directory: str) -> str:
+    # Prompt templates are keyed on the hub name; keep a name the user gave rather than a cache path.
+    requested = os.fspath(requested)
+    return requested if not os.path.isdir(requested) else directory
+
+
+def _load_tokenizer(auto_tokenizer, *directories):
+    errors = []
+    for directory in dict.fromkeys(directories):
+        try:
+            return auto_tokenizer.from_pretrained(directory)
+        except (OSError, ValueError, TypeError) as error:
+            errors.append(f"{directory}: {error}")
+    raise FileNotFoundError("no tokenizer could be loaded: " + "; ".join(errors))

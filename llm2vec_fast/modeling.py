@@ -13,6 +13,9 @@ packed calls may take the C++ attention.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -116,6 +119,18 @@ def enable_gradient_checkpointing(model, checkpoint_kwargs: dict | None = None, 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **options)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **options)
+
+
+@contextmanager
+def peft_wrapping():
+    """The scope in which we wrap a model with PEFT (get_peft_model, PeftModel.from_pretrained).
+
+    PEFT reads `model.is_gradient_checkpointing` whenever it wraps a model, and transformers >= 5.2x answers that
+    old name with a FutureWarning, on every `train` and every load with an adapter. The deprecated call is PEFT's,
+    made on our behalf; nothing the user can change, so exactly that warning is filtered here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_bidirectional(model) -> bool:

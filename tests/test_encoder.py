@@ -332,7 +332,7 @@ def test_bad_encoder_arguments(llama_dir):
 
 def test_default_token_budget_follows_the_matmul_dtype():
     """CPU: 1024 tokens for fp32 GEMMs, 4096 for bf16 ones (pure bf16 or the mixed mode), as measured (README)."""
-    from llm2vec_fast.encoder import DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
+    from llm2vec_fast.precision import DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
 
     assert default_max_batch_tokens("cpu") == default_max_batch_tokens("cpu", torch.float32) == 1024
     assert default_max_batch_tokens("cpu", torch.bfloat16) == 4096

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llm2vec_fast import LLM2Vec
-from llm2vec_fast.encoder import _warn_if_spread
+from llm2vec_fast.loading import warn_if_spread as _warn_if_spread
 from test_encoder import TEXTS, encode
 
 MAIN_SHA = "a" * 40
@@ -149,3 +149,21 @@ def test_device_map_is_honoured_and_a_spread_one_is_named(llama_dir):
 
     with pytest.warns(UserWarning, match=r"device_map placed the model on 2 devices \(0, 1\)"):
         _warn_if_spread(Spread())
+
+
+def test_our_peft_wraps_raise_no_deprecation_warning(llama_dir, tmp_path):
+    """PEFT reads the deprecated `is_gradient_checkpointing` when it wraps a model; our wraps (an adapter load, a
+    training run's LoRA) must not surface that FutureWarning to the user."""
+    from transformers import AutoModel
+
+    from llm2vec_fast.train.config import TrainConfig
+    from llm2vec_fast.train.model import add_lora
+    from test_encoder import make_adapter
+
+    adapter = make_adapter(llama_dir, str(tmp_path / "adapter"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        LLM2Vec.from_pretrained(llama_dir, peft_model_name_or_path=adapter, dtype=torch.float32)
+        add_lora(AutoModel.from_pretrained(llama_dir, dtype=torch.float32),
+                 TrainConfig(model=llama_dir, data="unused.txt", output="unused", gradient_checkpointing=True))
+    assert not [w for w in record if issubclass(w.category, FutureWarning)], [str(w.message) for w in record]

@@ -192,7 +192,7 @@ def _resolved_dtype(config: EncodeJobConfig, model_dir: str, ranks: Ranks) -> st
         return config.dtype
     from transformers import AutoConfig
 
-    from ..encoder import resolve_auto_dtype
+    from ..precision import resolve_auto_dtype
 
     try:
         model_config = AutoConfig.from_pretrained(model_dir)

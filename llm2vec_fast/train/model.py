@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..loading import resolve_directory
-from ..modeling import enable_gradient_checkpointing, patch
+from ..modeling import enable_gradient_checkpointing, patch, peft_wrapping
 from .config import TrainConfig
 
 
@@ -28,7 +28,8 @@ def add_lora(base, config: TrainConfig):
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(base, {"use_reentrant": False})
     # peft keeps bf16/fp16 adapter weights in fp32 (autocast_adapter_dtype), so updates stay stable.
-    return get_peft_model(base, lora_config(config))
+    with peft_wrapping():
+        return get_peft_model(base, lora_config(config))
 
 
 def load_causal_lm(config: TrainConfig):
