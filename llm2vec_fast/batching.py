@@ -173,3 +173,37 @@ def token_budget_batches(lengths: list[int], max_batch_tokens: int, max_batch_si
     if current:
         batches.append(current)
     return batches
+
+
+# ------------------------------------------------------------------------------- the reference's feature dicts
+
+
+def reference_features(rows: list, pad_token_id: int) -> dict:
+    """The reference's features of tokenized rows: left-padded `input_ids` and `attention_mask` [B, S], and
+    `embed_mask` [B, S] marking each text's own tokens (what `LLM2Vec.tokenize` returns)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    embed_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        shift = width - len(row)
+        input_ids[b, shift:] = torch.tensor(row.input_ids)
+        attention_mask[b, shift:] = 1
+        embed_mask[b, shift + row.text_start: shift + row.text_end] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+
+
+def rows_of_features(features: dict) -> list:
+    """The TokenizedRows back from reference features (any padding side; no `embed_mask`: no text span)."""
+    input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+    embed_mask = features.get("embed_mask")
+    if embed_mask is None:
+        embed_mask = torch.zeros_like(attention_mask)
+    rows = []
+    for ids, valid, text in zip(input_ids.tolist(), attention_mask.bool().tolist(), embed_mask.bool().tolist()):
+        positions = [p for p, keep in enumerate(valid) if keep]
+        text_positions = [k for k, p in enumerate(positions) if text[p]]
+        start, end = (text_positions[0], text_positions[-1] + 1) if text_positions else (0, 0)
+        rows.append(TokenizedRow([ids[p] for p in positions], start, end))
+    return rows
+

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .batching import (PackedBatch, PaddedBatch, check_pooling_mode, check_positive_int, kernel_mode, pack, pad,
-                       pooling_range, round_up_tokens, token_budget_batches)
+                       pooling_range, reference_features, round_up_tokens, rows_of_features, token_budget_batches)
 from .cpu_runtime import prepare_for_cpu_encode
 from .encode_scope import EvalScope, usable_device
 from .hf_model import HuggingFaceModelMixin
@@ -131,17 +131,7 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
     def tokenize(self, texts: list[str]) -> dict:
         """Reference-compatible features of prepared strings (``"instruction !@#$%^&*()text"``): left-padded
         `input_ids` and `attention_mask` [B, S], and `embed_mask` [B, S] marking the text's tokens."""
-        rows = self.row_tokenizer.tokenize_prepared(list(texts))
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        embed_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            shift = width - len(row)
-            input_ids[b, shift:] = torch.tensor(row.input_ids)
-            attention_mask[b, shift:] = 1
-            embed_mask[b, shift + row.text_start: shift + row.text_end] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+        return reference_features(self.row_tokenizer.tokenize_prepared(list(texts)), self.tokenizer.pad_token_id)
 
     def _ranges(self, rows: list[TokenizedRow]) -> list[tuple[int, int]]:
         bos = self.tokenizer.bos_token_id
@@ -182,17 +172,7 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
 
     def forward(self, sentence_feature: dict) -> torch.Tensor:
         """Embeddings [B, hidden] of reference-style features (from `tokenize`); differentiable."""
-        input_ids, attention_mask = sentence_feature["input_ids"], sentence_feature["attention_mask"]
-        embed_mask = sentence_feature.get("embed_mask")
-        if embed_mask is None:
-            embed_mask = torch.zeros_like(attention_mask)
-        rows = []
-        for ids, valid, text in zip(input_ids.tolist(), attention_mask.bool().tolist(), embed_mask.bool().tolist()):
-            positions = [p for p, keep in enumerate(valid) if keep]
-            text_positions = [k for k, p in enumerate(positions) if text[p]]
-            start, end = (text_positions[0], text_positions[-1] + 1) if text_positions else (0, 0)
-            rows.append(TokenizedRow([ids[p] for p in positions], start, end))
-        batch = self.make_batch(rows).to(input_ids.device)
+        batch = self.make_batch(rows_of_features(sentence_feature)).to(sentence_feature["input_ids"].device)
         return self.embed_batch(batch)
 
     # ----------------------------------------------------------------------------------------------- encode
