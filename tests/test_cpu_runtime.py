@@ -1,6 +1,7 @@
 """The CPU runtime (llm2vec_fast/cpu_runtime/): which forwards a CPU encode swaps, per family and dtype, how the
 swaps show in print(model), and that turning them off leaves the Hugging Face model exactly as it was."""
 
+import copy
 import pickle
 import re
 
@@ -82,14 +83,17 @@ def test_one_runtime_object_holds_the_model_level_state(llama_dir):
 
 
 @needs_native
-def test_a_swapped_model_pickles_with_its_swaps(llama_dir):
+def test_a_swapped_model_pickles_and_copies_with_its_swaps(llama_dir):
+    """Ray ships models by pickle: a clone keeps its swaps, bound to the clone's own modules, and encodes alike."""
     encoder = LLM2Vec.from_pretrained(llama_dir, dtype=torch.float32)
-    expected = encoder.encode(["a text", "two"], show_progress_bar=False)
-    clone = pickle.loads(pickle.dumps(encoder))
-    torch.testing.assert_close(clone.encode(["a text", "two"], show_progress_bar=False), expected, atol=0, rtol=0)
-    unmeasured = lambda swaps: {k: re.sub(r" \((torch|onednn)\)", "", v) for k, v in swaps.items()}  # noqa: E731
-    # (a GEMM's backend shows once that GEMM ran: the clone's fused q/k/v leaves q_proj's own unprepared)
-    assert unmeasured(swapped_modules(clone.model)) == unmeasured(swapped_modules(encoder.model))
+    expected = encoder.encode(["a text", "two"], show_progress_bar=False)  # a CPU encode swaps the forwards
+    for clone in (pickle.loads(pickle.dumps(encoder)), copy.deepcopy(encoder)):
+        layer = clone.model.layers[0]
+        assert layer.forward.args[0] is layer and layer.mlp.forward.args[0] is layer.mlp
+        torch.testing.assert_close(clone.encode(["a text", "two"], show_progress_bar=False), expected, atol=0, rtol=0)
+        unmeasured = lambda swaps: {k: re.sub(r" \((torch|onednn)\)", "", v) for k, v in swaps.items()}  # noqa: E731
+        # (a GEMM's backend shows once that GEMM ran: the clone's fused q/k/v leaves q_proj's own unprepared)
+        assert unmeasured(swapped_modules(clone.model)) == unmeasured(swapped_modules(encoder.model))
 
 
 def test_without_the_native_library_only_the_gemms_are_prepared(set_env, llama_dir):

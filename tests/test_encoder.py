@@ -10,8 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from llm2vec_fast import LLM2Vec
-from llm2vec_fast.modeling import run_packed, run_padded
-from tiny_models import FAMILIES, WORDS, build_model_dir
+from tiny_models import WORDS
 
 TEXTS = ["the cat sat on the mat", ["find the animal:", "the big dog ran quickly to the river"], "sun",
          "a small red boat on the sea and a green train in the mountain city", ["q:", "coffee"]]
@@ -24,38 +23,6 @@ def load(directory, **kw):
 
 def encode(model, texts, **kw):
     return model.encode(texts, show_progress_bar=False, **kw)
-
-
-def first_token_hidden(model, ids, engine):
-    ids_t = torch.tensor(ids)
-    with torch.no_grad():
-        if engine == "packed":
-            cu = torch.tensor([0, len(ids)], dtype=torch.int32)
-            return run_packed(model.model, ids_t, torch.arange(len(ids)), cu, len(ids))[0]
-        mask = torch.ones(1, len(ids), dtype=torch.long)
-        bidirectional = model.model.config.is_causal is False
-        return run_padded(model.model, ids_t[None], mask, bidirectional)[0, 0]
-
-
-@pytest.mark.parametrize("engine", ["packed", "padded"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bidirectional_per_family(tiny_model_dirs, family, engine):
-    model = load(tiny_model_dirs[family])
-    ids = model.tokenizer("the big dog ran quickly to the river and the sea")["input_ids"]
-    changed = ids[:-1] + [(ids[-1] + 7) % len(model.tokenizer)]
-    # The last token is more than Mistral's sliding window (4) away from the first: it must still be seen.
-    assert len(ids) > 8
-    delta = (first_token_hidden(model, ids, engine) - first_token_hidden(model, changed, engine)).abs().max()
-    assert delta > 1e-3
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_causal_baseline_ignores_later_tokens(tiny_model_dirs, family):
-    model = load(tiny_model_dirs[family], enable_bidirectional=False)
-    ids = model.tokenizer("the big dog ran quickly to the river")["input_ids"]
-    changed = ids[:-1] + [(ids[-1] + 7) % len(model.tokenizer)]
-    delta = (first_token_hidden(model, ids, "padded") - first_token_hidden(model, changed, "padded")).abs().max()
-    assert delta == 0
 
 
 def reference_rows(tokenizer, pairs):
@@ -132,13 +99,6 @@ def test_instruction_is_attended_but_not_pooled(llama_dir):
     assert (with_instruction - instructed).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_packed_equals_padded(tiny_model_dirs, family):
-    packed = encode(load(tiny_model_dirs[family], engine="packed"), TEXTS)
-    padded = encode(load(tiny_model_dirs[family], engine="padded"), TEXTS)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
-
-
 def test_batch_composition_invariance(llama_dir):
     model = load(llama_dir)
     rng = random.Random(0)
@@ -192,6 +152,8 @@ def test_bos_pooling_errors_without_bos(tiny_model_dirs):
 
 
 def test_bos_pooling_with_two_bos_uses_the_first(llama_dir):
+    from test_modeling import first_token_hidden
+
     model = load(llama_dir, pooling_mode="bos_token")
     got = encode(model, ["<s> the cat <s>"])
     assert torch.isfinite(got).all()
@@ -224,21 +186,6 @@ def test_forward_is_differentiable_and_matches_encode(llama_dir):
     torch.testing.assert_close(embeddings.detach(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_save_load_round_trip(llama_dir, tmp_path):
-    model = load(llama_dir, pooling_mode="weighted_mean", max_length=64)
-    expected = encode(model, TEXTS)
-    model.save(str(tmp_path / "saved"))
-    with open(tmp_path / "saved" / "llm2vec_config.json") as f:
-        assert json.load(f) == {"pooling_mode": "weighted_mean", "max_length": 64, "doc_max_length": 400,
-                                "skip_instruction": True}
-    reloaded = load(str(tmp_path / "saved"))
-    assert reloaded.pooling_mode == "weighted_mean" and reloaded.max_length == 64
-    torch.testing.assert_close(encode(reloaded, TEXTS), expected)
-    # Explicit arguments override the saved config; plain transformers can still read the directory.
-    assert load(str(tmp_path / "saved"), pooling_mode="mean").pooling_mode == "mean"
-    AutoModel.from_pretrained(str(tmp_path / "saved"))
-
-
 def make_adapter(base_dir, out_dir, seed=0, hidden_size=None):
     from peft import LoraConfig, get_peft_model
 
@@ -264,62 +211,6 @@ def make_adapter(base_dir, out_dir, seed=0, hidden_size=None):
     return out_dir
 
 
-def test_adapter_merged_equals_unmerged(llama_dir, tmp_path):
-    adapter = make_adapter(llama_dir, str(tmp_path / "adapter"))
-    base = encode(load(llama_dir), TEXTS)
-    unmerged = encode(load(llama_dir, peft_model_name_or_path=adapter), TEXTS)
-    merged = encode(load(llama_dir, peft_model_name_or_path=adapter, merge_peft=True), TEXTS)
-    assert (unmerged - base).abs().max() > 1e-3
-    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
-
-
-def test_released_checkpoint_layout(llama_dir, tmp_path):
-    """A directory with the base config + adapter files (no base weights) merges its adapter onto its base."""
-    released = make_adapter(llama_dir, str(tmp_path / "released"))
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(llama_dir, name)) as src, open(os.path.join(released, name), "w") as dst:
-            dst.write(src.read())
-    with open(os.path.join(released, "llm2vec_config.json"), "w") as f:
-        json.dump({"pooling_mode": "weighted_mean"}, f)
-    model = load(released)
-    assert model.pooling_mode == "weighted_mean"
-    expected = encode(load(llama_dir, peft_model_name_or_path=released, merge_peft=True,
-                           pooling_mode="weighted_mean"), TEXTS)
-    torch.testing.assert_close(encode(model, TEXTS), expected, atol=1e-5, rtol=1e-4)
-    # A second adapter on top stays unmerged, as in the reference.
-    second = make_adapter(llama_dir, str(tmp_path / "second"), seed=1)
-    stacked = load(released, peft_model_name_or_path=second)
-    assert type(stacked.model).__name__ == "PeftModel"
-
-
-def test_adapter_for_another_base_is_rejected(llama_dir, tmp_path):
-    adapter = make_adapter(llama_dir, str(tmp_path / "wide"), hidden_size=96)
-    with pytest.raises(ValueError, match="does not fit the base model"):
-        load(llama_dir, peft_model_name_or_path=adapter)
-
-
-def test_bad_model_directories(tmp_path, llama_dir):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
-        load(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load(str(tmp_path / "empty"))
-    incomplete = tmp_path / "incomplete"
-    incomplete.mkdir()
-    with open(os.path.join(llama_dir, "config.json")) as f:
-        (incomplete / "config.json").write_text(f.read())
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        load(str(incomplete))
-
-
-def test_unsupported_architecture_names_the_supported_ones(tmp_path):
-    from transformers import GPT2Config, GPT2Model
-
-    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="llama, mistral, qwen2, gemma"):
-        load(str(tmp_path / "gpt2"))
-
-
 def test_bad_encoder_arguments(llama_dir):
     with pytest.raises(ValueError, match="unknown pooling_mode 'cls'.*mean"):
         load(llama_dir, pooling_mode="cls")
@@ -328,38 +219,6 @@ def test_bad_encoder_arguments(llama_dir):
         encode(model, ["a"], batch_size=0)
     with pytest.raises(TypeError, match="input 1 is None"):
         encode(model, ["a", None])
-
-
-def test_default_token_budget_follows_the_matmul_dtype():
-    """CPU: 1024 tokens for fp32 GEMMs, 4096 for bf16 ones (pure bf16 or the mixed mode), as measured (README)."""
-    from llm2vec_fast.precision import DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
-
-    assert default_max_batch_tokens("cpu") == default_max_batch_tokens("cpu", torch.float32) == 1024
-    assert default_max_batch_tokens("cpu", torch.bfloat16) == 4096
-    assert default_max_batch_tokens("cuda", torch.bfloat16) == DEFAULT_MAX_BATCH_TOKENS["cuda"]
-
-
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, 1024), (torch.bfloat16, 4096), ("mixed", 4096)],
-                         ids=["fp32", "bf16", "mixed"])
-def test_encoder_default_budget_by_dtype(llama_dir, dtype, expected):
-    encoder = LLM2Vec.from_pretrained(llama_dir, dtype=dtype)
-    assert encoder.default_batch_tokens() == encoder.default_batch_tokens("cpu") == expected
-    assert LLM2Vec.from_pretrained(llama_dir, dtype=dtype, max_batch_tokens=64).max_batch_tokens == 64
-
-
-def test_round_up_tokens_adds_a_filler_sequence_that_nothing_pools():
-    from llm2vec_fast.batching import pack, round_up_tokens
-    from llm2vec_fast.tokenization import TokenizedRow
-
-    rows = [TokenizedRow(list(range(5, 5 + n)), 0, n) for n in (7, 3, 50)]
-    batch = pack(rows, [(0, len(r)) for r in rows])
-    rounded = round_up_tokens(batch, 64, pad_id=0)
-    assert rounded.num_tokens == 64 and batch.num_tokens == 60
-    assert rounded.cu_seqlens.tolist() == batch.cu_seqlens.tolist() + [64]
-    assert rounded.input_ids[:60].tolist() == batch.input_ids.tolist() and rounded.input_ids[60:].tolist() == [0] * 4
-    assert rounded.position_ids[60:].tolist() == [0, 1, 2, 3] and rounded.max_seqlen == 50
-    assert torch.equal(rounded.pool_starts, batch.pool_starts) and torch.equal(rounded.pool_ends, batch.pool_ends)
-    assert round_up_tokens(rounded, 64, pad_id=0) is rounded  # already a multiple: unchanged
 
 
 def test_bf16_cpu_encode_rounds_batches_and_keeps_the_embeddings(llama_dir, monkeypatch):
