@@ -7,7 +7,7 @@ import os
 
 import torch
 
-# Tests set this to True (the `poison_outputs` fixture of tests/kernels/conftest.py): outputs are then allocated
+# Tests set this to True (the `kernel_options` fixture of tests/conftest.py): outputs are then allocated
 # NaN-filled, so an element a kernel never writes fails loudly. One switch for every op module.
 POISON_OUTPUTS = False
 

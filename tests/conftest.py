@@ -43,6 +43,24 @@ def set_env(monkeypatch):
     return apply
 
 
+@pytest.fixture
+def kernel_options(monkeypatch):
+    """The one way tests set the kernels' test-and-tuning switches, undone after the test:
+    kernel_options(poison=True) allocates op outputs NaN-filled (kernels/_common.py), and
+    kernel_options(tiles={...}) overrides the Triton attention's tile choice (kernels/attention.py)."""
+    def apply(poison=None, tiles=None):
+        if poison is not None:
+            from llm2vec_fast.kernels import _common
+
+            monkeypatch.setattr(_common, "POISON_OUTPUTS", poison)
+        if tiles is not None:
+            from llm2vec_fast.kernels import attention  # Triton: only the kernel tests ask for tiles
+
+            monkeypatch.setattr(attention, "CONFIG_OVERRIDE", tiles)
+
+    return apply
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict:
     """family -> directory of a tiny random model with its tokenizer, built once per session."""

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from llm2vec_fast import LLM2Vec, cpu_ops, native
-from llm2vec_fast.kernels import _common
 from llm2vec_fast.kernels.attention import naive_varlen_attention
 from llm2vec_fast.cpu_runtime import NATIVE_OPS, native_cpu_ops, use_native_cpu_ops
 
@@ -33,9 +32,9 @@ def library(request):
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def poison_outputs(kernel_options):
     """Op outputs start as NaN: an element an op never writes fails the comparison."""
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    kernel_options(poison=True)
 
 
 def _close(ours, reference_same_precision, truth, what):

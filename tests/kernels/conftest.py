@@ -13,8 +13,6 @@ pytest.importorskip("triton", reason="the kernel tests need Triton: pip install 
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from llm2vec_fast.kernels import _common  # noqa: E402
-
 # Absolute floors on top of "2x the error of the same-precision PyTorch computation". fp32: ~8 ulp at the O(1)
 # magnitudes used, room for a different summation order (online softmax, blocked sums). fp16: a tenth of an ulp
 # at 1, for elements where the same-precision reference happens to be exact; bf16 likewise (2^-7 / 10).
@@ -65,9 +63,9 @@ def interpreter_bf16(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
+def poison_outputs(kernel_options):
     """Kernel outputs start as NaN: an element no kernel writes fails the comparison."""
-    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
+    kernel_options(poison=True)
 
 
 def assert_close(name, out, ref64, ref_lowp, dtype):

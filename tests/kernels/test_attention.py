@@ -92,9 +92,9 @@ def test_softmax_scale_and_large_logits(check):
     dict(fwd_bm=16, fwd_bn=64, dkdv_bm=64, dkdv_bn=16, dq_bm=16, dq_bn=64),
     dict(fwd_bm=64, fwd_bn=16, dkdv_bm=16, dkdv_bn=64, dq_bm=64, dq_bn=16),
 ], ids=["narrow-rows", "narrow-keys"])
-def test_other_tilings(check, monkeypatch, tiling):
+def test_other_tilings(check, kernel_options, tiling):
     # The GPU configurations use non-square tiles; exercise the masks with both orientations.
-    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", tiling)
+    kernel_options(tiles=tiling)
     lengths, dt = [3, 0, 70, 17], torch.float32
     q, k, v, do, cu = make_inputs(lengths, 6, 2, 96, dt)
     got = run(lambda q, k, v: varlen_attention(q, k, v, cu, 70, force_triton=True), q, k, v, do)
@@ -118,7 +118,7 @@ def test_lengths_on_block_boundaries(check, dtype):
 
 
 @pytest.mark.parametrize("hq,split", [(6, 3), (8, 2)], ids=["group3-split3", "group4-split2"])
-def test_dkdv_split_over_the_gqa_group(check, monkeypatch, hq, split):
+def test_dkdv_split_over_the_gqa_group(check, kernel_options, hq, split):
     # Long sequences with few KV heads split a GQA group over programs that write fp32 partials summed by the
     # host; the result must not depend on the split, with dropout on too.
     lengths, dt = [70, 0, 33], torch.bfloat16
@@ -126,7 +126,7 @@ def test_dkdv_split_over_the_gqa_group(check, monkeypatch, hq, split):
     fn = lambda q, k, v: varlen_attention(q, k, v, cu, 70, dropout_p=0.2, force_triton=True)  # noqa: E731
     torch.manual_seed(5)
     whole = run(fn, q, k, v, do)
-    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", dict(dkdv_split=split))
+    kernel_options(tiles=dict(dkdv_split=split))
     torch.manual_seed(5)
     got = run(fn, q, k, v, do)
     torch.manual_seed(5)
@@ -157,9 +157,9 @@ def test_empty_batch(force):
         assert dq is None or dq.shape == q.shape
 
 
-def test_long_single_sequence_forward(monkeypatch):
+def test_long_single_sequence_forward(kernel_options):
     # 8k tokens in one sequence; large tiles keep the interpreter affordable. Checked on a subset of rows.
-    monkeypatch.setattr(attention, "CONFIG_OVERRIDE", dict(fwd_bm=512, fwd_bn=512))
+    kernel_options(tiles=dict(fwd_bm=512, fwd_bn=512))
     T, d = 8192, 16
     q, k, v, _, cu = make_inputs([T], 1, 1, d, torch.float32)
     out = varlen_attention(q, k, v, cu, T, force_triton=True)
