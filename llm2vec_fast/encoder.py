@@ -184,7 +184,8 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
 
         batch_size: at most this many texts per batch (the reference's knob); by default batches are filled up to
         `max_batch_tokens` tokens instead. Returns float32 on the CPU: a tensor [N, hidden] (or [hidden] for a
-        bare string), a numpy array with convert_to_numpy.
+        bare string), a numpy array with convert_to_numpy. A NaN or inf embedding raises ValueError naming the
+        inputs.
 
         Thread safety: concurrent encode calls on one model are safe and give the results of a single-threaded
         call, also when the model was left in train() mode: they share one eval-mode scope, and the module
@@ -198,6 +199,7 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
         rows = self.tokenize_inputs(sentences)
         output = self.encode_rows(rows, batch_size=batch_size, show_progress_bar=show_progress_bar, device=device,
                                   normalize_embeddings=normalize_embeddings, max_batch_tokens=max_batch_tokens)
+        _refuse_non_finite(output)
         if single:
             output = output[0]
         return output.numpy() if convert_to_numpy and not convert_to_tensor else output
@@ -213,7 +215,8 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
                     max_batch_tokens: Optional[int] = None) -> torch.Tensor:
         """Embeddings (float32, CPU, [len(rows), hidden]) of rows from `tokenize_inputs`, in their order.
 
-        Thread-safe as `encode` describes."""
+        Thread-safe as `encode` describes. Non-finite rows are returned as they are: a caller that writes them
+        refuses them in its own terms (the encode job names the input lines)."""
         if batch_size is not None:
             check_positive_int("batch_size", batch_size)
         if max_batch_tokens is not None:
@@ -273,3 +276,15 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
         The files are also loadable by llm2vec 0.2.3 and its transformers 4.4x (see `make_reference_loadable`).
         """
         save_encoder(self, output_path, merge_before_save, save_config)
+
+
+def _refuse_non_finite(embeddings: torch.Tensor) -> None:
+    """A NaN or inf embedding is an error naming the inputs, never a result (as the encode job refuses them)."""
+    bad = (~torch.isfinite(embeddings).all(dim=-1)).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"the model gave non-finite embeddings (NaN or inf) for {len(bad)} of {len(embeddings)} input(s) "
+            f"(indices {shown}): its weights, an adapter or its config (e.g. rope_theta) hold non-finite values, or "
+            f"a reduced dtype overflowed. Check the checkpoint, or encode in float32.")
+

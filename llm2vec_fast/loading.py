@@ -15,8 +15,10 @@ import json
 import os
 import tempfile
 import warnings
+from types import SimpleNamespace
 
 from .default_model import default_model_dir, is_default_model_name
+from .model_checks import NO_REMOTE_CODE, check_config, check_weights_fit_config, refuse_remote_code, weights_size
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -145,8 +147,9 @@ def read_json_object(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         try:
             value = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); fix or delete the file.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            reason = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise ValueError(f"{path} is not valid JSON ({reason}); fix or delete the file.") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object ({{...}}), not {json.dumps(value)[:40]}; fix or delete "
                          f"the file.")
@@ -176,11 +179,12 @@ def load_base_model(auto_model, directory: str, **kwargs):
     """
     kwargs.pop("output_loading_info", None)
     kwargs["use_kernels"] = False
+    check_weights_fit_config(check_config(directory), directory, weights_size(directory, WEIGHT_FILES))
     if is_adapter_directory(directory):
         with weights_only_view(directory) as view:
-            model, info = auto_model.from_pretrained(view, output_loading_info=True, **kwargs)
+            model, info = auto_model.from_pretrained(view, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
     else:
-        model, info = auto_model.from_pretrained(directory, output_loading_info=True, **kwargs)
+        model, info = auto_model.from_pretrained(directory, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_DROPPED_HEAD_PREFIXES))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
@@ -277,6 +281,27 @@ def check_adapter_directory(adapter_dir: str) -> None:
         raise FileNotFoundError(
             f"{adapter_dir!r} has an {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): "
             f"the save or download looks incomplete. Re-save or re-download the adapter.")
+    _refuse_non_float_adapter_tensors(adapter_dir)
+
+
+def _refuse_non_float_adapter_tensors(adapter_dir: str) -> None:
+    # PEFT casts whatever the file holds to the layer's dtype: int32 LoRA weights would load as silently wrong
+    # values. LoRA weights are floating point; anything else is a broken or foreign file.
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
+    if not os.path.isfile(path):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); re-save or re-download the "
+                         f"adapter.") from None
+    wrong = sorted(key for key, dtype in dtypes.items() if dtype not in ("F64", "F32", "F16", "BF16"))
+    if wrong:
+        raise ValueError(f"{path} holds non-float tensors ({len(wrong)}: {', '.join(wrong[:3])} is "
+                         f"{dtypes[wrong[0]]}); LoRA weights are floating point. Re-save or re-download the adapter.")
 
 
 def _check_adapter_loaded(wrapped, adapter_dir: str) -> None:
@@ -434,7 +459,12 @@ def load_encoder(cls, base_model_name_or_path, peft_model_name_or_path=None, mer
     check_model_directory(base_dir)
     if is_adapter_directory(base_dir):
         read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
-    base_config = AutoConfig.from_pretrained(base_dir)
+    # The architecture first (its own error names the supported ones), then no custom code and sane sizes: all
+    # before transformers reads anything.
+    check_supported(SimpleNamespace(model_type=read_json_object(os.path.join(base_dir, "config.json")).get(
+        "model_type")))
+    check_config(base_dir)
+    base_config = AutoConfig.from_pretrained(base_dir, **NO_REMOTE_CODE)
     check_supported(base_config)
     kwargs, runtime_args = resolve_dtype_argument(kwargs, runtime_args, base_config)
 
@@ -483,8 +513,9 @@ def _name_of(requested, directory: str) -> str:
 def _load_tokenizer(auto_tokenizer, *directories):
     errors = []
     for directory in dict.fromkeys(directories):
+        refuse_remote_code(directory)
         try:
-            return auto_tokenizer.from_pretrained(directory)
+            return auto_tokenizer.from_pretrained(directory, **NO_REMOTE_CODE)
         except (OSError, ValueError, TypeError) as error:
             errors.append(f"{directory}: {error}")
     raise FileNotFoundError("no tokenizer could be loaded: " + "; ".join(errors))

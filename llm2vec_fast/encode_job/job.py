@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..loading import read_llm2vec_config, resolve_directory
+from ..model_checks import NO_REMOTE_CODE
 from .config import EncodeJobConfig
 from .corpus import bad_lines_error, describe_bad_lines
 from .distributed import ProcessGroup, Ranks, default_device
@@ -195,7 +196,7 @@ def _resolved_dtype(config: EncodeJobConfig, model_dir: str, ranks: Ranks) -> st
     from ..precision import resolve_auto_dtype
 
     try:
-        model_config = AutoConfig.from_pretrained(model_dir)
+        model_config = AutoConfig.from_pretrained(model_dir, **NO_REMOTE_CODE)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the config of --model {config.model!r}: {error}") from None
     return resolve_auto_dtype(model_config, device=_device(config.device, ranks),

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import UserError
+from ..model_checks import NO_REMOTE_CODE
 from ..integrations.ray import LLM2VecPredictor
 from . import sources, tables
 from .config import EncodeJobConfig
@@ -239,6 +240,6 @@ def model_dim(model_dir: str) -> int:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir).hidden_size
+        return AutoConfig.from_pretrained(model_dir, **NO_REMOTE_CODE).hidden_size
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the model config of {model_dir!r}: {error}") from None

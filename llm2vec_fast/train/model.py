@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..loading import resolve_directory
+from ..loading import WEIGHT_FILES, resolve_directory
+from ..model_checks import NO_REMOTE_CODE, check_config, check_weights_fit_config, weights_size
 from ..modeling import enable_gradient_checkpointing, patch, peft_wrapping
 from .config import TrainConfig
 
@@ -37,9 +38,12 @@ def load_causal_lm(config: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = resolve_directory(config.model, "model")
+    model_config = check_config(directory)  # no custom code, sane sizes (llm2vec_fast.model_checks)
+    check_weights_fit_config(model_config, directory, weights_size(directory, WEIGHT_FILES))
     # use_kernels=False: no Hugging Face hub kernels (see llm2vec_fast.loading.load_base_model).
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, config.dtype),
-                                                 attention_dropout=config.attention_dropout, use_kernels=False)
+                                                 attention_dropout=config.attention_dropout, use_kernels=False,
+                                                 **NO_REMOTE_CODE)
     patch(model, bidirectional=True)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, **NO_REMOTE_CODE)
     return model, tokenizer, directory
