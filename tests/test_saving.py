@@ -96,3 +96,28 @@ def test_save_load_round_trip(llama_dir, tmp_path):
     # Explicit arguments override the saved config; plain transformers can still read the directory.
     assert load(str(tmp_path / "saved"), pooling_mode="mean").pooling_mode == "mean"
     AutoModel.from_pretrained(str(tmp_path / "saved"))
+
+
+def test_save_keeps_a_users_own_bin_weights_and_records_what_it_wrote(llama_dir, tmp_path):
+    target = tmp_path / "saved"
+    target.mkdir()
+    (target / "pytorch_model.bin").write_bytes(b"the user's own checkpoint")
+    model = load(llama_dir)
+    model.save(str(target))
+    assert (target / "pytorch_model.bin").read_bytes() == b"the user's own checkpoint"
+    recorded = json.loads((target / ".llm2vec-fast-save.json").read_text())
+    assert "model.safetensors" in recorded and "pytorch_model.bin" not in recorded
+    assert torch.equal(encode(load(str(target)), TEXTS), encode(model, TEXTS))
+
+
+def test_a_foreign_adapter_that_would_change_the_load_makes_the_save_refuse(llama_dir, tmp_path):
+    adapter = make_adapter(llama_dir, str(tmp_path / "adapter"))
+    target = tmp_path / "saved"
+    target.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (target / name).write_bytes((tmp_path / "adapter" / name).read_bytes())  # not written by a save of ours
+    with pytest.raises(FileExistsError, match=r"holds adapter_config\.json, adapter_model\.safetensors, which an "
+                                              r"earlier save of llm2vec-fast did not write.*Move them elsewhere"):
+        load(llama_dir).save(str(target))
+    assert sorted(os.listdir(target)) == ["adapter_config.json", "adapter_model.safetensors"]  # nothing moved
+    assert adapter
