@@ -92,13 +92,81 @@ def test_load_checks_each_shard_against_the_index(finished):
     lines_file = finished / "shards" / "shard-000001.lines.npy"
     lines = np.load(lines_file)
     np.save(lines_file, lines[::-1].copy())
+    # verify=False: the structural cross-checks alone (the content hashes would refuse the edit first).
     with pytest.raises(ValueError, match=r"shards/shard-000001.lines.npy does not match rows 10..19 of "
                                          r"line_numbers.npy.*--overwrite"):
-        load_embeddings(str(finished))
+        load_embeddings(str(finished), verify=False)
     np.save(lines_file, lines)
     edit_manifest(finished, lambda m: m["shards"][1].update(rows=9))
     with pytest.raises(ValueError, match="shard-000001.npy holds 10 rows.*says 9 rows"):
+        load_embeddings(str(finished), verify=False)
+
+
+def _swap_files(a, b):
+    a.rename(a.with_suffix(".tmp"))
+    b.rename(a)
+    a.with_suffix(".tmp").rename(b)
+
+
+@pytest.mark.parametrize("damage", ["swapped-on-disk", "swapped-in-manifest", "another-runs-shard", "zeroed-bytes",
+                                    "nan"])
+def test_load_verifies_each_shards_content(finished, damage, tmp_path, llama_dir, txt_file):
+    shards = finished / "shards"
+    expected_name = "shard-000000"
+    if damage == "swapped-on-disk":
+        _swap_files(shards / "shard-000000.npy", shards / "shard-000001.npy")
+        _swap_files(shards / "shard-000000.lines.npy", shards / "shard-000001.lines.npy")
+    elif damage == "swapped-in-manifest":
+        edit_manifest(finished, lambda m: m["shards"].__setitem__(slice(0, 2), m["shards"][1::-1]))
+        expected_name = "shard-000001"
+    elif damage == "another-runs-shard":
+        other = tmp_path / "other"
+        assert main(encode_args(llama_dir, txt_file, other, "--pooling", "last_token")) == 0
+        shutil.copy(other / "shards" / "shard-000000.npy", shards / "shard-000000.npy")
+    elif damage == "zeroed-bytes":
+        data = bytearray((shards / "shard-000000.npy").read_bytes())
+        data[-200:] = bytes(200)
+        (shards / "shard-000000.npy").write_bytes(bytes(data))
+    else:
+        array = np.load(shards / "shard-000000.npy")
+        array[3, 5] = np.nan
+        np.save(shards / "shard-000000.npy", array)
+    with pytest.raises(ValueError, match=rf"cannot be trusted: .*{expected_name}"):
         load_embeddings(str(finished))
+    with pytest.raises(ValueError, match=rf"cannot be trusted: .*{expected_name}"):
+        load_embeddings(str(finished), mmap=True)
+
+
+def test_nan_is_refused_even_where_the_hash_was_recomputed(finished):
+    """A NaN is refused on its own, not only through the hash (an edit that also rewrote the manifest)."""
+    from llm2vec_fast.files import sha256_file
+
+    path = finished / "shards" / "shard-000000.npy"
+    array = np.load(path)
+    array[3, 5] = np.nan
+    np.save(path, array)
+    edit_manifest(finished, lambda m: m["shards"][0]["sha256"].update({"shards/shard-000000.npy": sha256_file(path)}))
+    with pytest.raises(ValueError, match=r"shards/shard-000000.npy holds non-finite embeddings \(NaN or inf\) in 1 "
+                                         r"row\(s\), the first for input line 4"):
+        load_embeddings(str(finished))
+
+
+def test_an_output_without_hashes_needs_verify_false(finished):
+    edit_manifest(finished, lambda m: [shard.pop("sha256") for shard in m["shards"]])
+    with pytest.raises(ValueError, match=r"records no sha256 for 'line_numbers.npy'|records no sha256 for 'shards/"):
+        load_embeddings(str(finished))
+    embeddings, lines = load_embeddings(str(finished), verify=False)
+    assert len(embeddings) == len(lines) > 0
+
+
+def test_a_planted_manifest_link_is_neither_complete_nor_loadable(finished, tmp_path, llama_dir, txt_file, capsys):
+    real = tmp_path / "real-manifest.json"
+    (finished / MANIFEST).rename(real)
+    os.symlink(real, finished / MANIFEST)
+    with pytest.raises(ValueError, match="manifest.json is a symbolic link"):
+        load_embeddings(str(finished))
+    err = error_of(encode_args(llama_dir, txt_file, finished), capsys)
+    assert "manifest.json is a symbolic link" in err
 
 
 def test_files_get_the_umask_mode_and_no_temp_files_survive(llama_dir, txt_file, tmp_path):

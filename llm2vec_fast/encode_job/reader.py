@@ -1,7 +1,9 @@
 """Reading a finished `llm2vec-fast encode` output back: `load_embeddings`.
 
 Nothing in the directory is trusted: every path the manifest lists must lead to a file inside it (links
-included), and every shard must agree with the manifest and with line_numbers.npy, or ValueError names the file.
+included), every shard must agree with the manifest and with line_numbers.npy, and (verify=True, the default)
+every file must have the sha256 the manifest recorded when encode wrote it and every embedding must be finite, or
+ValueError names the file.
 With mmap=True the .npy shards are memory-mapped behind one lazy view (stacked.py) instead of copied.
 """
 
@@ -13,12 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..files import sha256_file
 from .layout import LINE_NUMBERS, MANIFEST
 from .shard_formats import OUTPUT_FORMATS, ShardFormat, shard_format
 from .stacked import StackedRows
 
 
-def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray | StackedRows, np.ndarray]:
+def load_embeddings(output_dir: str, mmap: bool = False,
+                    verify: bool = True) -> tuple[np.ndarray | StackedRows, np.ndarray]:
     """Read a finished `llm2vec-fast encode` output.
 
     Returns (embeddings [N, dim] in the shard dtype, line_numbers int64 [N]): row i embeds input line (or table
@@ -29,8 +33,13 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray | S
     (read it with pyarrow or datasets, which map it themselves; see the README).
     Every file read must lie inside output_dir (links included), and every shard must agree with the manifest
     and with line_numbers.npy; otherwise ValueError names the file.
+    verify: also check each file's sha256 against the manifest (a shard swapped, replaced by another run's or
+    edited is refused) and that every embedding is finite. This reads every shard once more (with mmap too);
+    verify=False skips it, e.g. for an output written before llm2vec-fast recorded hashes.
     """
     manifest_path = os.path.join(output_dir, MANIFEST)
+    if os.path.islink(manifest_path):
+        raise _damaged(output_dir, f"{MANIFEST} is a symbolic link")
     if not os.path.isfile(manifest_path):
         raise FileNotFoundError(f"{output_dir!r} has no {MANIFEST}: the encode run did not finish (re-run the same "
                                 f"command to resume it) or this is not an llm2vec-fast encode output.")
@@ -38,8 +47,8 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray | S
         with open(manifest_path) as f:
             manifest = json.load(f)
         count, dim, dtype = int(manifest["count"]), int(manifest["dim"]), np.dtype(manifest["dtype"])
-        shards = [_ShardEntry(s["file"], s.get("lines_file"), int(s["rows"]), int(s["row_start"]))
-                  for s in manifest["shards"]]
+        shards = [_ShardEntry(s["file"], s.get("lines_file"), int(s["rows"]), int(s["row_start"]),
+                              s.get("sha256")) for s in manifest["shards"]]
         index_name = manifest["line_numbers"]
         output_format = manifest.get("output_format", "npy")  # outputs written before Parquet existed: npy
     except (ValueError, TypeError, KeyError) as error:
@@ -52,14 +61,24 @@ def load_embeddings(output_dir: str, mmap: bool = False) -> tuple[np.ndarray | S
                          f"load_embeddings without mmap (one copy in memory), or open the shards with pyarrow or "
                          f"datasets.load_dataset('parquet', ...), which map the files themselves.")
     root = os.path.realpath(output_dir)
+    if verify:
+        _verify_hash(output_dir, root, index_name, manifest.get("line_numbers_sha256"))
     line_numbers = _read(output_dir, index_name, lambda path: np.load(path, allow_pickle=False), root)
     if line_numbers.shape != (count,) or line_numbers.dtype != np.int64:
         raise _damaged(output_dir, f"{index_name} holds {line_numbers.shape} {line_numbers.dtype}, expected "
                                    f"{count} int64 line numbers")
     parts, row = [], 0
     for shard in shards:
+        if verify:
+            for name in filter(None, (shard.file, shard.lines_file)):
+                _verify_hash(output_dir, root, name, (shard.sha256 or {}).get(name) if isinstance(shard.sha256, dict)
+                             else None)
         embeddings, lines = _read_shard(output_dir, root, fmt, shard, mmap)
         _check_shard(output_dir, shard, embeddings, lines, line_numbers, row, dim, dtype)
+        if verify and not np.isfinite(embeddings).all():
+            bad = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+            raise _damaged(output_dir, f"{shard.file} holds non-finite embeddings (NaN or inf) in {bad.size} row(s), "
+                                       f"the first for input line {int(lines[bad[0]])}")
         parts.append(embeddings)
         row += len(lines)
     if row != count:
@@ -76,6 +95,7 @@ class _ShardEntry:
     lines_file: str | None  # None for a Parquet shard, which holds its line numbers
     rows: int
     row_start: int
+    sha256: dict | None  # file name (as listed) -> sha256 recorded by encode; None in outputs written before that
 
 
 def _read_shard(output_dir: str, root: str, fmt: ShardFormat, shard: _ShardEntry,
@@ -94,6 +114,21 @@ def _read(output_dir: str, name, read, root: str):
         return read(path)
     except (OSError, ValueError, KeyError) as error:  # pyarrow's errors derive from OSError / ValueError
         raise _damaged(output_dir, f"{name} cannot be read ({error})") from None
+
+
+def _verify_hash(output_dir: str, root: str, name, expected) -> None:
+    """Refuse file `name` unless its sha256 is `expected`, the hash the manifest recorded for it."""
+    path = _inside(root, name, output_dir)
+    if not isinstance(expected, str):
+        raise _damaged(output_dir, f"{MANIFEST} records no sha256 for {name!r} (outputs of earlier llm2vec-fast "
+                                   f"versions have none: read such an output with load_embeddings(..., verify=False))")
+    try:
+        actual = sha256_file(path)
+    except OSError as error:
+        raise _damaged(output_dir, f"{name} cannot be read ({error})") from None
+    if actual != expected:
+        raise _damaged(output_dir, f"{name} is not the file encode wrote (its sha256 differs from the one "
+                                   f"{MANIFEST} records)")
 
 
 def _inside(root: str, name, output_dir: str) -> str:

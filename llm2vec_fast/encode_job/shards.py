@@ -11,7 +11,8 @@ Layout (paths relative to the output directory; S = --shard-size; the names are 
                                    (--id-field) and embeddings in one file (see parquet_shards.py)
     progress/rank0.json            the shards rank 0 finished, with their skipped lines (rewritten atomically)
     manifest.json                  written last, once every shard is done: count, dim, dtype, model, pooling,
-                                   the shards with their row ranges, and every skipped line with its reason
+                                   the shards with their row ranges and the sha256 of each of their files, and
+                                   every skipped line with its reason
     line_numbers.npy               the input line number of every output row (int64, [count])
 
 A shard's files are those of its `ShardFormat` (shard_formats.py). Rows are in input order: shard by shard, line
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
@@ -38,7 +40,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import UserError
-from ..files import TEMP_MARK, create_exclusive, remove_if_present, write_atomic
+from ..files import TEMP_MARK, create_exclusive, remove_if_present, sha256_file, write_atomic
 from .fingerprint import fingerprint_differences
 from .layout import FINGERPRINT, LINE_NUMBERS, MANIFEST, PROGRESS_DIR, SHARD_DIR, WRITTEN_BY, shard_stem
 from .reader import load_embeddings  # noqa: F401 (importable from here, as in earlier versions)
@@ -133,7 +135,7 @@ class OutputDir:
 
     def _check_no_links(self) -> None:
         # Writing through a planted link would put our files (and, with --overwrite, our deletions) elsewhere.
-        for name in (FINGERPRINT, SHARD_DIR, PROGRESS_DIR):
+        for name in (FINGERPRINT, SHARD_DIR, PROGRESS_DIR, MANIFEST, LINE_NUMBERS):
             target = self.file(name)
             if os.path.islink(target):
                 raise UserError(f"{target} is a symbolic link; llm2vec-fast writes only into directories it made. "
@@ -206,8 +208,8 @@ class OutputDir:
                 os.rmdir(directory)
 
     def is_complete(self) -> bool:
-        """True when the run is finished: its manifest is written."""
-        return os.path.isfile(self.file(MANIFEST))
+        """True when the run is finished: its manifest is written (a file, never a planted link)."""
+        return os.path.isfile(self.file(MANIFEST)) and not os.path.islink(self.file(MANIFEST))
 
     # ----------------------------------------------------------------------------------------- progress
 
@@ -234,13 +236,16 @@ class OutputDir:
         (Parquet output with id_kind only)."""
         stem = self.file(shard_stem(index))
         ordinal = self._committed + 1  # this process's count of shards, as the fault points count them
-        *first, (last_suffix, last_bytes) = self.shard_format.encode(embeddings, line_numbers, ids, self.id_kind)
+        files = self.shard_format.encode(embeddings, line_numbers, ids, self.id_kind)
+        # Content hashes, recorded with the shard and carried into the manifest: load_embeddings checks them.
+        digests = {os.path.basename(stem) + suffix: hashlib.sha256(data).hexdigest() for suffix, data in files}
+        *first, (last_suffix, last_bytes) = files
         for suffix, data in first:
             atomic_write(stem + suffix, data)
         # The shard is in place once its last file is renamed into place.
         atomic_write(stem + last_suffix, last_bytes, before_rename=lambda: faults.point("shard", ordinal, "temp"))
         faults.point("shard", ordinal, "unrecorded")
-        self._records[index] = dict(record, shard=index, rows=len(line_numbers))
+        self._records[index] = dict(record, shard=index, rows=len(line_numbers), sha256=digests)
         shards = [self._records[k] for k in sorted(self._records)]
         atomic_write(self.file(f"{PROGRESS_DIR}/rank{self.rank}.json"), json_bytes({"rank": self.rank,
                                                                                     "shards": shards}))
@@ -260,7 +265,7 @@ class OutputDir:
         for k in range(num_shards):
             record = done[k]
             stem = shard_stem(k)
-            files, lines = self._merge_shard_files(stem, dim, dtype)
+            files, lines = self._merge_shard_files(stem, dim, dtype, record.get("sha256"))
             line_chunks.append(lines)
             shards.append({**files, "rows": record["rows"],
                            "row_start": row, "first_line": record["first_line"], "last_line": record["last_line"],
@@ -268,20 +273,29 @@ class OutputDir:
             skipped.extend({"line": line, "reason": reason} for line, reason in record["skipped"])
             row += record["rows"]
         line_numbers = np.concatenate(line_chunks) if line_chunks else np.zeros(0, dtype=np.int64)
-        atomic_write(self.file(LINE_NUMBERS), npy_bytes(line_numbers.astype(np.int64)))
+        index = npy_bytes(line_numbers.astype(np.int64))
+        atomic_write(self.file(LINE_NUMBERS), index)
         manifest = dict(meta, count=row, shards=shards, skipped=skipped, line_numbers=LINE_NUMBERS,
-                        output_format=self.output_format)
+                        line_numbers_sha256=hashlib.sha256(index).hexdigest(), output_format=self.output_format)
         atomic_write(self.file(MANIFEST), json_bytes(manifest))
         return manifest
 
-    def _merge_shard_files(self, stem: str, dim: int, dtype: str) -> tuple[dict, np.ndarray]:
-        """The manifest's file entries of one shard and its line numbers, after checking its embeddings' layout."""
+    def _merge_shard_files(self, stem: str, dim: int, dtype: str, recorded: dict | None) -> tuple[dict, np.ndarray]:
+        """The manifest's file entries of one shard (with each file's sha256) and its line numbers, after checking
+        its embeddings' layout and that its files are the ones committed (`recorded`: their hashes, None for a
+        shard an older version committed)."""
         fmt = self.shard_format
         problem = fmt.layout_problem(self.file(stem), stem, dim, dtype)
         if problem is not None:
             raise RuntimeError(problem)
         entry = fmt.manifest_entry(stem)
-        return entry, fmt.read_lines(self.file(entry.get("lines_file", entry["file"])))
+        digests = {}
+        for suffix in fmt.suffixes:  # keyed as the manifest lists the files; the progress record by file name
+            digests[stem + suffix] = sha256_file(self.file(stem + suffix))
+            if recorded is not None and recorded.get(os.path.basename(stem) + suffix) != digests[stem + suffix]:
+                raise UserError(f"{self.file(stem + suffix)} changed after it was committed (its sha256 differs from "
+                                f"the progress record). Re-run with --overwrite to encode the input again.")
+        return dict(entry, sha256=digests), fmt.read_lines(self.file(entry.get("lines_file", entry["file"])))
 
 
 def _stamped(fingerprint: dict) -> dict:
