@@ -14,6 +14,7 @@ shape the first time a shape is seen in a process (a few ms each), and `backend_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -213,6 +214,7 @@ BF16_MIN_SPEEDUP = 1.3
 _CHOICE_FILE = "cpu_dtype.json"
 ENV_DTYPE = "LLM2VEC_FAST_CPU_DTYPE"  # float32 | bfloat16 | mixed: what dtype="auto" resolves to, unmeasured
 _announced: set = set()
+_quiet = False  # see quiet_dtype_announcement
 
 
 def cpu_flags() -> set:
@@ -312,13 +314,23 @@ def choose_cpu_dtype(hidden_size: int, intermediate_size: int, tokens: int = 102
 
 
 def announce_cpu_dtype(choice: str, reason: str) -> None:
-    """Print the auto choice once per process and choice on stderr, with how to override it."""
+    """Print the auto choice on stderr in one short line, once per process and choice, unless
+    `quiet_dtype_announcement` was called (the command line does so for an output that records it already)."""
     import sys
 
-    if (choice, reason) in _announced:
+    if _quiet or (choice, reason) in _announced:
         return
     _announced.add((choice, reason))
-    meaning = {"mixed": "mixed (bf16 matmuls, fp32 residual stream, norms and pooling)", "float32": "float32",
-               "bfloat16": "bfloat16"}[choice]
-    print(f"llm2vec-fast: dtype='auto' on this CPU -> {meaning}: {reason}. Override with dtype=torch.float32, "
-          f"torch.bfloat16 or 'mixed' (CLI: --dtype).", file=sys.stderr)
+    print(f"llm2vec-fast: dtype='auto' on this CPU -> {choice}: {reason}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quiet_dtype_announcement():
+    """Context manager: no `announce_cpu_dtype` line inside it. `llm2vec-fast encode` prints the line once per
+    output directory: an output that records its dtype already had it."""
+    global _quiet
+    previous, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = previous

@@ -392,7 +392,7 @@ def test_a_resume_stating_the_defaults_is_the_same_run(llama_dir, txt_file, tmp_
 
 @pytest.mark.parametrize("command", ["encode", "eval similarity", "eval probe"])
 def test_help_gives_the_real_default_token_budgets(command):
-    from llm2vec_fast.encoder import DEFAULT_MAX_BATCH_TOKENS
+    from llm2vec_fast.precision import DEFAULT_MAX_BATCH_TOKENS
 
     help_text = " ".join(subcommand_parsers()[command].format_help().split())
     budgets = help_text[help_text.index("tokens per batch"):]

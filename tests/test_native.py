@@ -311,6 +311,7 @@ def _fake_jit(monkeypatch, tmp_path):
 
     def fake_build(name, sources, build_directory, **kwargs):
         builds.append(build_directory)
+        kwargs["extra_ldflags"].append("-L/torch/of/this/install/lib")  # as torch does, in place
         path = os.path.join(build_directory, f"{name}.so")
         open(path, "w").close()
         return path

@@ -334,3 +334,43 @@ def test_dtype_choices_are_validated(capsys):
         cli_main(["train", "mntp", "--data", "x.txt", "--output", "out", "--dtype", "bf16"])
     assert exit_.value.code == 2
     assert "invalid choice: 'bf16'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- issue 23, item 5
+
+def _train_simcse(llama_dir, tmp_path, output, *extra):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(corpus(12, seed=3)) + "\n")
+    return cli_main(["train", "simcse", "--model", llama_dir, "--data", str(data), "--output", str(tmp_path / output),
+                     "--steps", "1", "--batch-size", "4", "--dtype", "float32", "--no-gradient-checkpointing",
+                     "--max-length", "32", "--no-progress", *extra])
+
+
+def test_max_length_limits_training_not_the_trained_model(llama_dir, tmp_path, capsys):
+    """--max-length 32 cuts the training texts and is recorded in the run's train_config.json, but the adapter's
+    llm2vec_config.json (the defaults every later encode loads) does not inherit it; --save-max-length asks."""
+    assert _train_simcse(llama_dir, tmp_path, "plain") == 0, capsys.readouterr().err
+    inference = json.loads((tmp_path / "plain" / "llm2vec_config.json").read_text())
+    assert "max_length" not in inference and inference["pooling_mode"] == "mean"
+    assert json.loads((tmp_path / "plain" / "train_config.json").read_text())["max_length"] == 32
+
+    from llm2vec_fast import LLM2Vec
+
+    trained = LLM2Vec.from_pretrained(llama_dir, peft_model_name_or_path=str(tmp_path / "plain"))
+    assert trained.max_length == 512  # the loader's default
+
+    assert _train_simcse(llama_dir, tmp_path, "saved", "--save-max-length") == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())["max_length"] == 32
+
+
+def test_drop_training_limits_keeps_everything_else(tmp_path):
+    from llm2vec_fast.train.output import drop_training_limits
+
+    path = tmp_path / "llm2vec_config.json"
+    stored = {"pooling_mode": "mean", "max_length": 32, "doc_max_length": 400, "skip_instruction": True}
+    path.write_text(json.dumps(stored))
+    drop_training_limits(str(tmp_path))
+    assert json.loads(path.read_text()) == {k: v for k, v in stored.items() if k != "max_length"}
+    drop_training_limits(str(tmp_path))  # nothing left to drop: unchanged
+    drop_training_limits(str(tmp_path / "missing"))  # no file: nothing to do
+    assert json.loads(path.read_text()) == {k: v for k, v in stored.items() if k != "max_length"}

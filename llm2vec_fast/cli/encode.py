@@ -8,12 +8,16 @@ which llm2vec_fast/encode_job/job.py runs. See llm2vec_fast/encode_job/shards.py
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import sys
 
-from ..encode_job.config import DEFAULT_SHARD_SIZE, ENGINES, SHARD_DTYPES, EncodeJobConfig
-from ..encode_job.corpus import MAX_LINE_BYTES
-from ..encode_job.shard_formats import OUTPUT_FORMATS
-from ..encode_job.sources import FORMATS
-from .options import DefaultsHelpFormatter, add_model_options, positive_int, silence_progress_bars
+from ..errors import UserError
+from ..settings import Ranks
+from .choices import DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, MAX_LINE_BYTES, OUTPUT_FORMATS, SHARD_DTYPES
+from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, positive_int,
+                      silence_progress_bars)
 
 
 def register(subparsers) -> None:
@@ -65,6 +69,8 @@ def register(subparsers) -> None:
                              "(other files are kept; a directory encode did not write is refused)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (neither ours nor transformers' weight-loading bars)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also print what the output directory already records (the dtype --dtype auto chose)")
     engine = parser.add_argument_group("engine", "where the model runs: this process (local; several under torchrun) "
                                                  "or a Ray cluster (parquet/dataset input)")
     engine.add_argument("--engine", choices=ENGINES, default="local",
@@ -82,16 +88,130 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the encode job that `args` (the parsed `encode` arguments) describe and return the exit status 0."""
+    """Run the encode job that `args` (the parsed `encode` arguments) describe and return the exit status 0.
+
+    The mistakes a user makes first (a missing input or model, --output -) are refused before torch is imported;
+    the one-time C++ build runs before the encode, so that its rate counts encoding only.
+    """
+    check_arguments(args)
+    ranks = _ranks()
+    load = _load_average()  # before this run's own threads add to it
     if args.no_progress:
         silence_progress_bars()
+    apply_threads(args.threads)
     from ..encode_job import job
 
-    return job.run(config_from_args(args))
+    config = config_from_args(args)
+    finished = _recorded(args.output, "manifest.json") is not None and not args.overwrite
+    on_cpu = config.engine == "local" and _device(config, ranks).startswith("cpu")
+    if on_cpu and not finished:
+        _build_native_ops()
+    with _dtype_line(args):
+        status = job.run(config)
+    if on_cpu and not finished and ranks.is_main:
+        _report_threads(load)
+    return status
 
 
-def config_from_args(args: argparse.Namespace) -> EncodeJobConfig:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what needs no model to see: --output -, a missing --input, a local --model or --peft-model path that
+    does not exist (UserError). Cheap and without torch; the job checks the input in depth again."""
+    if args.output == "-":
+        raise UserError("--output - (stdout) is not supported: encode writes a resumable directory of shards, not a "
+                        "stream. Pass --output DIR and read the embeddings with "
+                        "llm2vec_fast.encode_job.load_embeddings(DIR).")
+    if args.input != "-" and not os.path.exists(args.input):
+        raise UserError(f"input file {args.input!r} does not exist; pass a .txt, .jsonl or .parquet file, a "
+                        f"directory of Parquet files or of a datasets save, or - for stdin.")
+    check_model_path(args.model, "--model")
+    check_model_path(args.peft_model, "--peft-model")
+
+
+def config_from_args(args: argparse.Namespace):
     """The EncodeJobConfig of the parsed `encode` arguments `args` (--no-progress becomes progress=False)."""
+    from ..encode_job.config import EncodeJobConfig
+
     values = vars(args)
     return EncodeJobConfig(progress=not args.no_progress,
                            **{name: values[name] for name in EncodeJobConfig.field_names() if name != "progress"})
+
+
+def _ranks() -> Ranks:
+    try:
+        return Ranks.from_env()
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _device(config, ranks: Ranks) -> str:
+    """The device this process encodes on (as the job chooses it)."""
+    if config.device is not None:
+        return config.device
+    from ..encode_job.distributed import default_device
+
+    return default_device(ranks)
+
+
+def _recorded(output: str, name: str) -> dict | None:
+    """The JSON object `name` in the output directory (manifest.json, fingerprint.json), or None."""
+    try:
+        with open(os.path.join(output, name)) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _records_dtype(output: str) -> bool:
+    """Whether the output already records the dtype its run resolved (its manifest, or the fingerprint an
+    interrupted run left): the dtype line was printed when that run started."""
+    manifest = _recorded(output, "manifest.json") or {}
+    fingerprint = _recorded(output, "fingerprint.json") or {}
+    return "model_dtype" in manifest or "dtype" in fingerprint
+
+
+def _dtype_line(args: argparse.Namespace):
+    """Where the dtype --dtype auto chose may be printed: once per output directory (an output that records its
+    dtype had the line when its run started), always with --verbose."""
+    if args.verbose or args.overwrite or not _records_dtype(args.output):
+        return contextlib.nullcontext()
+    from ..cpu_linear import quiet_dtype_announcement
+
+    return quiet_dtype_announcement()
+
+
+def _build_native_ops() -> None:
+    """Load the C++ CPU ops now, building them the first time (~30 s, announced with its duration), so that the
+    build is neither counted in the encode's rate nor shown as a stalled progress bar. Never raises: without a
+    compiler the encode keeps the PyTorch path, as `native` warns."""
+    from .. import native
+
+    native.load()
+
+
+def _report_threads(load: float | None) -> None:
+    """After the rate line: how many CPU threads the encode ran on (its rate depends on it, and --threads changes
+    it), and a hint when other processes kept every core busy (`load`: the load average before the run)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    print(f"llm2vec-fast: encoded on {threads} CPU thread{'s' if threads != 1 else ''} (--threads N to change).",
+          file=sys.stderr)
+    _hint_if_busy(load, threads)
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _hint_if_busy(load: float | None, threads: int) -> None:
+    """One line when other processes kept every core busy: the encode then got a share of them, and fewer
+    threads (--threads) often run faster than one per core."""
+    cpus = os.cpu_count() or 1
+    if load is not None and load > cpus and threads > 1:
+        print(f"llm2vec-fast: this machine was busy (load average {load:.1f} on {cpus} CPUs): the encode shared its "
+              f"cores and ran slower; --threads N with N below {threads} may be faster.", file=sys.stderr)

@@ -14,7 +14,8 @@ import os
 import time
 
 from ..errors import UserError
-from .options import DefaultsHelpFormatter, add_model_options, positive_int, silence_progress_bars
+from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, positive_int,
+                      silence_progress_bars)
 
 
 def register(subparsers) -> None:
@@ -83,6 +84,7 @@ def load_encoder(args):
     """
     if args.no_progress:
         silence_progress_bars()  # before loading: transformers draws its "Loading weights" bar there
+    apply_threads(args.threads)
     import torch
 
     from ..encoder import LLM2Vec
@@ -95,6 +97,12 @@ def load_encoder(args):
                                        **encoder_args)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise UserError(f"cannot load model {args.model!r}: {error}") from None
+
+
+def check_models(args) -> None:
+    """Refuse a local --model / --peft-model path that does not exist before anything is imported or read."""
+    check_model_path(args.model, "--model")
+    check_model_path(args.peft_model, "--peft-model")
 
 
 def _model_info(args, encoder) -> dict:
@@ -119,6 +127,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     Correlates cosine similarity with the human scores of each pair set (the --data files, the --builtin sets,
     Lee et al. when neither is given), prints the table and writes it as JSON to --output when given.
     """
+    check_models(args)
     from ..evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
         read_pairs
 
@@ -153,6 +162,7 @@ def run_probe(args: argparse.Namespace) -> int:
     Trains a word-level linear probe on the labels of one column of args.train, scores it on every --eval file,
     prints the results and writes them as JSON to --output when given.
     """
+    check_models(args)
     from ..evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
     from ..evaluation.probe import run_probe as probe
 

@@ -1,13 +1,19 @@
 """What the subcommands share: `add_model_options` (the options that choose and configure the model),
-`positive_int` (argparse type), `DefaultsHelpFormatter` (``--help`` shows each default once) and
-`silence_progress_bars` (what ``--no-progress`` does beyond our own bars)."""
+`positive_int` (argparse type), `DefaultsHelpFormatter` (``--help`` shows each default once),
+`silence_progress_bars` (what ``--no-progress`` does beyond our own bars), `check_model_path` (a missing local
+model, refused before anything loads) and `apply_threads` (``--threads``).
+
+Nothing here imports torch at import time: the parser must be built, and argument errors reported, at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from ..batching import POOLING_MODES
-from ..default_model import DEFAULT_MODEL_NAME
+from ..default_model import DEFAULT_MODEL_NAME, is_default_model_name
+from ..errors import UserError
+from .choices import DEFAULT_MAX_BATCH_TOKENS, POOLING_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 
@@ -49,8 +55,8 @@ def silence_progress_bars() -> None:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that choose and configure the encoder to `parser`: --model, --peft-model, --pooling,
-    --dtype, --max-length, --max-batch-tokens and --device (each unset one leaves the choice to the model, or to
-    the library's default for the device)."""
+    --dtype, --max-length, --max-batch-tokens, --device and --threads (each unset one leaves the choice to the
+    model, or to the library's default for the device)."""
     parser.add_argument("--model", default=DEFAULT_MODEL_NAME,
                         help=f"model directory or Hugging Face id, or '{DEFAULT_MODEL_NAME}' for the embedded model; "
                              f"for the released two-adapter layout, the MNTP directory (base config + adapter)")
@@ -72,11 +78,46 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: cuda when CUDA is present, else cpu; encode under "
                              "torchrun: cuda:LOCAL_RANK)")
+    add_threads_option(parser)
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Add --threads (the CPU threads torch uses) to `parser`; `apply_threads` applies it."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice, OMP_NUM_THREADS or one per core); on "
+                             "a machine other processes share, fewer threads than cores can be faster")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count to --threads (None: leave torch's choice). Imports torch."""
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _batch_tokens_help() -> str:
-    # Computed from the encoder's table, so that --help cannot go stale when a default budget changes.
-    from ..encoder import DEFAULT_MAX_BATCH_TOKENS as budgets
-
+    # From the table of the encoder's defaults (copied into choices.py, which a test keeps equal to the
+    # encoder's), so that --help neither goes stale nor imports torch.
+    budgets = DEFAULT_MAX_BATCH_TOKENS
     return (f"tokens per batch (default: {budgets['cpu']} on CPU with float32 matmuls, {budgets['cpu-bf16']} with "
             f"bf16 ones (--dtype bfloat16 or mixed), {budgets['cuda']} on CUDA)")
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` can only mean a local path: it starts with /, ~ or a dot, holds a backslash or more than
+    one slash, or ends with one. A Hugging Face id is "name" or "owner/name" and never looks like this."""
+    return (name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or (os.sep != "/" and os.sep in name))
+
+
+def check_model_path(name: str | None, option: str = "--model") -> None:
+    """Refuse a model that names a local path that does not exist, before anything is loaded (a Hugging Face id
+    is left to the loader, which looks it up in the local cache). Raises UserError naming the fix."""
+    if not name or is_default_model_name(name) or os.path.exists(name):
+        return
+    if looks_like_path(name):
+        raise UserError(f"{option} {name!r}: no such directory. Pass the directory that holds the model's "
+                        f"config.json (or an adapter's adapter_config.json), a Hugging Face id (owner/name) that is "
+                        f"in the local cache, or '{DEFAULT_MODEL_NAME}' for the embedded model.")

@@ -5,15 +5,19 @@ them, or is one of the llm2vec reference's training configs (mapped onto them, s
 flags below override the most common ones. Output: the adapter in the released LLM2Vec layout,
 a loss log (train_log.jsonl), checkpoints every --save-steps steps, and --resume to continue a killed run.
 A non-empty --output is refused unless --resume continues or --overwrite replaces the run there.
+--max-length limits the training texts only: train_config.json records it, and the adapter's llm2vec_config.json
+(the defaults it is encoded with) gets it only with --save-max-length. Options, --data, --model paths and --output
+are checked before torch is imported and any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
-from .options import silence_progress_bars
+from .options import add_threads_option, apply_threads, check_model_path, silence_progress_bars
 from ..errors import UserError
 from ..settings import Ranks
 from ..train.config import DTYPES, STAGES, ConfigWarning, TrainConfig, stage_defaults, stages_using
@@ -34,7 +38,7 @@ _FLAGS = {
     "--seed": (int, "random seed"),
     "--block-size": (int, "tokens per block"),
     "--mlm-probability": (float, "share of tokens masked"),
-    "--max-length": (int, "tokens per text"),
+    "--max-length": (int, "tokens per training text (the model keeps its own default: see --save-max-length)"),
     "--attention-dropout": (float, "attention-probability dropout"),
     "--gradcache-chunk": (int, "examples per GradCache chunk (0: the whole batch at once)"),
     "--text-field": (str, "jsonl: the text field"),
@@ -69,8 +73,13 @@ def register(subparsers) -> None:
                         help="continue the run in --output from its newest intact checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the training run in --output (only the files training wrote are removed)")
+    parser.add_argument("--save-max-length", action="store_true",
+                        help="simcse/supervised: also make --max-length the trained model's inference default (its "
+                             "llm2vec_config.json); without it, --max-length only limits the training texts and is "
+                             "recorded in train_config.json")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (neither ours nor transformers' and huggingface_hub's)")
+    add_threads_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -92,29 +101,55 @@ def _default_help(flag: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Train args.stage into --output with the options of --config, overridden by the flags; returns 0.
 
-    Prints the first and last step's loss. Bad options or data raise UserError.
+    Prints the first and last step's loss. Bad options or data raise UserError, the ones that need no model
+    (options, --data, --model paths, --output) before torch is imported.
     """
     from ..train.data import DataError
-    from ..train.loop import train
-    from ..train.output import check_output
+    from ..train.output import check_output, drop_training_limits
 
-    if args.no_progress:
-        silence_progress_bars()
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _FLAGS}
     if args.no_gradient_checkpointing:
         overrides["gradient_checkpointing"] = False
     try:
         config = _read_config(args.stage, args.config, overrides)
+        check_inputs(args.stage, config, args.save_max_length)
         check_output(config, args.resume, args.overwrite)  # before minutes of loading; train() checks again
+        if args.no_progress:
+            silence_progress_bars()
+        apply_threads(args.threads)
+        from ..train.loop import train
+
         stage = _make_stage(args.stage, config)
         losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress,
                        overwrite=args.overwrite)
     except (DataError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
+    if args.stage != "mntp" and not args.save_max_length and Ranks.from_env().is_main:
+        drop_training_limits(config.output)  # --max-length limited the training texts, not the model's inputs
     if losses:
         print(f"{args.stage}: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
               f"adapter written to {config.output}")
     return 0
+
+
+def check_inputs(stage: str, config, save_max_length: bool) -> None:
+    """Refuse, before any model loads, what training would fail on later: a --data file that is missing, a
+    directory or unreadable, a local --model / --peft-model path that does not exist, and --save-max-length for
+    the MNTP stage (which has no --max-length). Raises UserError."""
+    if save_max_length and stage == "mntp":
+        raise UserError("--save-max-length saves the --max-length of simcse or supervised training; mntp has no "
+                        "--max-length. Remove --save-max-length.")
+    data = config.data
+    if not os.path.exists(data):
+        kinds = ("a .jsonl file with query and positive fields" if stage == "supervised" else
+                 "a .txt file (one text per line) or a .jsonl file")
+        raise UserError(f"--data {data!r}: no such file. Pass the training data: {kinds}.")
+    if os.path.isdir(data):
+        raise UserError(f"--data {data!r} is a directory; pass the training data file (.txt or .jsonl) in it.")
+    if not os.access(data, os.R_OK):
+        raise UserError(f"--data {data!r} is not readable (check its permissions).")
+    check_model_path(config.model, "--model")
+    check_model_path(config.peft_model, "--peft-model")
 
 
 def _read_config(stage: str, path: str | None, overrides: dict):

@@ -18,6 +18,11 @@ from ..loading import resolve_directory
 from ..files import is_plain_name, remove_entry, remove_orphans, write_atomic
 
 RUN_CONFIG = "train_config.json"
+INFERENCE_CONFIG = "llm2vec_config.json"  # the encoder defaults a trained model is loaded with
+# Keys of INFERENCE_CONFIG that a contrastive stage's save copies from its training options, but that describe the
+# training run rather than the model (RUN_CONFIG keeps them): saved as inference defaults, --max-length 32 would cut
+# every later encode of the model to 32 tokens.
+TRAINING_LIMITS = ("max_length",)
 OUTPUT_LIST = "train_output.json"  # the names of the files the final save moved into the directory
 CHECKPOINTS = "checkpoints"
 # What a stage's save always writes (also removed by --overwrite when OUTPUT_LIST is absent, e.g. after a kill).
@@ -98,6 +103,21 @@ def owned_files(output: str, log_file: str) -> list[str]:
             listed = []  # a damaged list names nothing; foreign files must never be removed on its word
         names.update(name for name in listed if is_plain_name(name))
     return sorted(name for name in names if os.path.lexists(os.path.join(output, name)))
+
+
+def drop_training_limits(output: str) -> None:
+    """Remove TRAINING_LIMITS from the INFERENCE_CONFIG a finished run saved in `output` (rewritten atomically;
+    nothing to do without the file or the keys), so that the model encodes with the loader's defaults."""
+    path = os.path.join(output, INFERENCE_CONFIG)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # no file, or not ours to fix: loading it names the problem
+    if not isinstance(config, dict) or not any(key in config for key in TRAINING_LIMITS):
+        return
+    kept = {key: value for key, value in config.items() if key not in TRAINING_LIMITS}
+    write_atomic(path, (json.dumps(kept, indent=4) + "\n").encode())
 
 
 def record_outputs(output: str, names: list[str]) -> None:
