@@ -92,10 +92,12 @@ def default_model_dir() -> str:
 def _convert_gguf(source: str, output_dir: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .model_checks import NO_REMOTE_CODE
+
     folder, name = os.path.split(source)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, use_kernels=False)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, **NO_REMOTE_CODE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, use_kernels=False, **NO_REMOTE_CODE)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, **NO_REMOTE_CODE)
     # The GGUF-loaded model keeps a quantization_config that forbids saving; a fresh model from the same config
     # (without it) holds the de-quantised weights instead.
     if hasattr(config, "quantization_config"):

@@ -57,6 +57,12 @@ def run(config: EncodeJobConfig) -> int:
     fingerprint = run_fingerprint(config, model_dir, adapter_dir)
     output = OutputDir(config.output, ranks.rank, config.output_format,
                        columns(spec).id_kind if is_table(spec) else None)
+    with output.lock():  # one run per output directory, from here to the manifest
+        return _run_locked(config, spec, ranks, model_dir, fingerprint, output)
+
+
+def _run_locked(config: EncodeJobConfig, spec, ranks: Ranks, model_dir: str, fingerprint: dict,
+                output: OutputDir) -> int:
     output.check(fingerprint, config.overwrite)
     if not config.overwrite and output.is_complete():
         if spec.is_stdin:

@@ -40,6 +40,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import UserError
+from ..output_lock import LOCK_FILE, OutputLock
 from ..files import TEMP_MARK, create_exclusive, remove_if_present, sha256_file, write_atomic
 from .fingerprint import fingerprint_differences
 from .layout import FINGERPRINT, LINE_NUMBERS, MANIFEST, PROGRESS_DIR, SHARD_DIR, WRITTEN_BY, shard_stem
@@ -99,6 +100,11 @@ class OutputDir:
 
     # -------------------------------------------------------------------------------------------- setup
 
+    def lock(self) -> OutputLock:
+        """This rank's lock on the directory (created if needed), to hold while the run writes (output_lock.py)."""
+        self._check_writable()
+        return OutputLock(self.path, self.rank, "llm2vec-fast encode")
+
     def check(self, fingerprint: dict, overwrite: bool) -> None:
         """Refuse an output directory that we did not write, or (unless overwrite) holds shards made with other
         arguments. A directory is ours only if its fingerprint.json says so; any other non-empty directory is
@@ -151,7 +157,7 @@ class OutputDir:
         stored = self.read_fingerprint()
         if stored is not None:
             return stored
-        foreign = sorted(n for n in os.listdir(self.path) if not _is_leftover(n))
+        foreign = sorted(n for n in os.listdir(self.path) if not _is_leftover(n) and not LOCK_FILE.fullmatch(n))
         if not foreign:
             return None
         why = (f"its {FINGERPRINT} lacks our \"written_by\": \"{WRITTEN_BY}\" mark (so do outputs of older "
