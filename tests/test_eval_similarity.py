@@ -8,7 +8,7 @@ import pytest
 
 from llm2vec_fast.cli import main as cli_main
 from llm2vec_fast.evaluation.similarity import (PairsDataError, ScoredPairs, bootstrap_correlations, evaluate_pairs,
-                                                lee_pairs, pearson, rankdata, read_pairs, spearman,
+                                                format_table, lee_pairs, pearson, rankdata, read_pairs, spearman,
                                                 text_bootstrap_indices, word_pairs)
 
 HAS_GENSIM = importlib.util.find_spec("gensim") is not None
@@ -206,3 +206,53 @@ def test_evaluate_pairs_keeps_cosines_on_request():
     result = evaluate_pairs(lambda texts: np.stack([vectors[t] for t in texts]), pairs, keep_cosines=True)
     assert result["cosines"].shape == (len(pairs),)
     assert spearman(result["cosines"], pairs.scores) == pytest.approx(result["spearman"])
+
+
+# ------------------------------------------------------------------------------- reliability (issue 22)
+
+PAIRS = "sentence1\tsentence2\tscore\nthe cat sat\ta cat sat\t4.5\nthe dog ran\tmusic and song\t0.5\nred car\tblue car\t3\n"
+
+
+@pytest.mark.parametrize("score", ["4_0", "\u0664", "4.0\u0660", "1e", "0x10"])
+def test_scores_are_ascii_numbers_only(tmp_path, score):
+    path = write(tmp_path / "pairs.tsv", f"sentence1\tsentence2\tscore\na\tb\t1\nc\td\t{score}\n")
+    with pytest.raises(PairsDataError, match=r"pairs.tsv:3: score .* is not a number"):
+        read_pairs(path)
+
+
+def test_constant_gold_scores_are_refused_naming_the_file(tmp_path):
+    path = write(tmp_path / "flat.tsv", "a\tb\t3\nc\td\t3\ne\tf\t3\n")
+    with pytest.raises(PairsDataError, match=r"flat.tsv: all 3 scores are 3: a correlation with constant scores is "
+                                             r"undefined"):
+        read_pairs(path)
+
+
+def test_constant_cosines_are_null_in_json_and_na_in_the_table():
+    pairs = ScoredPairs("toy", ["a", "b", "c"], ["d", "e", "f"], np.array([0.9, 0.5, 0.1]))
+    result = evaluate_pairs(lambda texts: np.ones((len(texts), 4)), pairs)
+    assert result["pearson"] is None and result["spearman"] is None and "same cosine" in result["undefined"]
+    assert json.loads(json.dumps(result, allow_nan=False))["pearson"] is None
+    assert "n/a" in format_table([result])
+
+
+@pytest.mark.parametrize("where", ["link", "input", "model-dir", "directory"])
+def test_eval_output_never_destroys_a_file_it_should_not_write(llama_dir, tmp_path, capsys, where):
+    import shutil
+
+    data = write(tmp_path / "pairs.tsv", PAIRS)
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    victim = tmp_path / "victim.json"
+    victim.write_text("precious")
+    output = {"link": tmp_path / "link.json", "input": tmp_path / "pairs.tsv", "model-dir": model / "config.json",
+              "directory": tmp_path}[where]
+    if where == "link":
+        output.symlink_to(victim)
+    before = {p: p.read_bytes() for p in (victim, tmp_path / "pairs.tsv", model / "config.json")}
+    assert cli_main(["eval", "similarity", "--model", str(model), "--data", data, "--output", str(output),
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    expected = {"link": "is a symbolic link", "input": "is the input file", "model-dir": "inside the model directory",
+                "directory": "is a directory"}[where]
+    assert expected in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in before} == before

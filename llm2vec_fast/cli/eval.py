@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -110,15 +111,50 @@ def _model_info(args, encoder) -> dict:
             "pooling": encoder.pooling_mode, "dtype": args.dtype, "max_length": encoder.max_length}
 
 
+def check_output(path: str | None, inputs: list, models: list) -> None:
+    """Refuse an --output that is a link, one of the input files, or inside a model directory, before any work:
+    writing there would follow the link or destroy the input or the model."""
+    if not path:
+        return
+    if os.path.islink(path):
+        raise UserError(f"--output {path!r} is a symbolic link; pass the path of a regular file.")
+    if os.path.isdir(path):
+        raise UserError(f"--output {path!r} is a directory; pass a file name such as results.json.")
+    target = os.path.realpath(path)
+    for name in inputs:
+        if name and os.path.exists(name) and os.path.realpath(name) == target:
+            raise UserError(f"--output {path!r} is the input file {name!r}; writing the results would destroy it. "
+                            f"Pass another --output.")
+    for model in models:
+        if model and os.path.isdir(model):
+            root = os.path.realpath(model)
+            if os.path.commonpath([target, root]) == root:
+                raise UserError(f"--output {path!r} is inside the model directory {model!r}; writing there could "
+                                f"replace a model file. Pass an --output outside it.")
+
+
 def _write(path: str | None, payload: dict) -> None:
+    """Write the results as JSON, atomically (no half-written file) and never through a link; JSON has no NaN:
+    an undefined value is null."""
+    from ..files import write_atomic
+
     if not path:
         return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
+    write_atomic(path, (json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n").encode("utf-8"))
     print(f"results written to {path}")
+
+
+def _json_safe(value):
+    """`value` with every non-finite float (an undefined metric) as None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def run_similarity(args: argparse.Namespace) -> int:
@@ -128,6 +164,7 @@ def run_similarity(args: argparse.Namespace) -> int:
     Lee et al. when neither is given), prints the table and writes it as JSON to --output when given.
     """
     check_models(args)
+    check_output(args.output, args.data, [args.model, args.peft_model])
     from ..evaluation.similarity import BUILTIN_PAIRS, PairsDataError, encoder_embed, evaluate_pairs, format_table, \
         read_pairs
 
@@ -163,6 +200,7 @@ def run_probe(args: argparse.Namespace) -> int:
     prints the results and writes them as JSON to --output when given.
     """
     check_models(args)
+    check_output(args.output, [args.train, *args.eval], [args.model, args.peft_model])
     from ..evaluation.probe import TASK_COLUMNS, ConllDataError, ProbeConfig, format_results, read_conll
     from ..evaluation.probe import run_probe as probe
 

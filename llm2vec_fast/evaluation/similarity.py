@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -106,7 +107,7 @@ def read_pairs(path: str, score_field: str = "score") -> ScoredPairs:
         raise PairsDataError(str(error)) from None
     if len(pairs) < 2:
         raise PairsDataError(f"{path}: {len(pairs)} scored pair(s); a correlation needs at least 2")
-    return pairs
+    return check_scores_vary(pairs, path)
 
 
 def _read_jsonl_pairs(path: str, score_field: str) -> ScoredPairs:
@@ -162,11 +163,13 @@ def _plain_columns(cells: list[str], path: str, number: int) -> tuple[int, int, 
     raise PairsDataError(f"{path}:{number}: no numeric score in the first or last column")
 
 
+# A score as people write it: ASCII digits, an optional sign, point and exponent. Python's float() also takes
+# "4_0" (40.0) and other scripts' digits ("٤" is 4.0), which in a data file are typos or foreign columns.
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
+
+
 def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
+    return bool(_NUMBER.fullmatch(text)) and math.isfinite(float(text))
 
 
 def _score(value, path: str, number: int, field: str) -> float:
@@ -178,6 +181,9 @@ def _score(value, path: str, number: int, field: str) -> float:
         raise PairsDataError(f"{path}:{number}: {field} {value!r} is not a number") from None
     if not math.isfinite(score):
         raise PairsDataError(f"{path}:{number}: {field} {value!r} is not a finite number")
+    if isinstance(value, str) and not _NUMBER.fullmatch(value):
+        raise PairsDataError(f"{path}:{number}: {field} {value!r} is not a number (write it with ASCII digits, "
+                             f"e.g. 4.0)")
     return score
 
 
@@ -244,8 +250,11 @@ def evaluate_pairs(embed: Callable[[list[str]], np.ndarray], pairs: ScoredPairs,
     a = embeddings[[index[t] for t in pairs.sentences1]]
     b = embeddings[[index[t] for t in pairs.sentences2]]
     cosines = cosine_rows(a, b)
-    result = {"name": pairs.name, "pairs": len(pairs), "pearson": pearson(cosines, pairs.scores),
-              "spearman": spearman(cosines, pairs.scores), "mean_cosine": float(cosines.mean())}
+    result = {"name": pairs.name, "pairs": len(pairs), "pearson": _defined(pearson(cosines, pairs.scores)),
+              "spearman": _defined(spearman(cosines, pairs.scores)), "mean_cosine": float(cosines.mean())}
+    if result["pearson"] is None:
+        # The gold scores are checked when read (`check_scores_vary`): constant cosines are the model's.
+        result["undefined"] = "the model gives every pair the same cosine, so no correlation is defined"
     if keep_cosines:
         result["cosines"] = cosines
     return result
@@ -337,5 +346,23 @@ def format_table(results: list[dict], title: str = "") -> str:
     width = max([len("data")] + [len(r["name"]) for r in results])
     lines.append(f"{'data':<{width}}  {'pairs':>6}  {'pearson':>8}  {'spearman':>8}")
     for r in results:
-        lines.append(f"{r['name']:<{width}}  {r['pairs']:>6}  {100 * r['pearson']:>8.2f}  {100 * r['spearman']:>8.2f}")
+        lines.append(f"{r['name']:<{width}}  {r['pairs']:>6}  {_percent(r['pearson'])}  {_percent(r['spearman'])}"
+                     + (f"  ({r['undefined']})" if r.get("undefined") else ""))
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return f"{'n/a':>8}" if value is None else f"{100 * value:>8.2f}"
+
+
+def _defined(correlation: float):
+    """A correlation, or None where it is undefined (nan: a constant side): JSON has no NaN."""
+    return None if math.isnan(correlation) else correlation
+
+
+def check_scores_vary(pairs: ScoredPairs, path: str) -> ScoredPairs:
+    """Refuse a pair set whose gold scores are all equal: no correlation with them is defined, for any model."""
+    if len(pairs) and np.ptp(pairs.scores) == 0:
+        raise PairsDataError(f"{path}: all {len(pairs)} scores are {pairs.scores[0]:g}: a correlation with constant "
+                             f"scores is undefined for any model. Use a pair file with graded scores.")
+    return pairs
