@@ -90,6 +90,9 @@ def resolve_directory(name_or_path: str, what: str = "model", *, cache_dir=None,
         return _in_subfolder(name_or_path, subfolder, what)
     if os.path.exists(name_or_path):
         raise ValueError(f"{what} path {name_or_path!r} is a file; pass the directory that holds config.json.")
+    if looks_like_path(name_or_path):  # not a hub id: no `hf download` hint
+        raise FileNotFoundError(f"{what} {name_or_path!r}: no such directory. Pass the directory that holds the "
+                                f"model's config.json (or an adapter's adapter_config.json).")
     from huggingface_hub import snapshot_download
 
     try:
@@ -97,6 +100,13 @@ def resolve_directory(name_or_path: str, what: str = "model", *, cache_dir=None,
     except Exception:
         raise FileNotFoundError(_not_cached_message(name_or_path, what, cache_dir, revision)) from None
     return _in_subfolder(snapshot, subfolder, what)
+
+
+def looks_like_path(name: str) -> bool:
+    """True when `name` can only mean a local path: it starts with /, ~ or a dot, holds a backslash or more than
+    one slash, or ends with one. A Hugging Face id is "name" or "owner/name" and never looks like this."""
+    return (name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+            or (os.sep != "/" and os.sep in name))
 
 
 def _in_subfolder(directory: str, subfolder: str | None, what: str) -> str:

@@ -163,8 +163,10 @@ def test_adapter_for_another_base_is_rejected(llama_dir, tmp_path):
 
 
 def test_bad_model_directories(tmp_path, llama_dir):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(FileNotFoundError, match="missing': no such directory"):
         load(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="never downloads"):  # a hub id that is not in the local cache
+        load("no-owner/no-such-model", cache_dir=str(tmp_path / "hub"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load(str(tmp_path / "empty"))
@@ -182,3 +184,10 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="llama, mistral, qwen2, gemma"):
         load(str(tmp_path / "gpt2"))
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "models/v1/final"])
+def test_a_missing_local_path_gets_no_hub_download_hint(name):
+    with pytest.raises(FileNotFoundError, match="no such directory") as raised:
+        load(name)
+    assert "hf download" not in str(raised.value)

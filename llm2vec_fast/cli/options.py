@@ -13,6 +13,7 @@ import os
 
 from ..default_model import DEFAULT_MODEL_NAME, is_default_model_name
 from ..errors import UserError
+from ..loading import looks_like_path
 from .choices import DEFAULT_MAX_BATCH_TOKENS, POOLING_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
@@ -103,13 +104,6 @@ def _batch_tokens_help() -> str:
     budgets = DEFAULT_MAX_BATCH_TOKENS
     return (f"tokens per batch (default: {budgets['cpu']} on CPU with float32 matmuls, {budgets['cpu-bf16']} with "
             f"bf16 ones (--dtype bfloat16 or mixed), {budgets['cuda']} on CUDA)")
-
-
-def looks_like_path(name: str) -> bool:
-    """True when `name` can only mean a local path: it starts with /, ~ or a dot, holds a backslash or more than
-    one slash, or ends with one. A Hugging Face id is "name" or "owner/name" and never looks like this."""
-    return (name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-            or (os.sep != "/" and os.sep in name))
 
 
 def check_model_path(name: str | None, option: str = "--model") -> None:
