@@ -275,7 +275,7 @@ def _write_choice(key: str, value: dict) -> None:
     data = _read_choices()
     data[key] = value
     try:
-        os.makedirs(os.path.dirname(_choice_path()), exist_ok=True)
+        os.makedirs(os.path.dirname(_choice_path()), mode=0o700, exist_ok=True)  # private: see native.py
         write_atomic(_choice_path(), json.dumps(data, indent=1, sort_keys=True).encode())
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time

@@ -72,7 +72,7 @@ def default_model_dir() -> str:
         return target
     source = gguf_path()
     logger.warning("Converting the embedded SmolLM2-135M (GGUF) into %s once; this takes about 30 s.", target)
-    os.makedirs(cache_root(), exist_ok=True)
+    os.makedirs(cache_root(), mode=0o700, exist_ok=True)  # private: native.py refuses a writable-by-others cache
     # Convert into a temporary sibling and rename at the end, so an interrupted conversion never leaves a
     # half-written directory that a later run would trust.
     staging = tempfile.mkdtemp(prefix=".SmolLM2-135M-Instruct.", dir=cache_root())
