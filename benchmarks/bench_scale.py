@@ -36,7 +36,7 @@ from harness import git_commit  # noqa: E402
 
 ENGINES = ("single", "torchrun2", "ray2")
 # Not in the default set: one process with torch's default thread count (all cores). On a machine whose cores are
-# busy with other work, OpenMP's spinning threads make it far slower than one thread (see README, Scaling out).
+# busy with other work, OpenMP's spinning threads make it far slower than one thread (see docs/performance.md, Scaling out).
 EXTRA_ENGINES = ("single-allthreads",)
 
 

@@ -1,7 +1,7 @@
 """`LLM2Vec`: the drop-in replacement for `llm2vec.LLM2Vec` (0.2.3), on current transformers.
 
 Same constructor, `from_pretrained`, `tokenize`, `forward`, `encode` and `save`; the differences are bug fixes
-listed in the README ("Differences from llm2vec"). Encoding is padding-free by default: the texts of a batch are
+listed in docs/differences.md. Encoding is padding-free by default: the texts of a batch are
 packed into one row and attention runs per text (engine="packed"); engine="padded" runs classic right-padded
 batches through PyTorch SDPA with an explicit mask (used for causal models and as the comparison baseline).
 """

@@ -81,6 +81,7 @@ def test_sdist_carries_the_sources_and_the_build_files(dists):
     expected = set(_sources("llm2vec_fast", (".py",)) + _sources("kernels", (".py",)) + _sources("csrc", (".cpp",)))
     expected |= {"pyproject.toml", "setup.py", "LICENSE", "README.md", "CHANGELOG.md", "tests/conftest.py",
                  "tests/kernels/conftest.py"}
+    expected |= {str(path.relative_to(REPO)) for path in (REPO / "docs").glob("*.md")}
     assert expected - names == set(), f"missing from the sdist: {sorted(expected - names)}"
 
 

@@ -7,7 +7,7 @@ from llm2vec_fast import LLM2Vec
 
 
 def test_default_token_budget_follows_the_matmul_dtype():
-    """CPU: 1024 tokens for fp32 GEMMs, 4096 for bf16 ones (pure bf16 or the mixed mode), as measured (README)."""
+    """CPU: 1024 tokens for fp32 GEMMs, 4096 for bf16 ones (pure bf16 or the mixed mode), as measured (docs/performance.md)."""
     from llm2vec_fast.precision import DEFAULT_MAX_BATCH_TOKENS, default_max_batch_tokens
 
     assert default_max_batch_tokens("cpu") == default_max_batch_tokens("cpu", torch.float32) == 1024

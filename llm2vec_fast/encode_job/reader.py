@@ -30,7 +30,7 @@ def load_embeddings(output_dir: str, mmap: bool = False,
     mmap: return the embeddings as a `StackedRows` view over the memory-mapped .npy shards instead of one array:
     nothing is copied or read until rows are indexed (``view[i:j]``, ``view[ids]``); `np.asarray(view)` makes the
     full copy. Parquet output (--output-format parquet) is read whole into one array; mmap=True is refused for it
-    (read it with pyarrow or datasets, which map it themselves; see the README).
+    (read it with pyarrow or datasets, which map it themselves; see docs/cli.md).
     Every file read must lie inside output_dir (links included), and every shard must agree with the manifest
     and with line_numbers.npy; otherwise ValueError names the file.
     verify: also check each file's sha256 against the manifest (a shard swapped, replaced by another run's or

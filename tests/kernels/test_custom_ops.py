@@ -33,7 +33,7 @@ def test_pooling_ops_pass_opcheck():
     starts, ends = (torch.tensor(r, dtype=torch.int32, device=DEVICE) for r in ([0, 5, 3], [5, 12, 3]))
     # As for attention, test_aot_dispatch_dynamic differentiates through the op: that covers the backward op and its
     # fake. A direct opcheck of the backward op passes alone but, after the rest of the suite in one process, failed
-    # with "doesn't have a schema registered yet" inside opcheck's schema test (cause not found; see the README's
+    # with "doesn't have a schema registered yet" inside opcheck's schema test (cause not found; see docs/development.md,
     # Tests section), so it is not run here.
     torch.library.opcheck(pooling.segment_pool_forward_op, (x, starts, ends, True, torch.float32))
 
