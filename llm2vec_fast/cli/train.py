@@ -4,7 +4,8 @@ Every hyper-parameter lives in TrainConfig (train/config.py); a config file (--c
 them, or is one of the llm2vec reference's training configs (mapped onto them, see reference_config.REFERENCE_KEYS), and the
 flags below override the most common ones. Output: the adapter in the released LLM2Vec layout,
 a loss log (train_log.jsonl), checkpoints every --save-steps steps, and --resume to continue a killed run.
-A non-empty --output is refused unless --resume continues or --overwrite replaces the run there.
+A non-empty --output is refused unless --resume continues or --overwrite replaces the run there; an --output
+another run is writing to is refused, naming that run; --resume refuses a run whose data or model files changed.
 --max-length limits the training texts only: train_config.json records it, and the adapter's llm2vec_config.json
 (the defaults it is encoded with) gets it only with --save-max-length. Options, --data, --model paths and --output
 are checked before torch is imported and any model loads.
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     (options, --data, --model paths, --output) before torch is imported.
     """
     from ..train.data import DataError
-    from ..train.output import check_output, drop_training_limits
+    from ..train.output import check_same_inputs, drop_training_limits, hold_output
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _FLAGS}
     if args.no_gradient_checkpointing:
@@ -113,19 +114,22 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = _read_config(args.stage, args.config, overrides)
         check_inputs(args.stage, config, args.save_max_length)
-        check_output(config, args.resume, args.overwrite)  # before minutes of loading; train() checks again
-        if args.no_progress:
-            silence_progress_bars()
-        apply_threads(args.threads)
-        from ..train.loop import train
+        # Checked and locked before minutes of loading, held to the end; train() checks again under the same hold.
+        with hold_output(config, args.resume, args.overwrite):
+            if args.resume:
+                check_same_inputs(config)  # the data and model files are the run's, before the model loads
+            if args.no_progress:
+                silence_progress_bars()
+            apply_threads(args.threads)
+            from ..train.loop import train
 
-        stage = _make_stage(args.stage, config)
-        losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress,
-                       overwrite=args.overwrite)
+            stage = _make_stage(args.stage, config)
+            losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress,
+                           overwrite=args.overwrite)
+            if args.stage != "mntp" and not args.save_max_length and Ranks.from_env().is_main:
+                drop_training_limits(config.output)  # --max-length limited the training texts, not the model's
     except (DataError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
-    if args.stage != "mntp" and not args.save_max_length and Ranks.from_env().is_main:
-        drop_training_limits(config.output)  # --max-length limited the training texts, not the model's inputs
     if losses:
         print(f"{args.stage}: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
               f"adapter written to {config.output}")

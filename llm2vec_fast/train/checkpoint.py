@@ -13,6 +13,13 @@ A checkpoint is built in a temporary directory and renamed to `step-N` once comp
 a `step-N` only if checkpoint.json lists every file with the size and hash it has now, and otherwise falls back
 to the next older one, saying which it skipped. Loading reads safetensors and JSON only, so a planted file can at
 worst be refused; a pickle (`trainer_state.pt` of older versions, or planted) is refused by name.
+
+Consistent hashes prove only that the files are those the manifest lists, so a crafted checkpoint passes them:
+its content is checked too, and one that does not decode (a bad safetensors header, JSON nested 100k deep) or
+is not a trainer state of its step (keys missing, a step that is not a whole number or not its directory's, an
+RNG state that no generator takes) is skipped like a damaged one, named with the reason; never a traceback.
+What depends on the model (tensor shapes, the optimizer's parameters) is checked where it is applied
+(loop._restore).
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ import sys
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import faults
@@ -85,21 +91,55 @@ def clean_checkpoints(checkpoints: str) -> None:
                 remove_entry(os.path.join(checkpoints, name))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint whose files are whole but whose content is not a state this run can continue from (a crafted
+    or foreign checkpoint); the message says why."""
+
+
 def find_checkpoint(checkpoints: str, report: bool = True) -> tuple[str, dict] | None:
-    """(directory, state) of the newest intact checkpoint, or None. Damaged or incomplete ones are skipped (named
-    on stderr when `report`); a checkpoint holding a pickle is refused with a UserError."""
+    """(directory, state) of the newest intact checkpoint, or None. Damaged, incomplete or inconsistent ones are
+    skipped (named on stderr when `report`); a checkpoint holding a pickle is refused with a UserError."""
+    for directory, state, problem in checkpoint_candidates(checkpoints):
+        if problem is None:
+            return directory, state
+        if report:
+            report_skipped(directory, problem)
+    return None
+
+
+def checkpoint_candidates(checkpoints: str):
+    """(directory, state, None) for each `step-N`, newest first, whose files are whole (`verify`) and whose state
+    decodes and is consistent (`load_state`); (directory, None, what is wrong) for any other. Never raises for a
+    checkpoint's content, except a pickle in it: a UserError (it is refused by name, never loaded)."""
     for step, directory in _step_directories(checkpoints):
         _refuse_pickles(directory)
         problem = verify(directory, step)
-        if problem is None:
-            try:
-                return directory, load_state(directory)
-            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
-                # Intact as written but not a state we wrote (a crafted or foreign checkpoint).
-                problem = f"its trainer state does not decode ({type(error).__name__}: {error})"
-        if report:
-            print(f"skipping checkpoint {directory}: {problem}; falling back to an older one", file=sys.stderr)
-    return None
+        if problem is not None:
+            yield directory, None, problem
+            continue
+        try:
+            state = load_state(directory, step)
+        except Exception as error:  # noqa: BLE001 - crafted content may fail anywhere; it is skipped, named
+            yield directory, None, describe_error(error)
+            continue
+        yield directory, state, None
+
+
+def report_skipped(directory: str, problem: str) -> None:
+    """Say on stderr that checkpoint `directory` is skipped, and why."""
+    print(f"skipping checkpoint {directory}: {problem}; falling back to an older one", file=sys.stderr)
+
+
+def describe_error(error: BaseException) -> str:
+    """Why a checkpoint was refused, on one line, for an exception raised while reading or applying it."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    if isinstance(error, RecursionError):
+        return "its trainer state is nested too deeply to read (not a state llm2vec-fast wrote)"
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return f"its trainer state does not decode ({type(error).__name__}: {text})"
 
 
 def verify(directory: str, step: int) -> str | None:
@@ -139,14 +179,60 @@ def _check_file(directory: str, name, expected) -> str | None:
     return None
 
 
-def load_state(directory: str) -> dict:
-    """The trainer state of a verified checkpoint (see `encode_state`)."""
+def load_state(directory: str, step: int | None = None) -> dict:
+    """The trainer state of a verified checkpoint (see `encode_state`), of `step` when given. A state that is not
+    one we wrote (a crafted or foreign checkpoint: keys missing, a step that is not its directory's, an RNG state
+    that is none) raises CheckpointError; undecodable content raises what the decoder raised."""
     with open(os.path.join(directory, STATE_JSON)) as f:
         meta = json.load(f)
     state = decode_state(meta, load_file(os.path.join(directory, STATE_TENSORS)))
-    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
-        raise ValueError(f"{STATE_JSON} lacks {sorted(STATE_KEYS - set(state if isinstance(state, dict) else ()))}")
+    problem = state_problem(state, step)
+    if problem is not None:
+        raise CheckpointError(problem)
     return state
+
+
+def state_problem(state, step: int | None = None) -> str | None:
+    """None when `state` has the form of a trainer state (of `step`, when given), else what is wrong with it."""
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state):
+        return f"{STATE_JSON} lacks {sorted(STATE_KEYS - set(state if isinstance(state, dict) else ()))}"
+    value = state["step"]
+    if type(value) is not int or value < 0:
+        return f"its step {value!r} is not a whole number of steps >= 0"
+    if step is not None and value != step:
+        return f"its trainer state is of step {value}, but its directory and manifest of step {step}"
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict) and
+            isinstance(optimizer.get("param_groups"), list) and
+            all(isinstance(group, dict) for group in optimizer["param_groups"])):
+        return "its optimizer state is not one (no 'state' and 'param_groups')"
+    for key in ("scheduler", "config", "rng"):
+        if not isinstance(state[key], dict):
+            return f"its {key} state is not one (a JSON {type(state[key]).__name__})"
+    return _rng_problem(state["rng"])
+
+
+def _rng_problem(rng: dict) -> str | None:
+    """None when `rng` holds the Python, NumPy and torch generator states `_rng_state` saves; each is tried on a
+    scratch generator, so the global ones are untouched."""
+    import random
+
+    missing = sorted({"python", "numpy", "torch"} - set(rng))
+    if missing:
+        return f"its RNG state lacks {missing}"
+    try:
+        random.Random().setstate(rng["python"])
+        np.random.RandomState().set_state(rng["numpy"])
+        if not isinstance(rng["torch"], torch.Tensor):
+            raise TypeError(f"the torch state is a {type(rng['torch']).__name__}")
+        torch.Generator().set_state(rng["torch"])
+        cuda = rng.get("cuda", [])
+        if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+                                                 for t in cuda):
+            raise TypeError("the CUDA states are not byte tensors")
+    except Exception as error:  # noqa: BLE001 - whatever the generators refuse
+        return f"its RNG state is not a generator state ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return None
 
 
 def _step_directories(checkpoints: str) -> list[tuple[int, str]]:

@@ -4,13 +4,17 @@ TrainConfig holds every option; `TrainConfig.for_stage` builds one from a stage'
 command-line overrides. The file (JSON, or YAML when PyYAML is installed) holds any subset of the TrainConfig fields,
 or the keys of the llm2vec 0.2.3 reference's training configs, or both: reference_config.py reads it and translates
 the reference's keys. Command-line flags override the file. Unknown options, an option of another stage, and a
-value of the wrong type are errors, so nothing is silently dropped.
+value of the wrong type are errors, so nothing is silently dropped; so is a value out of its range (`_RANGES`:
+--warmup-steps -5, --mlm-probability 0, a learning rate that is not a finite positive number, ...), named with
+its flag and the valid range, before torch is imported or any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -88,19 +92,30 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        """Raise ValueError for an option out of range, an unknown dtype, no data or output, or a log_file that is
-        not a plain file name."""
-        positive = ("steps", "batch_size", "block_size", "max_length", "lora_r", "save_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("mlm_probability", "lora_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        """Raise ValueError for an option out of range (the message names the option, its flag and the valid
+        range), an unknown dtype or pooling mode, no data or output, or a log_file that is not a plain file name.
+
+        Every check here needs neither torch nor a model, so a bad option is refused before anything loads."""
+        for name, (allowed, rule) in _RANGES.items():
+            value = getattr(self, name)
+            if not allowed(value):
+                raise ValueError(f"{_option(name, value)} is out of range: it must be {rule}")
         if self.mask_replace_prob + self.random_replace_prob > 1.0:
-            raise ValueError("mask_replace_prob + random_replace_prob must be <= 1")
+            raise ValueError(f"mask_replace_prob + random_replace_prob must be <= 1, got {self.mask_replace_prob} + "
+                             f"{self.random_replace_prob}")
+        if not self.lora_targets or not all(isinstance(t, str) and t.strip() for t in self.lora_targets):
+            raise ValueError(f"lora_targets = {self.lora_targets!r}: expected a non-empty list of module names, "
+                             f"e.g. {list(LORA_TARGETS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        from ..cli.choices import POOLING_MODES  # light: the copy of batching.POOLING_MODES (no torch)
+
+        if self.pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode = {self.pooling_mode!r}: must be one of {', '.join(POOLING_MODES)}")
+        if self.device and not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"--device {self.device!r}: expected cpu, cuda or cuda:N (or mps, xpu, xpu:N)")
+        if not self.text_field:
+            raise ValueError("text_field (--text-field) is empty; name the JSONL field that holds the text")
         if not self.data:
             raise ValueError("no training data: pass --data FILE (or 'data' in the config file)")
         if not self.output:
@@ -114,6 +129,52 @@ class TrainConfig:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _at_least(low: int):
+    return lambda value: value >= low
+
+
+def _finite(test):
+    return lambda value: math.isfinite(value) and test(value)
+
+
+# The valid range of each numeric option: (test, the range in words). np.random.seed takes seeds below 2**32.
+MAX_SEED = 2**32 - 1
+_RANGES = {
+    "steps": (_at_least(1), "an integer >= 1"),
+    "batch_size": (_at_least(1), "an integer >= 1"),
+    "save_steps": (_at_least(1), "an integer >= 1"),
+    "warmup_steps": (_at_least(0), "an integer >= 0"),
+    "block_size": (_at_least(2), "an integer >= 2 (a token is predicted from the tokens before it)"),
+    "max_length": (_at_least(1), "an integer >= 1"),
+    "lora_r": (_at_least(1), "an integer >= 1"),
+    "lora_alpha": (_at_least(1), "an integer >= 1"),
+    "gradcache_chunk": (_at_least(0), "an integer >= 0 (0: the whole batch at once)"),
+    "seed": (lambda value: 0 <= value <= MAX_SEED, f"an integer in [0, {MAX_SEED}]"),
+    "learning_rate": (_finite(lambda value: value > 0), "a finite number > 0"),
+    "weight_decay": (_finite(lambda value: value >= 0), "a finite number >= 0"),
+    "max_grad_norm": (_finite(lambda value: value > 0), "a finite number > 0"),
+    "scale": (_finite(lambda value: value > 0), "a finite number > 0"),
+    "mlm_probability": (lambda value: 0.0 < value < 1.0, "a share in (0, 1) (0 masks no token: loss 0, nothing "
+                        "learnt; 1 masks every token)"),
+    "mask_replace_prob": (lambda value: 0.0 <= value <= 1.0, "in [0, 1]"),
+    "random_replace_prob": (lambda value: 0.0 <= value <= 1.0, "in [0, 1]"),
+    "lora_dropout": (lambda value: 0.0 <= value < 1.0, "in [0, 1)"),
+    "attention_dropout": (lambda value: 0.0 <= value < 1.0, "in [0, 1)"),
+}
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+# The options with a command-line flag (cli/train.py); the others are set in a config file only.
+_FLAGGED = frozenset({"model", "data", "output", "peft_model", "steps", "batch_size", "learning_rate", "warmup_steps",
+                      "dtype", "device", "save_steps", "seed", "block_size", "mlm_probability", "max_length",
+                      "attention_dropout", "gradcache_chunk", "text_field"})
+
+
+def _option(name: str, value) -> str:
+    """Option `name` set to `value`, as a user names it: by its flag (and config key), or by its config key."""
+    if name in _FLAGGED:
+        return f"--{name.replace('_', '-')} {value!r} ({name})"
+    return f"{name} = {value!r} (a config file option)"
 _DEFAULTS = TrainConfig()  # the type of each field
 DTYPES = ("float32", "bfloat16", "float16")
 

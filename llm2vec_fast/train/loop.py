@@ -7,6 +7,7 @@ A stage (see `Stage`) owns its trainable model and data; `train` asks it for one
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,12 +21,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from .checkpoint import clean_checkpoints, find_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_candidates, clean_checkpoints, report_skipped, save_checkpoint
 from .config import TrainConfig
 from .data import DataError
 from ..files import make_staging, move_files, seal, write_atomic
 from ..settings import Ranks
-from .output import CHECKPOINTS, RUN_CONFIG, check_output, prepare_output, record_outputs, stored_config
+from .output import (CHECKPOINTS, RUN_CONFIG, check_same_inputs, hold_output, input_fingerprint, prepare_output,
+                     record_inputs, record_outputs, stored_config, stored_inputs)
 
 
 class Stage:
@@ -70,7 +72,8 @@ def check_batch_fits(count: int, what: str, config: TrainConfig) -> None:
 def example_generator(seed: int, step: int, example: int) -> torch.Generator:
     """A generator private to one example of one step (e.g. its MNTP masks): independent of the global RNG and
     of which other examples share the batch or the rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_000_019 + example)
+    # Modulo 2**64 (the generator's seed range): the same seeds as ever below it, and no overflow for large seeds.
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 10_000_019 + example) % 2**64)
 
 
 def distributed_context() -> tuple[int, int]:
@@ -139,21 +142,33 @@ def train(stage: Stage, config: TrainConfig, resume: bool = False, show_progress
     """Run steps [start, config.steps) of `stage`; returns the losses of the steps run in this call.
 
     A fresh run needs an empty (or new) config.output, or `overwrite` to replace the training run there; `resume`
-    continues that run from its newest intact checkpoint (from step 0 if it has none). See output.py for what is
-    refused and checkpoint.py for what a checkpoint holds.
+    continues that run from its newest intact checkpoint (from step 0 if it has none), provided its data and
+    model files are those it started with. The output is locked for the whole call: a second run into it is
+    refused. See output.py for what is refused and checkpoint.py for what a checkpoint holds.
     """
+    with hold_output(config, resume, overwrite):
+        return _train(stage, config, resume, show_progress, overwrite)
+
+
+def _train(stage: Stage, config: TrainConfig, resume: bool, show_progress: bool, overwrite: bool) -> list[float]:
     rank, world = distributed_context()
     params = [p for p in stage.model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters (no LoRA adapter?)")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    check_output(config, resume, overwrite)
+    inputs = input_fingerprint(config)
+    record = True  # a fresh run, or a run of an older version, records what it trains on
     if resume:
         _check_same_run(stored_config(config.output), config, os.path.join(config.output, RUN_CONFIG))
+        record = stored_inputs(config.output) is None
+        if not record:
+            check_same_inputs(config, inputs)
     _barrier(world)  # every rank has looked at --output before rank 0 changes it
     if rank == 0:
         prepare_output(config, overwrite)
+        if record:
+            record_inputs(config.output, inputs)
         clean_checkpoints(_checkpoints(config))
     _barrier(world)
     start, last_checkpoint = 0, None
@@ -235,32 +250,138 @@ def _trainer_state(optimizer, scheduler, config: TrainConfig, step: int) -> dict
 
 
 def _restore(stage, optimizer, scheduler, config, rank: int) -> tuple[int, str | None]:
-    """Load the newest intact checkpoint of config.output; (its step, its directory), or (0, None) without one."""
-    from peft import set_peft_model_state_dict
+    """Load the newest intact checkpoint of config.output; (its step, its directory), or (0, None) without one.
+
+    A checkpoint that is damaged, or whose content does not fit this run (a crafted or foreign one: tensors of
+    other shapes, a step outside [0, --steps], an RNG state that is none, ...) is skipped with a message naming
+    it and why, for the next older one; nothing of a skipped checkpoint stays applied."""
+    report = rank == 0
+    for directory, state, problem in checkpoint_candidates(_checkpoints(config)):
+        if problem is None:
+            # The run's own options were checked against RUN_CONFIG: a checkpoint of other ones is not the run's.
+            changed = _changed_options(state["config"], config)
+            if changed:
+                problem = f"it was written with other options than the run's ({', '.join(changed)})"
+            else:
+                problem = _apply_checkpoint(stage, optimizer, scheduler, config, directory, state)
+            if problem is None:
+                return state["step"], directory
+        if report:
+            report_skipped(directory, problem)
+    if report:
+        print(f"--resume: no intact checkpoint in {_checkpoints(config)}; starting from step 0", file=sys.stderr)
+    return 0, None
+
+
+def _apply_checkpoint(stage, optimizer, scheduler, config, directory: str, state: dict) -> str | None:
+    """Load checkpoint `directory` (its decoded `state`) into the adapter, optimizer, scheduler and RNGs; None on
+    success, else why it does not fit this run, with everything as it was before the call."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    found = find_checkpoint(_checkpoints(config), report=rank == 0)
-    if found is None:
-        if rank == 0:
-            print(f"--resume: no intact checkpoint in {_checkpoints(config)}; starting from step 0", file=sys.stderr)
-        return 0, None
-    directory, state = found
-    _check_same_run(state["config"], config, directory)
-    set_peft_model_state_dict(stage.model, load_file(os.path.join(directory, "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["step"], directory
+    step = state["step"]
+    if step > config.steps:
+        return f"its step {step} lies beyond --steps {config.steps}"
+    current = get_peft_model_state_dict(stage.model)
+    try:
+        adapter = load_file(os.path.join(directory, "adapter_model.safetensors"))
+    except Exception as error:  # noqa: BLE001 - a crafted file may fail anywhere in the decoder
+        return f"adapter_model.safetensors does not decode ({' '.join(str(error).split())[:200]})"
+    problem = _adapter_problem(adapter, current) or _optimizer_problem(state["optimizer"], optimizer) or \
+        _scheduler_problem(state["scheduler"], scheduler, step)
+    if problem is not None:
+        return problem
+    saved = ({name: tensor.detach().clone() for name, tensor in current.items()},
+             copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict()), _rng_state())
+    try:
+        set_peft_model_state_dict(stage.model, adapter)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    except Exception as error:  # noqa: BLE001 - put everything back, then skip the checkpoint
+        set_peft_model_state_dict(stage.model, saved[0])
+        optimizer.load_state_dict(saved[1])
+        scheduler.load_state_dict(saved[2])
+        _set_rng_state(saved[3])
+        return f"it does not load into this run ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return None
+
+
+def _adapter_problem(adapter: dict, current: dict) -> str | None:
+    """Why checkpoint adapter tensors `adapter` cannot replace the model's `current` ones, or None."""
+    if set(adapter) != set(current):
+        unknown, missing = sorted(set(adapter) - set(current)), sorted(set(current) - set(adapter))
+        return f"its adapter does not fit the model (unknown tensors {unknown[:3]}, missing {missing[:3]})"
+    for name, tensor in adapter.items():
+        if tensor.shape != current[name].shape or tensor.dtype != current[name].dtype:
+            return (f"its adapter tensor {name} is {tensor.dtype} {list(tensor.shape)}, the model's "
+                    f"{current[name].dtype} {list(current[name].shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            return f"its adapter tensor {name} holds non-finite values"
+    return None
+
+
+def _optimizer_problem(saved: dict, optimizer) -> str | None:
+    """Why optimizer state `saved` does not fit `optimizer` (group count and hyper-parameters, parameters per
+    group, the shape of each moment), or None. torch checks only the counts, and a moment of another shape would
+    fail at the next step, or broadcast silently."""
+    mine = optimizer.state_dict()["param_groups"]
+    groups = saved["param_groups"]
+    if len(groups) != len(mine):
+        return f"its optimizer has {len(groups)} parameter groups, this run's {len(mine)}"
+    positions = {}
+    for group, own, params in zip(groups, mine, (g["params"] for g in optimizer.param_groups)):
+        ids = group.get("params")
+        if not isinstance(ids, list) or len(ids) != len(own["params"]):
+            return "its optimizer holds another number of parameters than this run's"
+        for key, value in own.items():
+            # A key an older torch did not save is filled in by load_state_dict; one that is there must agree.
+            if key not in ("params", "lr", "initial_lr") and key in group and group[key] != value:
+                return f"its optimizer's {key} is {group[key]!r}, this run's {value!r}"
+        lr = group.get("lr")
+        if not isinstance(lr, float) or not math.isfinite(lr) or lr < 0:
+            return f"its optimizer's learning rate {lr!r} is not a finite number >= 0"
+        positions.update(zip((i for i in ids if isinstance(i, (int, str))), params))
+    for key, entry in saved["state"].items():
+        param = positions.get(key)
+        if param is None or not isinstance(entry, dict):
+            return f"its optimizer state names a parameter {key!r} that the run does not have"
+        for name, value in entry.items():
+            if name == "step":
+                ok = isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+            else:
+                ok = isinstance(value, torch.Tensor) and value.shape == param.shape and value.is_floating_point()
+            if ok and not bool(torch.isfinite(value).all()):
+                return f"its optimizer's {name} of a {list(param.shape)} parameter holds non-finite values"
+            if not ok:
+                shown = f"{value.dtype} {list(value.shape)}" if isinstance(value, torch.Tensor) else \
+                    type(value).__name__
+                return f"its optimizer's {name} of a {list(param.shape)} parameter is {shown}"
+    return None
+
+
+def _scheduler_problem(saved: dict, scheduler, step: int) -> str | None:
+    """Why scheduler state `saved` is not that of `scheduler` after `step` steps, or None."""
+    if saved.get("last_epoch") != step or type(saved.get("last_epoch")) is not int:
+        return f"its learning-rate schedule is at step {saved.get('last_epoch')!r}, its trainer state at {step}"
+    if saved.get("base_lrs") != scheduler.base_lrs:
+        return f"its learning-rate schedule peaks at {saved.get('base_lrs')!r}, this run's at {scheduler.base_lrs}"
+    return None
 
 
 def _check_same_run(stored: dict | None, config: TrainConfig, source: str) -> None:
     if stored is None:
         return
-    current = config.to_dict()
-    changed = {k for k in set(stored) | set(current) if stored.get(k) != current.get(k)} - _RESUMABLE_CHANGES
+    changed = _changed_options(stored, config)
     if changed:
         raise UserError(f"cannot resume from {source}: option(s) {sorted(changed)} differ from that run's; resume "
                         f"with the same options, or start a new run in another --output (or with --overwrite)")
+
+
+def _changed_options(stored: dict, config: TrainConfig) -> list[str]:
+    """The options of `config` that differ from the `stored` ones and must not change on a resume."""
+    current = config.to_dict()
+    return sorted({k for k in set(stored) | set(current) if stored.get(k) != current.get(k)} - _RESUMABLE_CHANGES)
 
 
 def _restart_log(path: str, start: int) -> None:

@@ -126,6 +126,7 @@ class MNTPStage:
         from .loop import check_batch_fits, seed_everything
         from .model import add_lora, load_causal_lm
 
+        texts = read_texts(config.data, config.text_field)  # bad data is named (file:line) before the model loads
         seed_everything(config.seed)  # the LoRA initialisation draws from the global RNG
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,7 +136,7 @@ class MNTPStage:
         self.model = add_lora(causal_lm.get_decoder(), config)
         self.collator = MaskingCollator(self.tokenizer, config.mlm_probability, config.mask_replace_prob,
                                         config.random_replace_prob, config.mask_token)
-        self.blocks = make_blocks(self.tokenizer, read_texts(config.data, config.text_field), config.block_size)
+        self.blocks = make_blocks(self.tokenizer, texts, config.block_size)
         if not self.blocks:
             raise DataError(f"{config.data}: too little text for one block of 2 tokens")
         check_batch_fits(len(self.blocks), f"blocks of up to {config.block_size} tokens", config)

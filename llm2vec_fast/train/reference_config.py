@@ -7,7 +7,10 @@ becomes of each reference key: it sets a TrainConfig field; or it is accepted be
 llm2vec-fast does anyway; or it has no effect here (evaluation, logging, data-loader workers), which a
 ConfigWarning names; or its value asks for behaviour llm2vec-fast does not implement, which is an error naming the
 key and the alternative. Unknown keys, a key of another stage, and two keys that set one option to different values
-are errors, so nothing in a file is silently dropped.
+are errors, so nothing in a file is silently dropped. A file that cannot be read as a mapping of names to values
+(a syntax error, nesting too deep, not UTF-8, a YAML tag such as !!python/object that would build an object: YAML
+is read with yaml.safe_load, which never builds one) is a ValueError naming the file, and the line where the
+parser gives one.
 """
 
 from __future__ import annotations
@@ -338,21 +341,55 @@ class _Translation:
 
 
 def _read_mapping(path: str) -> dict:
+    """The mapping config file `path` holds; a ValueError naming the file (and the line, where the parser gives
+    one) for anything else: unreadable, not UTF-8, a syntax error, nesting too deep for the parser, a YAML tag
+    that would build a Python object (yaml.safe_load never builds one), keys that are not names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError:
-            raise RuntimeError(f"{path} is YAML but PyYAML is not installed: pip install pyyaml, or use JSON") from None
-        values = yaml.safe_load(text) or {}
-    else:
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config file {path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ValueError(f"config file {path}: cannot be read ({error.strerror})") from None
+    yaml_file = path.endswith((".yaml", ".yml"))
+    try:
+        values = _parse_yaml(path, text) if yaml_file else json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path}: nested too deeply to read; a config file is one flat mapping of "
+                         f"option names to values") from None
+    if values is None and yaml_file:
+        values = {}  # an empty YAML file (or one of comments only)
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    names = [key for key in values if not isinstance(key, str)]
+    if names:
+        raise ValueError(f"config file {path}: key {names[0]!r} is not an option name; keys are option names such "
+                         f"as learning_rate")
     return values
+
+
+def _parse_yaml(path: str, text: str):
+    try:
+        import yaml
+    except ImportError:
+        raise ValueError(f"config file {path} is YAML but PyYAML is not installed: pip install pyyaml, or use "
+                         f"JSON") from None
+    try:
+        return yaml.safe_load(text)  # plain values only: never a tag that builds a Python object
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(error.problem or error.context or "invalid YAML").split())
+        if isinstance(error, yaml.constructor.ConstructorError) and "tag:yaml.org,2002:python/" in problem:
+            tag = problem.split("tag:yaml.org,2002:", 1)[1].rstrip("'")
+            raise ValueError(f"config file {path}: the tag !!{tag}{where} is refused: a config file holds plain "
+                             f"values, and a tag that builds Python objects could run code. Remove the tag.") \
+                from None
+        raise ValueError(f"config file {path}: invalid YAML{where}: {problem}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path}: invalid YAML ({' '.join(str(error).split())})") from None

@@ -30,9 +30,10 @@ class SimCSEStage(ContrastiveStage):
     name = "simcse"
 
     def __init__(self, config: TrainConfig, encoder: LLM2Vec | None = None):
+        texts = read_texts(config.data, config.text_field)  # bad data is named (file:line) before the model loads
         seed_everything(config.seed)  # the LoRA initialisation draws from the global RNG
         super().__init__(config, encoder or load_encoder(config))
-        self.texts = read_texts(config.data, config.text_field)
+        self.texts = texts
         self.rows = self.encoder.tokenize_inputs(self.texts)
         self.num_examples = len(self.rows)
         self.check_examples("texts")

@@ -1,8 +1,9 @@
 """Supervised contrastive training on (query, positive, hard negatives) triples, the LLM2Vec supervised recipe.
 
 JSONL lines: {"query": ..., "positive": ..., "negative": str or [str, ...], "instruction": optional,
-"dataset": optional}. The instruction goes on the query side only; every batch is drawn from one dataset (so
-in-batch negatives are of the same kind); loss: InfoNCE over in-batch positives and hard negatives, scale 50.
+"dataset": optional}, every field a string (data.read_supervised names the file and line of one that is not, before
+the model loads). The instruction goes on the query side only; every batch is drawn from one dataset (so in-batch
+negatives are of the same kind); loss: InfoNCE over in-batch positives and hard negatives, scale 50.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from ..encoder import LLM2Vec
 from .config import TrainConfig
 from .contrastive import ContrastiveStage
-from .data import DataError, read_jsonl
+from .data import read_supervised
 from .loop import distributed_context, seed_everything
 from .simcse import load_encoder
 
@@ -23,18 +24,11 @@ class SupervisedStage(ContrastiveStage):
     name = "supervised"
 
     def __init__(self, config: TrainConfig, encoder: LLM2Vec | None = None):
+        examples = read_supervised(config.data)  # bad data is named (file:line) before the model loads
         seed_everything(config.seed)  # the LoRA initialisation draws from the global RNG
         super().__init__(config, encoder or load_encoder(config))
-        examples = read_jsonl(config.data, ("query", "positive"))
-        for number, example in enumerate(examples, start=1):
-            negatives = example.get("negative", [])
-            negatives = [negatives] if isinstance(negatives, str) else negatives
-            if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-                raise DataError(f"{config.data}: example {number}: 'negative' must be a string or a list of "
-                                f"non-empty strings")
-            example["negative"] = negatives
         self.examples = examples
-        queries = [[e.get("instruction", "") or "", e["query"]] for e in examples]
+        queries = [[e["instruction"], e["query"]] for e in examples]
         self.query_rows = self.encoder.tokenize_inputs(queries)
         self.positive_rows = self.encoder.tokenize_inputs([e["positive"] for e in examples])
         flat = [n for e in examples for n in e["negative"]]
