@@ -363,14 +363,11 @@ def test_max_length_limits_training_not_the_trained_model(llama_dir, tmp_path, c
     assert json.loads((tmp_path / "saved" / "llm2vec_config.json").read_text())["max_length"] == 32
 
 
-def test_drop_training_limits_keeps_everything_else(tmp_path):
-    from llm2vec_fast.train.output import drop_training_limits
+def test_save_max_length_keeps_everything_else(tmp_path):
+    from llm2vec_fast.train.output import save_max_length
 
     path = tmp_path / "llm2vec_config.json"
-    stored = {"pooling_mode": "mean", "max_length": 32, "doc_max_length": 400, "skip_instruction": True}
+    stored = {"pooling_mode": "mean", "doc_max_length": 400, "skip_instruction": True}
     path.write_text(json.dumps(stored))
-    drop_training_limits(str(tmp_path))
-    assert json.loads(path.read_text()) == {k: v for k, v in stored.items() if k != "max_length"}
-    drop_training_limits(str(tmp_path))  # nothing left to drop: unchanged
-    drop_training_limits(str(tmp_path / "missing"))  # no file: nothing to do
-    assert json.loads(path.read_text()) == {k: v for k, v in stored.items() if k != "max_length"}
+    save_max_length(str(tmp_path), 32)
+    assert json.loads(path.read_text()) == {**stored, "max_length": 32}

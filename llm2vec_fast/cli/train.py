@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     (options, --data, --model paths, --output) before torch is imported.
     """
     from ..train.data import DataError
-    from ..train.output import check_same_inputs, drop_training_limits, hold_output
+    from ..train.output import check_same_inputs, hold_output, save_max_length
 
     overrides = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in _FLAGS}
     if args.no_gradient_checkpointing:
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
             stage = _make_stage(args.stage, config)
             losses = train(stage, config, resume=args.resume, show_progress=not args.no_progress,
                            overwrite=args.overwrite)
-            if args.stage != "mntp" and not args.save_max_length and Ranks.from_env().is_main:
-                drop_training_limits(config.output)  # --max-length limited the training texts, not the model's
+            if args.save_max_length and Ranks.from_env().is_main:
+                save_max_length(config.output, config.max_length)  # asked: the training limit as the model's
     except (DataError, FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
     if losses:

@@ -173,9 +173,11 @@ class ContrastiveStage:
         self.model.save_pretrained(directory)
         self.encoder.tokenizer.save_pretrained(directory)
         _point_adapter_at(directory, self.encoder.config._name_or_path)
+        # The encoder defaults the trained model is loaded with. max_length is left out: it limited the training
+        # texts (train_config.json records it), and as an inference default it would cut every later encode
+        # (`llm2vec-fast train --save-max-length` adds it on purpose: train.output.save_max_length).
         with open(os.path.join(directory, "llm2vec_config.json"), "w") as f:
-            json.dump({"pooling_mode": self.encoder.pooling_mode, "max_length": self.encoder.max_length,
-                       "doc_max_length": self.encoder.doc_max_length,
+            json.dump({"pooling_mode": self.encoder.pooling_mode, "doc_max_length": self.encoder.doc_max_length,
                        "skip_instruction": self.encoder.skip_instruction}, f, indent=4)
         make_reference_loadable(directory, self.encoder.tokenizer)  # llm2vec 0.2.3 loads the adapter too
 

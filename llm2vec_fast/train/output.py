@@ -32,10 +32,6 @@ from ..settings import Ranks
 
 RUN_CONFIG = "train_config.json"
 INFERENCE_CONFIG = "llm2vec_config.json"  # the encoder defaults a trained model is loaded with
-# Keys of INFERENCE_CONFIG that a contrastive stage's save copies from its training options, but that describe the
-# training run rather than the model (RUN_CONFIG keeps them): saved as inference defaults, --max-length 32 would cut
-# every later encode of the model to 32 tokens.
-TRAINING_LIMITS = ("max_length",)
 OUTPUT_LIST = "train_output.json"  # the names of the files the final save moved into the directory
 INPUTS = "train_inputs.json"  # the sha256 of the data and model files the run started with
 INPUTS_VERSION = 1
@@ -265,19 +261,14 @@ def _adapter_base(directory: str) -> str | None:
     return _resolved(base, "base model") if isinstance(base, str) else None
 
 
-def drop_training_limits(output: str) -> None:
-    """Remove TRAINING_LIMITS from the INFERENCE_CONFIG a finished run saved in `output` (rewritten atomically;
-    nothing to do without the file or the keys), so that the model encodes with the loader's defaults."""
+def save_max_length(output: str, max_length: int) -> None:
+    """Add `max_length` to the INFERENCE_CONFIG a finished run saved in `output` (rewritten atomically): what
+    `train --save-max-length` asks for. A stage saves its inference defaults without it: it limited the training
+    texts (RUN_CONFIG records it), and as an inference default --max-length 32 would cut every later encode."""
     path = os.path.join(output, INFERENCE_CONFIG)
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return  # no file, or not ours to fix: loading it names the problem
-    if not isinstance(config, dict) or not any(key in config for key in TRAINING_LIMITS):
-        return
-    kept = {key: value for key, value in config.items() if key not in TRAINING_LIMITS}
-    write_atomic(path, (json.dumps(kept, indent=4) + "\n").encode())
+    with open(path) as f:
+        config = json.load(f)
+    write_atomic(path, (json.dumps({**config, "max_length": max_length}, indent=4) + "\n").encode())
 
 
 def record_outputs(output: str, names: list[str]) -> None:
