@@ -201,13 +201,13 @@ def load_base_model(auto_model, directory: str, **kwargs):
     if missing or unexpected or mismatched:
         raise ValueError(
             f"the weights in {directory!r} do not match its config.json: "
-            f"{_describe_keys(missing=missing, unexpected=unexpected, mismatched=mismatched)}. Loading would run "
+            f"{describe_keys(missing=missing, unexpected=unexpected, mismatched=mismatched)}. Loading would run "
             f"with random or absent parts. Re-download or re-save the model, or fix config.json (e.g. "
             f"num_hidden_layers) so it describes these weights.")
     return model
 
 
-def _describe_keys(**groups: list) -> str:
+def describe_keys(**groups: list) -> str:
     """'2 missing (a, b), 1 unexpected (c)': each non-empty group with its first few keys and its count."""
     parts = []
     for label, keys in groups.items():
@@ -262,187 +262,6 @@ def _encoder_arg_problem(key: str, value) -> str | None:
     return None
 
 
-def apply_adapter(model, adapter_dir: str, merge: bool):
-    """Load the PEFT adapter in `adapter_dir` onto `model`; merge it into the weights if asked."""
-    from peft import PeftModel
-
-    from .modeling import peft_wrapping
-
-    if not is_adapter_directory(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir!r} has no {ADAPTER_CONFIG}: it is not a PEFT adapter directory.")
-    check_adapter_directory(adapter_dir)
-    try:
-        with peft_wrapping():
-            wrapped = PeftModel.from_pretrained(model, adapter_dir)
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(
-            f"the adapter in {adapter_dir!r} does not fit the base model {model.config._name_or_path!r} "
-            f"({type(model).__name__}, hidden size {model.config.hidden_size}): {str(error)[:500]}. Load the base "
-            f"model the adapter was trained on (its adapter_config.json names "
-            f"{adapter_base_name(adapter_dir)!r}).") from error
-    _check_adapter_loaded(wrapped, adapter_dir)
-    return wrapped.merge_and_unload() if merge else wrapped
-
-
-def check_adapter_directory(adapter_dir: str) -> None:
-    """Refuse an adapter directory whose adapter_config.json is not a JSON object or that holds no weights."""
-    read_adapter_config(adapter_dir)
-    if not any(os.path.isfile(os.path.join(adapter_dir, name)) for name in ADAPTER_WEIGHTS):
-        raise FileNotFoundError(
-            f"{adapter_dir!r} has an {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}): "
-            f"the save or download looks incomplete. Re-save or re-download the adapter.")
-    _refuse_non_float_adapter_tensors(adapter_dir)
-
-
-def _refuse_non_float_adapter_tensors(adapter_dir: str) -> None:
-    # PEFT casts whatever the file holds to the layer's dtype: int32 LoRA weights would load as silently wrong
-    # values. LoRA weights are floating point; anything else is a broken or foreign file.
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
-    if not os.path.isfile(path):
-        return
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); re-save or re-download the "
-                         f"adapter.") from None
-    wrong = sorted(key for key, dtype in dtypes.items() if dtype not in ("F64", "F32", "F16", "BF16"))
-    if wrong:
-        raise ValueError(f"{path} holds non-float tensors ({len(wrong)}: {', '.join(wrong[:3])} is "
-                         f"{dtypes[wrong[0]]}); LoRA weights are floating point. Re-save or re-download the adapter.")
-
-
-def _check_adapter_loaded(wrapped, adapter_dir: str) -> None:
-    # PEFT only warns when target modules are missing from the base; a silently ignored adapter would produce
-    # base-model embeddings, so count the LoRA layers actually injected.
-    injected = sum(1 for name, _ in wrapped.named_modules() if name.endswith("lora_A"))
-    if injected == 0:
-        raise ValueError(
-            f"the adapter in {adapter_dir!r} matched no module of the base model: it was trained on another "
-            f"architecture. Load the base model it was trained on ({adapter_base_name(adapter_dir)!r}).")
-    # PEFT leaves LoRA weights absent from the file at their initialisation and ignores extra ones (with at most
-    # a warning), so compare the file's keys with the tensors of the injected modules.
-    from peft import get_peft_model_state_dict
-
-    expected = set(get_peft_model_state_dict(wrapped))
-    stored = _adapter_file_keys(adapter_dir)
-    missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"the adapter weights in {adapter_dir!r} do not match the LoRA layers its {ADAPTER_CONFIG} describes: "
-            f"{_describe_keys(missing=missing, unexpected=unexpected)}. The adapter would run with "
-            f"initialisation values in place of trained ones. Re-save or re-download the adapter.")
-
-
-def _adapter_file_keys(adapter_dir: str) -> set:
-    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS[0])
-    if os.path.isfile(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return set(f.keys())
-    from peft.utils import load_peft_weights
-
-    return set(load_peft_weights(adapter_dir))
-
-
-# ------------------------------------------------------------------------------- files the reference can read
-
-# tokenizer_class names of transformers 5 that transformers 4.4x (llm2vec 0.2.3's pin) cannot resolve, and the 4.4x
-# class that reads the same tokenizer.json as is (no post-processor rebuilt from flags, unlike the family classes).
-_TOKENIZER_CLASS_FOR_REFERENCE = {"TokenizersBackend": "PreTrainedTokenizerFast"}
-# Adapter config keys that are kept even at their default, so that the file still says what the adapter is.
-_ADAPTER_KEYS_KEPT = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "target_modules")
-# Recorded by recent peft for information (filled in with the running version when absent); peft 0.12 rejects it
-# as an unknown LoraConfig field.
-_ADAPTER_METADATA_KEYS = ("peft_version",)
-
-
-def make_reference_loadable(directory: str, tokenizer=None) -> None:
-    """Rewrite what transformers 5 and peft just saved in `directory` so that llm2vec 0.2.3 (transformers 4.43-4.44,
-    tokenizers 0.19, peft 0.12) loads it too; current versions load the rewritten files identically.
-
-    tokenizer: the tokenizer that was saved; its `model_input_names` are written down, since 4.4x's generic fast
-    tokenizer would otherwise also emit token_type_ids, which the reference passes to a model that refuses them.
-    """
-    _rewrite_json(directory, "tokenizer_config.json", lambda c: _reference_tokenizer_config(c, tokenizer))
-    _rewrite_json(directory, "tokenizer.json", _reference_tokenizer_json)
-    _rewrite_json(directory, "config.json", _reference_model_config)
-    _rewrite_json(directory, ADAPTER_CONFIG, _reference_adapter_config)
-
-
-def _rewrite_json(directory: str, name: str, rewrite) -> None:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        content = json.load(f)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(rewrite(content), f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def _reference_tokenizer_config(config: dict, tokenizer) -> dict:
-    name = config.get("tokenizer_class")
-    config["tokenizer_class"] = _TOKENIZER_CLASS_FOR_REFERENCE.get(name, name)
-    names = getattr(tokenizer, "model_input_names", None)
-    if names and "model_input_names" not in config:
-        config["model_input_names"] = list(names)
-    return config
-
-
-def _reference_tokenizer_json(content: dict) -> dict:
-    # tokenizers >= 0.20 writes BPE merges as [left, right] pairs, which 0.19 cannot parse; the older "left right"
-    # strings are read by every version, but are ambiguous (so left alone) when a token holds a space.
-    model = content.get("model") or {}
-    merges = model.get("merges")
-    if model.get("type") == "BPE" and merges and all(isinstance(m, list) and len(m) == 2 for m in merges) \
-            and not any(" " in part for m in merges for part in m):
-        model["merges"] = [" ".join(m) for m in merges]
-    return content
-
-
-def _reference_model_config(config: dict) -> dict:
-    # transformers 5 keeps rope_theta (and any scaling) inside rope_parameters; 4.4x reads only the top-level
-    # rope_theta / rope_scaling and would silently use its default theta. transformers 5 reads both spellings.
-    # (torch_dtype is not added beside dtype: transformers 5 logs a deprecation warning on reading it, and 4.4x's
-    # torch_dtype="auto" falls back to the weights' dtype without it.)
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in config:
-        config["rope_theta"] = rope["rope_theta"]
-        if rope.get("rope_type", "default") != "default" and config.get("rope_scaling") is None:
-            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return config
-
-
-def _reference_adapter_config(config: dict) -> dict:
-    # peft 0.12 builds its LoraConfig from every key of the file and fails on any it does not know; the keys added
-    # since are new features, so leaving out those at their default changes nothing for any version. A feature
-    # actually used stays, and an old peft then names it.
-    defaults = _peft_config_defaults(config.get("peft_type"))
-    return {k: v for k, v in config.items()
-            if k in _ADAPTER_KEYS_KEPT or (k not in _ADAPTER_METADATA_KEYS and not (k in defaults and defaults[k] == v))}
-
-
-def _peft_config_defaults(peft_type) -> dict:
-    import dataclasses
-
-    from peft import PeftConfig
-
-    try:
-        config = PeftConfig.from_peft_type(peft_type=peft_type)
-    except (KeyError, TypeError, ValueError):
-        return {}
-    return {f.name: _json_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
-def _json_value(value):
-    # The file holds JSON (lists, strings for enums); compare defaults in that form.
-    return json.loads(json.dumps(value, default=str))
-
-
 # ------------------------------------------------------------------------------------------------ an encoder
 
 
@@ -453,6 +272,7 @@ def load_encoder(cls, base_model_name_or_path, peft_model_name_or_path=None, mer
     model, and read the encoder arguments from kwargs, then llm2vec_config.json."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    from .adapters import apply_adapter
     from .modeling import check_supported, patch
     from .precision import resolve_dtype_argument
 

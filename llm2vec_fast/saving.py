@@ -6,7 +6,7 @@ wrote (`SAVE_RECORD`); the next save removes those of them it does not write aga
 weights, weights beside a new adapter, an llm2vec_config.json with save_config=False) and never removes a file it
 did not write: such a file that would change what the directory loads as makes the save refuse, before anything
 moves. What is written is also loadable by llm2vec 0.2.3 and its transformers 4.4x
-(`loading.make_reference_loadable`).
+(`reference_files.make_reference_loadable`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import os
 import shutil
 
 from .files import staging_beside
-from .loading import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES,
-                      make_reference_loadable)
+from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES
+from .reference_files import make_reference_loadable
 
 # Files a save writes whose presence changes what a directory loads as: a stale one left from an earlier save
 # (an adapter beside merged weights, weights beside a new adapter) is removed. Anything else is left alone.

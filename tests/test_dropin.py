@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from llm2vec_fast.loading import make_reference_loadable
+from llm2vec_fast.reference_files import make_reference_loadable
 from test_encoder import TEXTS, encode, load, make_adapter
 
 # The LoraConfig fields of peft 0.12 (the reference era), which builds its config from every key of the file.

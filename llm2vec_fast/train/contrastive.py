@@ -168,7 +168,7 @@ class ContrastiveStage:
         import json
         import os
 
-        from ..loading import make_reference_loadable
+        from ..reference_files import make_reference_loadable
 
         self.model.save_pretrained(directory)
         self.encoder.tokenizer.save_pretrained(directory)

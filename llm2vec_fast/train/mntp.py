@@ -167,7 +167,7 @@ class MNTPStage:
         import json
         import os
 
-        from ..loading import make_reference_loadable
+        from ..reference_files import make_reference_loadable
         from .contrastive import _point_adapter_at
 
         self.model.save_pretrained(directory)
