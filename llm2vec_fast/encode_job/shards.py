@@ -101,8 +101,11 @@ class OutputDir:
     # -------------------------------------------------------------------------------------------- setup
 
     def lock(self) -> OutputLock:
-        """This rank's lock on the directory (created if needed), to hold while the run writes (output_lock.py)."""
+        """This rank's lock on the directory (created if needed), to hold while the run writes (output_lock.py).
+        A directory encode did not write is refused first: not even a lock file of ours goes into it."""
         self._check_writable()
+        self._check_no_links()
+        self._stored_fingerprint()
         return OutputLock(self.path, self.rank, "llm2vec-fast encode")
 
     def check(self, fingerprint: dict, overwrite: bool) -> None:
@@ -220,17 +223,31 @@ class OutputDir:
     # ----------------------------------------------------------------------------------------- progress
 
     def completed(self) -> dict[int, dict]:
-        """Shards recorded as done by any rank (of this run or an earlier one) whose files are in place."""
+        """Shards recorded as done by any rank (of this run or an earlier one) whose files are in place.
+
+        A progress file that is not whole (zero bytes or cut short, as a crash on a file system that lost its last
+        write can leave it) or not ours records nothing: its shards count as not done and are encoded again, and
+        the rank's next commit rewrites it whole."""
+
+        def recorded(path: str) -> list[dict]:
+            try:
+                with open(path) as f:
+                    shards = json.load(f)["shards"]
+                if all(isinstance(r, dict) and isinstance(r["shard"], int) and isinstance(r["rows"], int)
+                       and {"first_line", "last_line", "input_sha256", "skipped"} <= r.keys() for r in shards):
+                    return shards
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            return []
+
         records = {}
         for path in sorted(glob.glob(self.file(f"{PROGRESS_DIR}/rank*.json"))):
-            with open(path) as f:
-                for record in json.load(f)["shards"]:
-                    records[record["shard"]] = record
+            for record in recorded(path):
+                records[record["shard"]] = record
         done = {k: r for k, r in records.items() if self._files_match(r)}
         own = self.file(f"{PROGRESS_DIR}/rank{self.rank}.json")
         if os.path.isfile(own):
-            with open(own) as f:
-                self._records = {r["shard"]: r for r in json.load(f)["shards"] if r["shard"] in done}
+            self._records = {r["shard"]: r for r in recorded(own) if r["shard"] in done}
         return done
 
     def _files_match(self, record: dict) -> bool:
