@@ -7,12 +7,12 @@ or ``[instruction, text, int]`` (the int, a MEDI dataset id, is ignored); and, f
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 # A Python str can hold lone UTF-16 surrogates (from a bad decode, JSON "\\ud800", errors="surrogateescape");
-# they are not Unicode text and the tokenizer fails on them deep inside its Rust code.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# they are not Unicode text and the tokenizer fails on them deep inside its Rust code. Files are checked for them
+# when they are read (lines.surrogate_problem), so that a file's message names its line.
+from .lines import LONE_SURROGATE as _SURROGATE
 
 
 def normalize_inputs(sentences) -> list[tuple[str, str]]:

@@ -10,7 +10,9 @@ lines through `parse_json_object`. So everywhere:
 - a line longer than the limit is not kept in memory, only its size (a 30 MB line would otherwise take gigabytes
   to tokenize);
 - a line that is not UTF-8, longer than the limit, or not a JSON object (JSONL) is an error reported as
-  ``file:line: reason``, the reason naming the fix;
+  ``file:line: reason``, the reason naming the fix; so is a JSON line nested deeper than MAX_JSON_DEPTH (checked
+  before it is parsed: json's parser recurses per level), and encode refuses a JSON string holding a lone
+  surrogate ("\\ud800": `surrogate_problem`), which no UTF-8 file can hold but a JSON escape can;
 - blank lines (empty or whitespace only) at the very end of a file are not part of it (editors leave them behind).
 
 A blank line inside a file holds no record, and the readers differ on purpose in what that means:
@@ -35,6 +37,12 @@ MAX_LINE_BYTES = 1 << 20
 READ_BYTES = 1 << 16
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
+# Deeper lines are bad lines: no record of ours nests beyond a few levels, and json's recursive parser must stay
+# well inside Python's recursion limit (1000) in every thread.
+MAX_JSON_DEPTH = 100
+# A Python str can hold lone UTF-16 surrogates (a JSON "\\ud800" escape, a bad decode, errors="surrogateescape");
+# they are not Unicode text: they cannot be written as UTF-8 and the tokenizer fails on them.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -127,15 +135,60 @@ def decode_line(raw: bytes | OverlongLine, overlong_fix: str = "split or shorten
 
 
 def parse_json_object(line: str, expected: str = "an object") -> dict:
-    """The JSON object on one JSONL line; raises ValueError naming what is wrong (`expected`: what it should be)."""
+    """The JSON object on one JSONL line; raises ValueError naming what is wrong (`expected`: what it should be).
+
+    A line nested deeper than MAX_JSON_DEPTH (lists or objects) is refused before it is parsed: json's parser
+    recurses once per level, and 100k levels would otherwise end in a RecursionError (or worse, in a thread with a
+    small stack)."""
+    depth = json_depth(line)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep, deeper than the limit of {MAX_JSON_DEPTH}; a record is "
+                         f"a flat object (flatten the line, or fix the program that wrote it)")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         # Some of json's messages end in "at" ("Unterminated string starting at"): the column completes them.
         raise ValueError(f"invalid JSON ({error.msg.removesuffix(' at')} at column {error.colno})") from None
+    except RecursionError:  # a limit below ours (a thread's small stack): still a bad line, never a traceback
+        raise ValueError("JSON nested too deep to parse; a record is a flat object (flatten the line, or fix the "
+                         "program that wrote it)") from None
     if not isinstance(record, dict):
         raise ValueError(f"a JSON {json_type(record)}, expected {expected}")
     return record
+
+
+# A JSON string with its escapes (so an escaped quote does not end it), to take brackets inside strings out of the
+# count. It has one way to match and an unterminated string runs to the end of the line, so every character is
+# looked at once: no backtracking, no second scan.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_depth(line: str, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep lists and objects nest on one JSON line (0: a scalar), brackets inside strings not counted. A line
+    with at most `limit` opening brackets cannot nest deeper and is not scanned: it gets their count instead.
+
+    Linear in the line's length, in C and numpy (a 1 MiB line of brackets: milliseconds). A line whose brackets do
+    not balance gets some depth here and its error from the parser."""
+    opening = line.count("[") + line.count("{")
+    if opening <= limit:
+        return opening
+    import numpy as np  # only for such a line
+
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", line)).encode("ascii")
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def surrogate_problem(text: str) -> str | None:
+    """Why `text` is not Unicode text (it holds a lone surrogate: where, and the fix), or None when it is."""
+    found = LONE_SURROGATE.search(text)
+    if found is None:
+        return None
+    return (f"a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1} (a JSON escape such as "
+            f"\\u{ord(found.group()):04x} without its pair), which is not Unicode text and cannot be encoded; fix "
+            f"the program that wrote it, or replace such escapes with real characters")
 
 
 def text_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:

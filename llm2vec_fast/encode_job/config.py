@@ -75,9 +75,10 @@ class EncodeJobConfig:
         return tuple(f.name for f in fields(cls))
 
     def input_spec(self) -> InputSpec:
-        """Where the corpus is and how to read a line of it (format: as resolved, or "auto")."""
+        """Where the corpus is and how to read a line of it (format: as resolved, or "auto"); the output directory
+        is never part of it (it may lie inside a Parquet input directory)."""
         return InputSpec(self.input, self.format, self.text_field, self.instruction_field, self.instruction,
-                         self.max_line_bytes, self.id_field)
+                         self.max_line_bytes, self.id_field, exclude=self.output)
 
     def identity(self) -> dict:
         """The fields that identify the run, as the fingerprint records them (the file hashes are added by

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..lines import MAX_LINE_BYTES, OverlongLine, decode_line, json_kind, numbered_lines, parse_json_object
+from ..lines import (MAX_LINE_BYTES, OverlongLine, decode_line, json_kind, numbered_lines, parse_json_object,
+                     surrogate_problem)
 from .fingerprint import file_sha256
 
 FORMATS = ("txt", "jsonl")
@@ -36,6 +37,8 @@ class InputSpec:
     instruction: used for every line that has no instruction of its own ("" = none).
     max_line_bytes: a longer line is a bad line, and is never held in memory.
     id_field: tables only: the column whose values identify the rows in the output (None: row numbers).
+    exclude: tables only: a directory whose files are not part of the input (the run's output directory, which
+    may lie inside a Parquet input directory); None: none.
     """
 
     path: str
@@ -45,6 +48,7 @@ class InputSpec:
     instruction: str = ""
     max_line_bytes: int = MAX_LINE_BYTES
     id_field: str | None = None
+    exclude: str | None = None
 
     @property
     def name(self) -> str:
@@ -194,6 +198,12 @@ def parse_line(raw: bytes | OverlongLine, spec: InputSpec) -> tuple[str, str]:
         instruction = record.get(spec.instruction_field)
         if instruction is not None and not isinstance(instruction, str):
             raise ValueError(f"field {spec.instruction_field!r} is {json_kind(instruction)}, expected a string")
+        # A JSON escape can put a lone surrogate into a string that UTF-8 could never hold (txt lines cannot get
+        # one: decode_line refuses its UTF-8-like bytes). Found here, by the scan, not by the tokenizer mid-run.
+        for name, value in ((spec.text_field, text), (spec.instruction_field, instruction)):
+            problem = None if value is None else surrogate_problem(value)
+            if problem is not None:
+                raise ValueError(f"field {name!r} holds {problem}")
     if not text.strip():
         raise ValueError("empty text" if not text else "whitespace-only text")
     return (spec.instruction if instruction is None else instruction), text

@@ -42,7 +42,7 @@ def run(config: EncodeJobConfig) -> int:
                         "stream. Pass --output DIR and read the embeddings with "
                         "llm2vec_fast.encode_job.load_embeddings(DIR).")
     ranks = Ranks.from_env()
-    config = dataclasses.replace(config, format=resolve_format(config.input, config.format))
+    config = dataclasses.replace(config, format=resolve_format(config.input, config.format, config.output))
     spec = config.input_spec()
     check_input(spec)
     if config.id_field is not None and config.output_format != "parquet":
@@ -53,10 +53,11 @@ def run(config: EncodeJobConfig) -> int:
         raise UserError("--input - (stdin) cannot be split across ranks; pass a file when running under torchrun.")
     model_dir = _resolve_model(config.model, "--model")
     adapter_dir = None if config.peft_model is None else _resolve_model(config.peft_model, "--peft-model")
-    config = resolve_config(config, model_dir, adapter_dir, ranks)
-    fingerprint = run_fingerprint(config, model_dir, adapter_dir)
     output = OutputDir(config.output, ranks.rank, config.output_format,
                        columns(spec).id_kind if is_table(spec) else None)
+    recorded = None if config.overwrite else output.read_fingerprint()
+    config = resolve_config(config, model_dir, adapter_dir, ranks, recorded)
+    fingerprint = run_fingerprint(config, model_dir, adapter_dir)
     with output.lock():  # one run per output directory, from here to the manifest
         return _run_locked(config, spec, ranks, model_dir, fingerprint, output)
 
@@ -108,12 +109,15 @@ def _run_locked(config: EncodeJobConfig, spec, ranks: Ranks, model_dir: str, fin
     return 0
 
 
-def resolve_config(config: EncodeJobConfig, model_dir: str, adapter_dir: str | None,
-                   ranks: Ranks) -> EncodeJobConfig:
+def resolve_config(config: EncodeJobConfig, model_dir: str, adapter_dir: str | None, ranks: Ranks,
+                   recorded: dict | None = None) -> EncodeJobConfig:
     """`config` with the defaults that depend on the model resolved, as the run's fingerprint records them: dtype
     ("auto": the precision the embeddings get), pooling and max_length (the model's llm2vec_config.json, else
-    LLM2Vec's defaults). model_dir, adapter_dir: the resolved --model and --peft-model directories."""
-    config = dataclasses.replace(config, dtype=_resolved_dtype(config, model_dir, ranks))
+    LLM2Vec's defaults), alike on every engine. model_dir, adapter_dir: the resolved --model and --peft-model
+    directories; recorded: the fingerprint the output directory already holds (None: none, or --overwrite), whose
+    choice for --dtype auto a resume keeps."""
+    recorded_dtype = (recorded or {}).get("dtype")
+    config = dataclasses.replace(config, dtype=resolved_dtype(config, model_dir, ranks, recorded_dtype))
     if config.pooling is not None and config.max_length is not None:
         return config
     from ..encoder import LLM2Vec
@@ -189,14 +193,32 @@ def _resolve_model(name: str, option: str) -> str:
         raise UserError(str(error)) from None
 
 
-def _resolved_dtype(config: EncodeJobConfig, model_dir: str, ranks: Ranks) -> str:
-    """--dtype with auto resolved once, before the fingerprint, so that it names the precision the embeddings get."""
-    if config.engine == "ray":
-        if config.dtype == "mixed":
-            raise UserError("--dtype mixed is not available with --engine ray; pass --dtype float32 or bfloat16.")
-        return "float32" if config.dtype == "auto" else config.dtype  # workers may run on other machines
+# What a fingerprint may record as the resolution of --dtype auto and a resume can run again as it is ("auto" itself,
+# Hugging Face's checkpoint dtype on a GPU, is not: on a CPU it would mean a new measurement).
+_REUSABLE_DTYPES = ("float32", "mixed", "bfloat16", "float16")
+_RAY_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolved_dtype(config: EncodeJobConfig, model_dir: str, ranks: Ranks, recorded: str | None = None) -> str:
+    """--dtype with auto resolved once, before the fingerprint, so that it names the precision the embeddings get.
+
+    auto resolves alike on every engine: to `recorded`, the dtype the output's fingerprint records (what auto
+    chose when the output was started, by whichever engine), so that resuming with another engine or on another
+    machine continues in the precision the finished shards have. Only for a new output (or --overwrite) is it
+    chosen afresh: float32 under --engine ray (the workers may be other machines than this one), this machine's
+    choice locally (precision.resolve_auto_dtype: measured on CPU, the checkpoint's dtype on a GPU)."""
+    if config.engine == "ray" and config.dtype == "mixed":
+        raise UserError("--dtype mixed is not available with --engine ray; pass --dtype float32 or bfloat16.")
     if config.dtype != "auto":
         return config.dtype
+    if recorded in _REUSABLE_DTYPES:
+        if config.engine == "ray" and recorded not in _RAY_DTYPES:
+            raise UserError(f"--output {config.output!r} was started with --dtype auto resolved to {recorded!r}, "
+                            f"which --engine ray cannot run; resume it with --engine local, or pass --overwrite to "
+                            f"encode it again.")
+        return recorded
+    if config.engine == "ray":
+        return "float32"  # workers may run on other machines
     from transformers import AutoConfig
 
     from ..precision import resolve_auto_dtype

@@ -24,14 +24,15 @@ def is_table(spec: InputSpec) -> bool:
     return spec.format in tables.TABLE_FORMATS
 
 
-def resolve_format(path: str, requested: str) -> str:
-    """The input format: `requested` unless it is "auto", then the table layout's or the file extension's."""
+def resolve_format(path: str, requested: str, exclude: str | None = None) -> str:
+    """The input format: `requested` unless it is "auto", then the table layout's or the file extension's.
+    exclude: a directory whose files are not the input's (the run's output)."""
     if requested != "auto":
         return requested
     if path != corpus.STDIN:
         if not os.path.exists(path):
             corpus.check_input(path)  # "does not exist" rather than a guess at the format
-        found = tables.table_format(path)
+        found = tables.table_format(path, exclude)
         if found is not None:
             return found
         if os.path.isdir(path):
@@ -60,7 +61,8 @@ def check_input(spec: InputSpec) -> None:
 def columns(spec: InputSpec) -> tables.TableColumns:
     """The checked columns of a table input. Not cached: the files are listed and their footers read at each call
     (milliseconds), so a directory that changed between two runs in one process is never seen stale."""
-    return tables.check_columns(spec.path, spec.format, spec.text_field, spec.instruction_field, spec.id_field)
+    return tables.check_columns(spec.path, spec.format, spec.text_field, spec.instruction_field, spec.id_field,
+                                spec.exclude)
 
 
 def input_identity(spec: InputSpec) -> dict:
@@ -101,11 +103,11 @@ def _parse_table_shard(shard: tables.TableShard, spec: InputSpec, shard_size: in
     first = shard.index * shard_size + 1
     for i, text in enumerate(shard.texts):
         row_id = None if shard.ids is None else shard.ids[i]
-        problem = tables.row_problem(text, row_id, shard.ids is not None)
+        instruction = None if shard.instructions is None else shard.instructions[i]
+        problem = tables.row_problem(text, row_id, shard.ids is not None, instruction)
         if problem is not None:
             parsed.bad.append(BadLine(first + i, problem))
             continue
-        instruction = None if shard.instructions is None else shard.instructions[i]
         parsed.line_numbers.append(first + i)
         parsed.pairs.append((spec.instruction if instruction is None else instruction, text))
         if parsed.ids is not None:
