@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .choices import POOLING_MODES
 from .tokenization import TokenizedRow
 
-POOLING_MODES = ("mean", "weighted_mean", "eos_token", "last_token", "bos_token")
 # Our pooling modes -> (kernel mode, which range of the row it reads).
 _KERNEL_MODE = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "last", "last_token": "last",
                 "bos_token": "first"}

@@ -11,11 +11,11 @@ from typing import Optional
 
 import torch
 
-# Tokens per batch when max_batch_tokens is not given, by device and matmul precision (`default_max_batch_tokens`).
-# CPU: the measured best of 512-8192 on SmolLM2-135M with 2 threads (benchmarks/bench_budget.py): 1024 for fp32
+from .choices import DEFAULT_MAX_BATCH_TOKENS
+
+# Why DEFAULT_MAX_BATCH_TOKENS (llm2vec_fast/choices.py) holds these budgets. CPU: the measured best of 512-8192 on SmolLM2-135M with 2 threads (benchmarks/bench_budget.py): 1024 for fp32
 # GEMMs, 4096 where the GEMMs run in bf16 (bf16 or the mixed mode: larger AMX GEMMs and fewer per-batch passes;
 # 1024 was 10-26% slower there in the passes measured). CUDA: a budget that fills an H200 with a 135M-7B model.
-DEFAULT_MAX_BATCH_TOKENS = {"cpu": 1024, "cpu-bf16": 4096, "cuda": 32768}
 
 
 def default_max_batch_tokens(device_type: str, matmul_dtype: Optional[torch.dtype] = None) -> int:

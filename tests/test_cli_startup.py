@@ -16,7 +16,7 @@ import pytest
 
 import llm2vec_fast
 from llm2vec_fast.cli import main
-from llm2vec_fast.cli import choices, encode as encode_cli, options
+from llm2vec_fast.cli import encode as encode_cli, options
 
 HEAVY = ("torch", "transformers", "numpy", "huggingface_hub", "pyarrow", "tqdm")
 
@@ -116,20 +116,19 @@ def test_train_refuses_a_foreign_output_before_torch(tmp_path, data_file):
     assert code == 1 and heavy == [] and "files training did not write" in err, err
 
 
-def test_light_copies_equal_their_owners():
-    """--help shows these values without importing their owners (torch, numpy); a changed owner fails here."""
-    from llm2vec_fast.batching import POOLING_MODES
-    from llm2vec_fast.encode_job import config, shard_formats, sources
-    from llm2vec_fast.encode_job.corpus import MAX_LINE_BYTES
-    from llm2vec_fast.precision import DEFAULT_MAX_BATCH_TOKENS
+def test_the_modules_that_use_the_choices_take_them_from_their_one_owner():
+    """--help shows these values without importing the modules that use them (torch, numpy): llm2vec_fast/choices.py
+    sets each once, and those modules read it there."""
+    from llm2vec_fast import batching, choices, precision
+    from llm2vec_fast.encode_job import config, corpus, shard_formats, sources, tables
 
-    assert choices.POOLING_MODES == POOLING_MODES
-    assert choices.DEFAULT_MAX_BATCH_TOKENS == DEFAULT_MAX_BATCH_TOKENS
-    assert choices.INPUT_FORMATS == sources.FORMATS
-    assert choices.OUTPUT_FORMATS == shard_formats.OUTPUT_FORMATS
-    assert (choices.SHARD_DTYPES, choices.ENGINES, choices.DEFAULT_SHARD_SIZE) == \
-        (config.SHARD_DTYPES, config.ENGINES, config.DEFAULT_SHARD_SIZE)
-    assert choices.MAX_LINE_BYTES == MAX_LINE_BYTES
+    assert batching.POOLING_MODES is choices.POOLING_MODES
+    assert precision.DEFAULT_MAX_BATCH_TOKENS is choices.DEFAULT_MAX_BATCH_TOKENS
+    assert sources.FORMATS == choices.INPUT_FORMATS and corpus.FORMATS is choices.LINE_FORMATS
+    assert tables.TABLE_FORMATS is choices.TABLE_FORMATS
+    assert shard_formats.OUTPUT_FORMATS is choices.OUTPUT_FORMATS
+    assert config.DEFAULT_SHARD_SIZE == choices.DEFAULT_SHARD_SIZE
+    assert corpus.MAX_LINE_BYTES == choices.MAX_LINE_BYTES
 
 
 def test_batch_token_help_names_both_cpu_defaults():

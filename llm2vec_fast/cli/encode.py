@@ -15,7 +15,7 @@ import sys
 
 from ..errors import UserError
 from ..settings import Ranks
-from .choices import DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, MAX_LINE_BYTES, OUTPUT_FORMATS, SHARD_DTYPES
+from ..choices import DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, MAX_LINE_BYTES, OUTPUT_FORMATS, SHARD_DTYPES
 from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, positive_int,
                       silence_progress_bars)
 

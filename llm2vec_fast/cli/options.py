@@ -14,7 +14,7 @@ import os
 from ..default_model import DEFAULT_MODEL_NAME, is_default_model_name
 from ..errors import UserError
 from ..loading import looks_like_path
-from .choices import DEFAULT_MAX_BATCH_TOKENS, POOLING_MODES
+from ..choices import DEFAULT_MAX_BATCH_TOKENS, POOLING_MODES
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from ..choices import DEFAULT_SHARD_SIZE
 from .corpus import MAX_LINE_BYTES, InputSpec
 
-ENGINES = ("local", "ray")
-SHARD_DTYPES = ("float32", "float16")
-DEFAULT_SHARD_SIZE = 10_000
 # The fields that decide the stored embeddings, recorded in the fingerprint under their own names. Device, token
 # budget, engine and the options of the run itself are left out on purpose: resuming with a smaller budget after an
 # out-of-memory error must stay possible (their effect is float rounding).

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ..choices import LINE_FORMATS
 from ..errors import UserError
 from ..lines import (MAX_LINE_BYTES, OverlongLine, decode_line, json_kind, numbered_lines, parse_json_object,
                      surrogate_problem)
 from .fingerprint import file_sha256
 
-FORMATS = ("txt", "jsonl")
+FORMATS = LINE_FORMATS
 _FORMAT_OF_EXTENSION = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 STDIN = "-"
 

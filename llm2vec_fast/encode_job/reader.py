@@ -17,7 +17,8 @@ import numpy as np
 
 from ..files import sha256_file
 from .layout import LINE_NUMBERS, MANIFEST
-from .shard_formats import OUTPUT_FORMATS, ShardFormat, shard_format
+from ..choices import OUTPUT_FORMATS
+from .shard_formats import ShardFormat, shard_format
 from .stacked import StackedRows
 
 

@@ -13,6 +13,8 @@ import io
 
 import numpy as np
 
+from ..choices import OUTPUT_FORMATS
+
 
 def npy_bytes(array: np.ndarray) -> bytes:
     """`array` as the bytes of a .npy file (pickled objects refused)."""
@@ -103,9 +105,6 @@ class NpyShards(ShardFormat):
 
     def read_embeddings(self, path, mmap=False):
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-
-
-OUTPUT_FORMATS = ("npy", "parquet")
 
 
 @functools.cache

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..choices import TABLE_FORMATS
 from ..errors import UserError
 
-TABLE_FORMATS = ("parquet", "dataset")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BATCH_ROWS = 8192
 # What `Dataset.save_to_disk` writes beside its Arrow files; a DatasetDict directory has DATASET_DICT instead.

@@ -108,7 +108,7 @@ class TrainConfig:
                              f"e.g. {list(LORA_TARGETS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        from ..cli.choices import POOLING_MODES  # light: the copy of batching.POOLING_MODES (no torch)
+        from ..choices import POOLING_MODES  # light: no torch
 
         if self.pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode = {self.pooling_mode!r}: must be one of {', '.join(POOLING_MODES)}")
