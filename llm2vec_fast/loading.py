@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from types import SimpleNamespace
@@ -190,11 +191,19 @@ def load_base_model(auto_model, directory: str, **kwargs):
     kwargs.pop("output_loading_info", None)
     kwargs["use_kernels"] = False
     check_weights_fit_config(check_config(directory), directory, weights_size(directory, WEIGHT_FILES))
-    if is_adapter_directory(directory):
-        with weights_only_view(directory) as view:
-            model, info = auto_model.from_pretrained(view, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
-    else:
-        model, info = auto_model.from_pretrained(directory, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
+    try:
+        if is_adapter_directory(directory):
+            with weights_only_view(directory) as view:
+                model, info = auto_model.from_pretrained(view, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
+        else:
+            model, info = auto_model.from_pretrained(directory, output_loading_info=True, **kwargs, **NO_REMOTE_CODE)
+    except pickle.UnpicklingError:
+        # torch's weights_only load refused a pickled object that is not a tensor. Its message suggests
+        # weights_only=False, i.e. running the file's code: we never do, and say so instead.
+        raise ValueError(
+            f"the .bin weights in {directory!r} hold pickled objects other than tensors, so they were not loaded "
+            f"(unpickling them could run code). Use the model's safetensors weights, or convert the checkpoint "
+            f"with a tool you trust.") from None
     missing = sorted(info.get("missing_keys", ()))
     unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_DROPPED_HEAD_PREFIXES))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))

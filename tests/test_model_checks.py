@@ -121,3 +121,17 @@ def test_an_adapter_with_integer_tensors_is_refused(llama_dir, tmp_path):
     save_file(weights, path)
     with pytest.raises(ValueError, match=rf"non-float tensors \(1: {first} is I32\)"):
         LLM2Vec.from_pretrained(llama_dir, peft_model_name_or_path=adapter)
+
+
+def test_a_bin_checkpoint_with_pickled_objects_is_refused_without_torchs_weights_only_false_advice(llama_dir,
+                                                                                                     tmp_path):
+    import argparse
+
+    directory = model_copy(llama_dir, tmp_path)
+    weights = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    weights["extra"] = argparse.Namespace(note="not a tensor")  # what torch's weights_only load refuses
+    torch.save(weights, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"hold pickled objects other than tensors, so they were not loaded") as raised:
+        LLM2Vec.from_pretrained(str(directory))
+    assert "weights_only=False" not in str(raised.value)
