@@ -505,3 +505,15 @@ def test_bad_text_jsonl_is_named_by_file_and_line(tmp_path, bad, message):
     with pytest.raises(DataError) as error:
         read_texts(data)
     assert str(error.value).startswith(f"{data}:25: ") and shown(message, str(error.value)), str(error.value)
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, "{cut short", "[1, 2]"],
+                         ids=["deep", "cut-short", "not-an-object"])
+def test_a_damaged_run_record_is_one_error_naming_the_file(tmp_path, content):
+    from llm2vec_fast.errors import UserError
+    from llm2vec_fast.train.output import INPUTS, RUN_CONFIG, stored_config, stored_inputs
+
+    for name, read in ((RUN_CONFIG, stored_config), (INPUTS, stored_inputs)):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=rf"{name} (does not hold training options|is damaged).*--overwrite"):
+            read(str(tmp_path))

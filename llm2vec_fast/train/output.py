@@ -120,16 +120,22 @@ def holds_run(output: str) -> bool:
 
 def stored_config(output: str) -> dict | None:
     """The options RUN_CONFIG records, or None when there is none."""
-    path = os.path.join(output, RUN_CONFIG)
+    return _stored_object(os.path.join(output, RUN_CONFIG), "does not hold training options (not the JSON object "
+                                                            "training wrote); start the run afresh with --overwrite.")
+
+
+def _stored_object(path: str, damaged: str) -> dict | None:
+    """The JSON object a run wrote at `path`, None when there is no such file, or a UserError "<path> <damaged>"
+    when it is not a readable JSON object (cut short, edited, nested too deeply)."""
     if not os.path.isfile(path):
         return None
     try:
         with open(path) as f:
             stored = json.load(f)
-    except ValueError as error:
-        raise UserError(f"{path} is not valid JSON ({error}); start the run afresh with --overwrite.") from None
+    except (ValueError, RecursionError):
+        stored = None
     if not isinstance(stored, dict):
-        raise UserError(f"{path} does not hold training options; start the run afresh with --overwrite.")
+        raise UserError(f"{path} {damaged}")
     return stored
 
 
@@ -180,18 +186,9 @@ def input_fingerprint(config) -> dict:
 
 def stored_inputs(output: str) -> dict | None:
     """The fingerprint INPUTS records in `output`, or None when it has none (a run of an older version)."""
-    path = os.path.join(output, INPUTS)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except (ValueError, RecursionError):
-        stored = None
-    if not isinstance(stored, dict):
-        raise UserError(f"{path} is damaged (not the JSON object training wrote); the inputs of the run cannot be "
-                        f"checked. Start the run afresh with --overwrite, or train into a new --output.")
-    return stored
+    return _stored_object(os.path.join(output, INPUTS), "is damaged (not the JSON object training wrote); the inputs "
+                          "of the run cannot be checked. Start the run afresh with --overwrite, or train into a new "
+                          "--output.")
 
 
 def record_inputs(output: str, fingerprint: dict) -> None:
