@@ -81,6 +81,10 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
         self.max_batch_tokens = max_batch_tokens
         self.matmul_dtype = matmul_dtype
         self.config = model.config
+        # What a sentence-transformers directory puts after pooling (Dense layers, Normalize): an nn.Module mapping
+        # pooled [B, hidden] to embeddings [B, head.out_features], or None (the LLM2Vec layout: the pooled vector is
+        # the embedding).
+        self.head: Optional[nn.Module] = None
         self._encode_scope = EvalScope()
 
     # ------------------------------------------------------------------------------------------------ loading
@@ -155,8 +159,18 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
     # ---------------------------------------------------------------------------------------------- forward
 
     def embed_batch(self, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
-        """Differentiable embeddings [B, hidden] of a batch made by `make_batch`."""
-        return self.pool(self.hidden_states(batch), batch)
+        """Differentiable embeddings [B, embedding_dim] of a batch made by `make_batch`."""
+        return self.apply_head(self.pool(self.hidden_states(batch), batch))
+
+    def apply_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled vectors [B, hidden] -> embeddings [B, embedding_dim] through `head` (identity without one)."""
+        return pooled if self.head is None else self.head(pooled)
+
+    @property
+    def embedding_dim(self) -> int:
+        """The width of the vectors `encode` returns (before any truncate_dim): the head's `out_features`, or the
+        hidden size without a head."""
+        return self.config.hidden_size if self.head is None else int(self.head.out_features)
 
     def hidden_states(self, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
         """Last hidden states [T, hidden] of a batch, the rows that `batch.pool_starts/pool_ends` index (packed:
@@ -167,11 +181,11 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
         return hidden.reshape(-1, hidden.shape[-1])
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch | PaddedBatch) -> torch.Tensor:
-        """Embeddings [B, hidden] pooled from `hidden_states(batch)` with this encoder's pooling mode."""
+        """Pooled vectors [B, hidden] of `hidden_states(batch)` with this encoder's pooling mode (before `head`)."""
         return segment_pool(hidden, batch.pool_starts, batch.pool_ends, kernel_mode(self.pooling_mode))
 
     def forward(self, sentence_feature: dict) -> torch.Tensor:
-        """Embeddings [B, hidden] of reference-style features (from `tokenize`); differentiable."""
+        """Embeddings [B, embedding_dim] of reference-style features (from `tokenize`); differentiable."""
         batch = self.make_batch(rows_of_features(sentence_feature)).to(sentence_feature["input_ids"].device)
         return self.embed_batch(batch)
 
@@ -225,7 +239,7 @@ class LLM2Vec(HuggingFaceModelMixin, nn.Module):
         budget = next((b for b in (max_batch_tokens, self.max_batch_tokens) if b is not None),
                       self.default_batch_tokens(device))
         check_positive_int("max_batch_tokens", budget)  # the attribute may have been set after construction
-        output = torch.empty(len(rows), self.config.hidden_size, dtype=torch.float32)
+        output = torch.empty(len(rows), self.embedding_dim, dtype=torch.float32)
         batches = token_budget_batches([len(r) for r in rows], budget, batch_size)
         # bf16 GEMMs on CPU: packed batches rounded up to a multiple of ROUND_TOKENS tokens (see round_up_tokens).
         round_tokens = device.type == "cpu" and self._gemm_dtype() == torch.bfloat16 and \

@@ -104,7 +104,7 @@ def _run_locked(config: EncodeJobConfig, spec, ranks: Ranks, model_dir: str, fin
         group.barrier()
         if ranks.is_main:
             manifest = output.merge(_ceil_div(source.num_lines, config.shard_size),
-                                    config.manifest_fields(model.config.hidden_size))
+                                    config.manifest_fields(model.embedding_dim))
             _report(config, manifest, throughput, ranks)
     return 0
 

@@ -189,7 +189,7 @@ def _check_finite(embeddings: np.ndarray, shard: PreparedShard, input_name: str,
 def encode_shard(model, rows: list[TokenizedRow], *, device: str, normalize: bool, max_batch_tokens: int,
                  progress, throughput: Throughput) -> np.ndarray:
     """Float32 embeddings [len(rows), hidden] of one shard's rows, in row order."""
-    output = np.empty((len(rows), model.config.hidden_size), dtype=np.float32)
+    output = np.empty((len(rows), model.embedding_dim), dtype=np.float32)
     lengths = [len(row) for row in rows]
     for start, end in token_slices(lengths, BATCHES_PER_SLICE * max_batch_tokens):
         embeddings = model.encode_rows(rows[start:end], device=device, normalize_embeddings=normalize,
