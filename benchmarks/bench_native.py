@@ -97,6 +97,26 @@ def hf_rotary(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+def eager_masked_attention(q, k, v, cu_seqlens, scale, causal, window, softcap):
+    """Hugging Face's eager attention (Gemma 2's: scaled scores, softcap, -inf outside the causal window, softmax in
+    float32) on each packed sequence: q [T, Hq, D], k / v [T, Hkv, D]."""
+    G = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qi = q[start:end].transpose(0, 1)
+        ki, vi = (x[start:end].transpose(0, 1).repeat_interleave(G, 0) for x in (k, v))
+        scores = torch.tanh((qi @ ki.transpose(1, 2)) * scale / softcap) * softcap
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+        sees = (i - j).abs() < window
+        if causal:
+            sees &= j <= i
+        probs = torch.softmax(scores.masked_fill(~sees, float("-inf")), dim=-1,
+                              dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+        outs.append((probs @ vi).transpose(0, 1))
+    return torch.cat(outs, 0)
+
+
 def bench_ops(bench, config, dtype, batches):
     """batches: the packed sequence lengths of each encode batch (attention runs on all of them, as encode does)."""
     lengths = max(batches, key=max)
@@ -167,6 +187,21 @@ def bench_ops(bench, config, dtype, batches):
                                          _torch_varlen_attention(qa, ka, va, cu, max(lengths), scale, 0.0),
                                          naive_varlen_attention(qa.double(), ka.double(), va.double(),
                                                                             cu, scale)))
+
+    # A Gemma 2 sliding layer's call on the same pack (causal, a 64-token window, logit softcap 50): PyTorch's eager
+    # attention per sequence (what transformers runs for a softcapped model) against the C++ op, which computes only
+    # the band. FLOPs count the (query, key) pairs the band holds.
+    masked = dict(causal=True, window=64, softcap=50.0)
+    band = sum(min(i + 1, masked["window"]) for n in lengths for i in range(n))
+    shape = dict(op="varlen_attention masked", T=T, seqs=len(lengths), max_len=max(lengths), HQ=HQ, HKV=HKV, D=D,
+                 dtype=name, **masked)
+    paired(bench, "varlen_attention", shape,
+           ("pytorch-eager", lambda: eager_masked_attention(qa, ka, va, cu, scale, **masked)),
+           ("cpp", lambda: cpu_ops.varlen_attention(qa, ka, va, cu, scale, **masked)), flops=4 * HQ * D * band,
+           rounds=15, check=lambda: _within_rule(cpu_ops.varlen_attention(qa, ka, va, cu, scale, **masked),
+                                                 eager_masked_attention(qa, ka, va, cu, scale, **masked),
+                                                 eager_masked_attention(qa.double(), ka.double(), va.double(), cu,
+                                                                        scale, **masked)))
 
     # One layer's attention over every batch of the encode: what the encode path actually runs.
     data = []

@@ -1,5 +1,6 @@
 // Native CPU ops for the packed encode path (inference only): RMSNorm (+ residual add), rotary embedding of q and
-// k, SwiGLU's silu(gate) * up, and bidirectional varlen attention with GQA. Registered as torch.ops.llm2vec_fast.*
+// k, SwiGLU's silu(gate) * up, and varlen attention with GQA (bidirectional or causal, with an optional sliding
+// window and logit softcap). Registered as torch.ops.llm2vec_fast.*
 // for CPU tensors; the host functions and PyTorch references live in llm2vec_fast/cpu_ops.py.
 //
 // Every op writes into outputs the caller allocates (so tests can hand in NaN-filled ones) and reproduces the
@@ -321,13 +322,42 @@ void silu_mul(const at::Tensor& gate, const at::Tensor& up, at::Tensor out, bool
 
 // --------------------------------------------------------------------------------------- varlen attention
 
+// Who sees whom inside one sequence, as Hugging Face's eager attention masks it: query i sees key j iff j <= i
+// (causal) and |i - j| < window (window > 0; 0 = no window). Every query sees at least itself, so each row has keys.
+// Both kernels compute scores only for the keys a query block can see (the union of its rows' [lo, hi)): a window
+// or causality removes the work outside the band rather than masking it after the fact.
+struct Band {
+  bool causal;
+  int64_t window;
+  int64_t lo(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0; }
+  int64_t hi(int64_t i, int64_t L) const { return causal ? i + 1 : window > 0 ? std::min(L, i + window) : L; }
+  // Query rows per work item: with a window, about one window's worth (multiples of 16, at most `rows`), so that
+  // a block's key span (its rows plus a window either side) stays near the keys its rows actually see.
+  int64_t block_rows(int64_t rows) const {
+    return window > 0 ? std::min(rows, std::max<int64_t>(16, (window + 15) / 16 * 16)) : rows;
+  }
+};
+
+// Gemma 2's logit softcap, s -> c * tanh(s / c) on the scaled score, before masking and softmax, in fp32 (the
+// scores are never rounded to bf16). The argument is s * (scale / c), one rounding where PyTorch's (s * scale) / c
+// makes two: as accurate, without a vector division per score.
+inline Vec soft_cap(const Vec& s, const Vec& scale_over_c, const Vec& c) { return (s * scale_over_c).tanh() * c; }
+inline float soft_cap(float s, float scale_over_c, float c) { return std::tanh(s * scale_over_c) * c; }
+
+// All-ones lanes for keys j0 + l inside [lo, hi), zero lanes elsewhere (a blendv mask).
+inline Vec lanes_in(int64_t j0, int64_t lo, int64_t hi) {
+  const Vec index = Vec::arange(static_cast<float>(j0), 1.f);
+  return (index >= Vec(static_cast<float>(lo))) & (index < Vec(static_cast<float>(hi)));
+}
+
 // The portable kernel, plain at::vec FMA code: what runs where oneDNN has no brgemm micro-kernels for this CPU or
 // dtype (varlen_attention_brgemm below is the fast path).
-// Bidirectional attention inside each packed sequence, no padding: q [T, HQ, D], k / v [T, HKV, D], out
-// [T, HQ, D]. One work item = (sequence, KV head, block of QB query rows); it converts that sequence's K (transposed,
-// [D, Lp]) and V ([L, Dp]) to fp32 once and runs every query head of the GQA group against them. Scores of a
-// query block are held whole ([QB, Lp] floats), so the softmax is exact, not online; the fp32 buffers grow with the
-// sequence length (L <= a few thousand tokens is the encode regime).
+// Attention inside each packed sequence, no padding: q [T, HQ, D], k / v [T, HKV, D], out [T, HQ, D]. One work
+// item = (sequence, KV head, block of QB query rows); it converts the keys its rows can see (the whole sequence
+// without a mask; the band of Band::lo / hi with one) of K (transposed, [D, np]) and V ([n, Dp]) to fp32 once and
+// runs every query head of the GQA group against them. Scores of a query block are held whole ([QB, np] floats),
+// so the softmax is exact, not online; a key outside a row's own range gets probability 0 exactly. The fp32
+// buffers grow with the key span (L <= a few thousand tokens is the encode regime).
 constexpr int64_t QB = 32;  // query rows per work item
 constexpr int64_t RB = 4;   // query rows per micro-kernel call
 constexpr int64_t KB = 2 * VS;  // keys per score micro-kernel call
@@ -376,7 +406,8 @@ inline void pv_block(const float* p, int64_t ldp, int64_t nr, const float* v, in
 
 template <typename T>
 void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::vector<int64_t>& cu, double scale, at::Tensor& out) {
+                             const std::vector<int64_t>& cu, double scale, const Band& band, double softcap,
+                             at::Tensor& out) {
   const int64_t HQ = q.size(1), HKV = k.size(1), D = q.size(2), G = HQ / HKV;
   const int64_t Dp = (D + VS - 1) / VS * VS;
   const T* pq = q.data_ptr<T>();
@@ -385,6 +416,7 @@ void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
   T* po = out.data_ptr<T>();
   const int64_t sqt = q.stride(0), sqh = q.stride(1), skt = k.stride(0), skh = k.stride(1), svt = v.stride(0),
                 svh = v.stride(1), sot = out.stride(0), soh = out.stride(1);
+  const int64_t rows = band.block_rows(QB);
   // Work items, longest sequences first so that the big ones do not end the parallel region alone.
   struct Item { int64_t b, h, m0; };
   std::vector<int64_t> order(cu.size() - 1);
@@ -393,29 +425,35 @@ void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
                    [&](int64_t a, int64_t b) { return cu[a + 1] - cu[a] > cu[b + 1] - cu[b]; });
   std::vector<Item> items;
   for (int64_t b : order)
-    for (int64_t m0 = 0; m0 < cu[b + 1] - cu[b]; m0 += QB)
+    for (int64_t m0 = 0; m0 < cu[b + 1] - cu[b]; m0 += rows)
       for (int64_t h = 0; h < HKV; ++h) items.push_back({b, h, m0});
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
+  const float fscale_cap = softcap > 0 ? static_cast<float>(scale / softcap) : 0.f;
+  // With a softcap the scores are capped in place (scale included), so the exponent takes them unscaled.
+  const float escale = softcap > 0 ? 1.f : fscale;
   const int64_t n_items = static_cast<int64_t>(items.size());
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> kt, vb, qb, sb, ob;
     for (int64_t it = begin; it < end; ++it) {
       const Item item = items[it];
       const int64_t start = cu[item.b], L = cu[item.b + 1] - start;
-      const int64_t Lp = (L + KB - 1) / KB * KB;
-      const int64_t M = std::min(QB, L - item.m0);
-      kt.assign(D * Lp, 0.f);
-      vb.assign(L * Dp, 0.f);
-      for (int64_t j = 0; j < L; ++j) {
-        const T* kj = pk + (start + j) * skt + item.h * skh;
-        const T* vj = pv + (start + j) * svt + item.h * svh;
+      const int64_t M = std::min(rows, L - item.m0);
+      // Keys [k0, k1) are the union of the block's rows' ranges (each row's range is an interval, and both ends
+      // grow with the row).
+      const int64_t k0 = band.lo(item.m0), k1 = band.hi(item.m0 + M - 1, L), n = k1 - k0;
+      const int64_t np = (n + KB - 1) / KB * KB;
+      kt.assign(D * np, 0.f);
+      vb.assign(n * Dp, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kj = pk + (start + k0 + j) * skt + item.h * skh;
+        const T* vj = pv + (start + k0 + j) * svt + item.h * svh;
         for (int64_t d = 0; d < D; ++d) {
-          kt[d * Lp + j] = static_cast<float>(kj[d]);
+          kt[d * np + j] = static_cast<float>(kj[d]);
           vb[j * Dp + d] = static_cast<float>(vj[d]);
         }
       }
       qb.resize(M * D);
-      sb.resize(M * Lp);
+      sb.resize(M * np);
       ob.resize(M * Dp);
       for (int64_t g = 0; g < G; ++g) {
         const int64_t hq = item.h * G + g;
@@ -425,37 +463,46 @@ void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
         }
         for (int64_t r0 = 0; r0 < M; r0 += RB) {
           const int64_t nr = std::min(RB, M - r0);
-          for (int64_t j0 = 0; j0 < Lp; j0 += KB)
-            score_block(qb.data() + r0 * D, D, nr, kt.data(), Lp, D, j0, sb.data() + r0 * Lp, Lp);
+          for (int64_t j0 = 0; j0 < np; j0 += KB)
+            score_block(qb.data() + r0 * D, D, nr, kt.data(), np, D, j0, sb.data() + r0 * np, np);
         }
         for (int64_t r = 0; r < M; ++r) {
-          float* s = sb.data() + r * Lp;
+          float* s = sb.data() + r * np;
+          // This row's keys [lo, hi) within the span; the others get probability 0 (P @ V reads all n).
+          const int64_t i = item.m0 + r, lo = band.lo(i) - k0, hi = band.hi(i, L) - k0;
+          int64_t j = lo;
+          if (softcap > 0) {
+            const Vec vsc(fscale_cap), vc(fcap);
+            for (; j + VS <= hi; j += VS) soft_cap(Vec::loadu(s + j), vsc, vc).store(s + j);
+            for (; j < hi; ++j) s[j] = soft_cap(s[j], fscale_cap, fcap);
+          }
           float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t j = 0; j < L; ++j) mx = std::max(mx, s[j]);
-          // exp(scale * (s - max)), vectorised over keys; the padded keys [L, Lp) are never read afterwards.
-          const Vec vs(fscale), vm(mx);
+          for (j = lo; j < hi; ++j) mx = std::max(mx, s[j]);
+          // exp(scale * (s - max)), vectorised over keys.
+          const Vec vs(escale), vm(mx);
           Vec vsum(0.f);
-          int64_t j = 0;
-          for (; j + VS <= L; j += VS) {
+          for (j = lo; j + VS <= hi; j += VS) {
             Vec e = ((Vec::loadu(s + j) - vm) * vs).exp_u20();
             e.store(s + j);
             vsum = vsum + e;
           }
           float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-          for (; j < L; ++j) {
-            s[j] = std::exp((s[j] - mx) * fscale);
+          for (; j < hi; ++j) {
+            s[j] = std::exp((s[j] - mx) * escale);
             sum += s[j];
           }
           const float inv = 1.f / sum;
-          for (j = 0; j < L; ++j) s[j] *= inv;
+          for (j = lo; j < hi; ++j) s[j] *= inv;
+          std::fill(s, s + lo, 0.f);
+          std::fill(s + hi, s + n, 0.f);
         }
         for (int64_t r0 = 0; r0 < M; r0 += RB) {
           const int64_t nr = std::min(RB, M - r0);
           int64_t c0 = 0;
           for (; c0 + 4 * VS <= Dp; c0 += 4 * VS)
-            pv_block<4>(sb.data() + r0 * Lp, Lp, nr, vb.data(), Dp, L, c0, ob.data() + r0 * Dp, Dp);
+            pv_block<4>(sb.data() + r0 * np, np, nr, vb.data(), Dp, n, c0, ob.data() + r0 * Dp, Dp);
           for (; c0 < Dp; c0 += VS)
-            pv_block<1>(sb.data() + r0 * Lp, Lp, nr, vb.data(), Dp, L, c0, ob.data() + r0 * Dp, Dp);
+            pv_block<1>(sb.data() + r0 * np, np, nr, vb.data(), Dp, n, c0, ob.data() + r0 * Dp, Dp);
         }
         for (int64_t r = 0; r < M; ++r) {
           T* orow = po + (start + item.m0 + r) * sot + hq * soh;
@@ -476,15 +523,19 @@ void varlen_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at:
 //
 // One work item = (sequence, KV head, block of up to QB2 query rows). Its A matrix stacks the GQA group's query
 // heads ([R * G, D], row r * G + g = query row r of head g), so that K and V are packed once for G heads:
-//   S = A @ K^T                  [R*G, Lp]  fp32 accumulation
-//   P = exp(scale * (S - max))   unnormalised, in T (bf16 P, as torch's flash attention rounds it; with
-//                                fp32_probs P = hi + lo, two bf16 halves, for ~16 bits); fp32 stays fp32
-//   O = (P @ V) / rowsum(P)      [R*G, D]   fp32 accumulation and sum, rounded to T once.
-// bf16 B operands are packed into VNNI pairs ([K/2, N, 2]); fp32 ones are plain row-major. Keys are padded to Lp
-// (a multiple of 16: bounds the number of distinct micro-kernel shapes, each JIT-compiled once per process) with
-// zero K columns, zero V rows and zero P, so padding never reaches the output. Items are assigned to threads
-// longest-first to the least-loaded thread (static partitioning would give one thread every long sequence), and each
-// output element is computed by one item in a fixed order: results do not depend on the thread count.
+//   S = A @ K^T[:, k0:k1]        [R*G, N]   fp32 accumulation (softcapped in place: c * tanh(scale * S / c))
+//   P = exp(scale * (S - max))   unnormalised (scale 1 once capped), in T (bf16 P, as torch's flash attention
+//                                rounds it; with fp32_probs P = hi + lo, two bf16 halves, for ~16 bits); fp32 stays
+//                                fp32
+//   O = (P @ V[k0:k1]) / rowsum(P)   [R*G, D]   fp32 accumulation and sum, rounded to T once.
+// [k0, k1) is the block's key span: every key without a mask; with causality or a window, the union of its rows'
+// ranges (Band), widened to multiples of 16, so the GEMMs skip the keys no row of the block sees. Keys of the span
+// outside a row's own range get P = 0 exactly. bf16 B operands are packed into VNNI pairs ([K/2, N, 2]); fp32 ones
+// are plain row-major. Keys are padded to Lp (a multiple of 16: bounds the number of distinct micro-kernel shapes,
+// each JIT-compiled once per process) with zero K columns, zero V rows and zero P, so padding never reaches the
+// output. Items are assigned to threads longest-first to the least-loaded thread (static partitioning would give one
+// thread every long sequence), and each output element is computed by one item in a fixed order: results do not
+// depend on the thread count.
 constexpr int64_t QB2 = 64;  // query rows per work item
 constexpr int64_t KPAD = 16;
 static_assert(KPAD % VS == 0, "padded key rows must hold whole vectors");
@@ -509,7 +560,8 @@ bool brgemm_available() {
 
 template <typename T>
 void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::vector<int64_t>& cu, double scale, bool fp32_probs, at::Tensor& out) {
+                             const std::vector<int64_t>& cu, double scale, bool fp32_probs, const Band& band,
+                             double softcap, at::Tensor& out) {
   constexpr bool vnni = std::is_same<T, BFloat16>::value;
   const int64_t HQ = q.size(1), HKV = k.size(1), D = q.size(2), G = HQ / HKV;
   const int64_t De = vnni ? (D + 1) / 2 * 2 : D;  // the QK^T reduction dim, even for VNNI pairs
@@ -562,13 +614,18 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
       }
     }
   });
-  // Phase 2: work items, longest processing time first onto the least-loaded thread.
-  struct Item { int64_t b, h, m0, cost; };
+  // Phase 2: work items, longest processing time first onto the least-loaded thread. An item's keys: [k0, k1).
+  struct Item { int64_t b, h, m0, k0, k1, cost; };
+  const int64_t rows = band.block_rows(QB2);
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = cu[b + 1] - cu[b], Lp = base[b + 1] - base[b];
-    for (int64_t m0 = 0; m0 < L; m0 += QB2)
-      for (int64_t h = 0; h < HKV; ++h) items.push_back({b, h, m0, std::min(QB2, L - m0) * (Lp + D)});
+    for (int64_t m0 = 0; m0 < L; m0 += rows) {
+      const int64_t R = std::min(rows, L - m0);
+      const int64_t k0 = band.lo(m0) / KPAD * KPAD;
+      const int64_t k1 = std::min(Lp, (band.hi(m0 + R - 1, L) + KPAD - 1) / KPAD * KPAD);
+      for (int64_t h = 0; h < HKV; ++h) items.push_back({b, h, m0, k0, k1, R * (k1 - k0 + D)});
+    }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
@@ -579,7 +636,10 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
     assigned[t].push_back(i);
     load[t] += items[i].cost;
   }
-  const float fscale = static_cast<float>(scale);
+  const float fscale = static_cast<float>(scale), fcap = static_cast<float>(softcap);
+  const float fscale_cap = softcap > 0 ? static_cast<float>(scale / softcap) : 0.f;
+  // With a softcap the scores are capped in place (scale included), so the exponent takes them unscaled.
+  const float escale = softcap > 0 ? 1.f : fscale;
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> a, pb, pl;
     std::vector<float> sb, ob, inv;
@@ -587,7 +647,8 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
       for (int64_t index : assigned[t]) {
         const Item item = items[index];
         const int64_t start = cu[item.b], L = cu[item.b + 1] - start, Lp = base[item.b + 1] - base[item.b];
-        const int64_t R = std::min(QB2, L - item.m0), M = R * G;
+        const int64_t R = std::min(rows, L - item.m0), M = R * G;
+        const int64_t k0 = item.k0, N = item.k1 - item.k0;
         // A: [M, De], row r * G + g = q[start + m0 + r, h * G + g, :] (zero in the VNNI pad column).
         a.resize(M * De);
         for (int64_t r = 0; r < R; ++r)
@@ -596,35 +657,46 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
             std::memcpy(row, pq + (start + item.m0 + r) * sqt + (item.h * G + g) * sqh, D * sizeof(T));
             if (De > D) row[D] = T(0.f);
           }
-        const T* kt = kpack + (base[item.b] * HKV + item.h * Lp) * De;
-        sb.resize(M * Lp);
-        at::native::cpublas::brgemm(M, Lp, De, De, Lp, Lp, false, a.data(), kt, sb.data(), vnni);
-        // exp(scale * (s - max)) over the L real keys of each row, unnormalised (the row's 1 / sum is applied to
-        // the output). Whole vectors only: S and P rows have Lp >= L columns (Lp a multiple of KPAD, itself a
-        // multiple of VS), and the lanes of keys >= L are masked (-inf for the max, 0 for the exps), so no scalar
-        // tail loop runs (scalar exps measured 10% of a short-sequence call). bf16 P gets zero padding columns;
-        // fp32 P is S itself, read over L keys only.
+        // Packed K^T is [De, Lp] (fp32) or [De / 2, Lp, 2] (VNNI): the span's columns start k0 keys in, rows
+        // keep the stride Lp.
+        const T* kt = kpack + (base[item.b] * HKV + item.h * Lp) * De + k0 * (vnni ? 2 : 1);
+        sb.resize(M * N);
+        at::native::cpublas::brgemm(M, N, De, De, Lp, N, false, a.data(), kt, sb.data(), vnni);
+        // exp(scale * (s - max)) over each row's keys [lo, hi) of the span, unnormalised (the row's 1 / sum is
+        // applied to the output). Whole vectors only: S and P rows have N columns (a multiple of KPAD, itself a
+        // multiple of VS), and the lanes of keys outside [lo, hi) are masked (-inf for the max, 0 for the exps), so
+        // no scalar tail loop runs (scalar exps measured 10% of a short-sequence call); whole vectors outside the
+        // range are not computed, only zeroed in P. fp32 P is S itself, read over the span's real keys only.
         const bool split = vnni && fp32_probs;
-        if (vnni) pb.resize(M * Lp);
-        if (split) pl.resize(M * Lp);
+        if (vnni) pb.resize(M * N);
+        if (split) pl.resize(M * N);
         inv.resize(M);
-        const int64_t full = L / VS * VS, rem = L - full;
-        const Vec vs(fscale), zero(0.f), neg_inf(-std::numeric_limits<float>::infinity());
+        const Vec vs(escale), vscale_cap(fscale_cap), vcap(fcap), zero(0.f),
+            neg_inf(-std::numeric_limits<float>::infinity());
         for (int64_t r = 0; r < M; ++r) {
-          float* s = sb.data() + r * Lp;
+          float* s = sb.data() + r * N;
+          const int64_t i = item.m0 + r / G, lo = band.lo(i) - k0, hi = band.hi(i, L) - k0;
+          const int64_t v0 = lo / VS * VS, v1 = (hi + VS - 1) / VS * VS;
           Vec vm = neg_inf;
-          for (int64_t j = 0; j < full; j += VS) vm = at::vec::maximum(vm, Vec::loadu(s + j));
-          if (rem) vm = at::vec::maximum(vm, Vec::set(neg_inf, Vec::loadu(s + full), rem));
+          for (int64_t j = v0; j < v1; j += VS) {
+            Vec x = Vec::loadu(s + j);
+            if (softcap > 0) {
+              x = soft_cap(x, vscale_cap, vcap);
+              x.store(s + j);
+            }
+            if (j < lo || j + VS > hi) x = Vec::blendv(neg_inf, x, lanes_in(j, lo, hi));
+            vm = at::vec::maximum(vm, x);
+          }
           const Vec vmax(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vm));
           Vec vsum(0.f);
-          T* p = vnni ? pb.data() + r * Lp : nullptr;
-          for (int64_t j = 0; j < full + (rem ? VS : 0); j += VS) {
+          T* p = vnni ? pb.data() + r * N : nullptr;
+          for (int64_t j = v0; j < v1; j += VS) {
             Vec e = ((Vec::loadu(s + j) - vmax) * vs).exp_u20();
-            if (j == full) e = Vec::set(zero, e, rem);
+            if (j < lo || j + VS > hi) e = Vec::blendv(zero, e, lanes_in(j, lo, hi));
             if (split) {  // P = hi + lo, both bf16: P @ V to ~16 bits of P, in two bf16 passes
-              const Vec hi = round_f(e, static_cast<const BFloat16*>(nullptr));
-              store_f(p + j, hi);
-              store_f(pl.data() + r * Lp + j, e - hi);
+              const Vec high = round_f(e, static_cast<const BFloat16*>(nullptr));
+              store_f(p + j, high);
+              store_f(pl.data() + r * N + j, e - high);
             } else if (vnni) {
               store_f(p + j, e);
             } else {
@@ -632,20 +704,28 @@ void varlen_attention_brgemm(const at::Tensor& q, const at::Tensor& k, const at:
             }
             vsum = vsum + e;
           }
-          if (vnni)
-            for (int64_t j = full + (rem ? VS : 0); j < Lp; j += VS) {
-              store_f(p + j, zero);
-              if (split) store_f(pl.data() + r * Lp + j, zero);
+          const auto clear = [&](int64_t from, int64_t to) {
+            for (int64_t j = from; j < to; j += VS) {
+              if (vnni) {
+                store_f(p + j, zero);
+              } else {
+                zero.store(s + j);
+              }
+              if (split) store_f(pl.data() + r * N + j, zero);
             }
+          };
+          clear(0, v0);
+          clear(v1, N);
           inv[r] = 1.f / at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
         }
         ob.resize(M * D);
-        if constexpr (vnni) {
-          const T* vt = vpack + (base[item.b] * HKV + item.h * Lp) * D;
-          at::native::cpublas::brgemm(M, D, Lp, Lp, D, D, false, pb.data(), vt, ob.data(), true);
-          if (split) at::native::cpublas::brgemm(M, D, Lp, Lp, D, D, true, pl.data(), vt, ob.data(), true);
-        } else {  // fp32 V is read in place: [L, D] rows at the token stride
-          at::native::cpublas::brgemm(M, D, L, Lp, svt, D, false, sb.data(), pv + start * svt + item.h * svh,
+        if constexpr (vnni) {  // the span's V rows: VNNI pairs of keys from k0 (even) on
+          const T* vt = vpack + (base[item.b] * HKV + item.h * Lp) * D + k0 * D;
+          at::native::cpublas::brgemm(M, D, N, N, D, D, false, pb.data(), vt, ob.data(), true);
+          if (split) at::native::cpublas::brgemm(M, D, N, N, D, D, true, pl.data(), vt, ob.data(), true);
+        } else {  // fp32 V is read in place: the span's real keys, [n, D] rows at the token stride
+          const int64_t n = std::min(item.k1, L) - k0;
+          at::native::cpublas::brgemm(M, D, n, N, svt, D, false, sb.data(), pv + (start + k0) * svt + item.h * svh,
                                       ob.data(), false);
         }
         for (int64_t r = 0; r < R; ++r)
@@ -677,8 +757,12 @@ bool use_brgemm(c10::string_view kernel) {
   return available;
 }
 
+// causal: query i sees keys j <= i only; window > 0: only keys with |i - j| < window (0: no window); softcap > 0:
+// scores become softcap * tanh(score / softcap) before the softmax (0: none). The defaults are bidirectional
+// attention over the whole sequence, and then both kernels run exactly as without these arguments.
 void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
-                      double scale, at::Tensor out, bool fp32_probs, c10::string_view kernel) {
+                      double scale, at::Tensor out, bool fp32_probs, c10::string_view kernel, bool causal,
+                      int64_t window, double softcap) {
   check_cpu_float(q, "q");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &out}) check_same(q, *t, "k/v/out");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
@@ -691,16 +775,20 @@ void varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   std::vector<int64_t> cu(cu_long.data_ptr<int64_t>(), cu_long.data_ptr<int64_t>() + cu_long.numel());
   TORCH_CHECK(cu.front() == 0 && cu.back() == q.size(0), "cu_seqlens must run from 0 to T");
   for (size_t i = 1; i < cu.size(); ++i) TORCH_CHECK(cu[i] >= cu[i - 1], "cu_seqlens must be non-decreasing");
+  TORCH_CHECK(window >= 0, "window must be a positive number of tokens, or 0 for none; got ", window);
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be a positive number, or 0 for none; got ",
+              softcap);
+  const Band band{causal, window};
   if (q.scalar_type() == at::kFloat) {
     if (use_brgemm<float>(kernel)) {
-      varlen_attention_brgemm<float>(q, k, v, cu, scale, false, out);
+      varlen_attention_brgemm<float>(q, k, v, cu, scale, false, band, softcap, out);
     } else {
-      varlen_attention_kernel<float>(q, k, v, cu, scale, out);
+      varlen_attention_kernel<float>(q, k, v, cu, scale, band, softcap, out);
     }
   } else if (use_brgemm<BFloat16>(kernel)) {
-    varlen_attention_brgemm<BFloat16>(q, k, v, cu, scale, fp32_probs, out);
+    varlen_attention_brgemm<BFloat16>(q, k, v, cu, scale, fp32_probs, band, softcap, out);
   } else {
-    varlen_attention_kernel<BFloat16>(q, k, v, cu, scale, out);
+    varlen_attention_kernel<BFloat16>(q, k, v, cu, scale, band, softcap, out);
   }
 }
 
@@ -721,7 +809,7 @@ TORCH_LIBRARY(llm2vec_fast, m) {
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out) -> ()");
   m.def("silu_mul(Tensor gate, Tensor up, Tensor(a!) out, bool round_act=True) -> ()");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor(a!) out, "
-        "bool fp32_probs=False, str kernel=\"auto\") -> ()");
+        "bool fp32_probs=False, str kernel=\"auto\", bool causal=False, int window=0, float softcap=0.0) -> ()");
   m.def("vector_width() -> int", &vector_width);
   m.def("brgemm_attention_available(ScalarType dtype) -> bool", &brgemm_attention_available);
 }

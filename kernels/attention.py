@@ -1,9 +1,12 @@
-"""Bidirectional (non-causal) flash attention over packed variable-length sequences.
+"""Flash attention over packed variable-length sequences: bidirectional by default, optionally causal, with a
+sliding window, with soft-capped logits.
 
 Layout: ``q [T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` hold the tokens of all sequences back to back;
 ``cu_seqlens`` (int32 ``[B+1]``) marks sequence ``i`` as rows ``cu_seqlens[i]:cu_seqlens[i+1]``. Every token
-attends to every token of its own sequence and to nothing else. Grouped-query attention (``Hq`` a multiple of
-``Hkv``) reads the shared K/V head directly; K/V are never repeated in memory.
+attends to the tokens of its own sequence (all of them, or those causality and the window leave) and to nothing
+else. Grouped-query attention (``Hq`` a multiple of ``Hkv``) reads the shared K/V head directly; K/V are never
+repeated in memory. Causality, the window and the soft cap are compile-time branches of the kernels (``CAUSAL``,
+``WINDOW``, ``SOFTCAP``): off, they cost nothing.
 
 The file holds, in order: the Triton kernels (forward, backward preprocess, dK/dV, dQ, dropout-mask debug
 kernel), the launch configuration, the host functions, the custom ops with their autograd, the PyTorch path for
@@ -12,6 +15,7 @@ RNG scheme.
 """
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -60,9 +64,62 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_n, m_d, stride_kt, stride_vt,
-                  seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                  BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+    def _tanh(x):
+        """tanh from exp2: triton.language has no tanh, and libdevice's does not run in the interpreter.
+        1 - 2 / (e^2x + 1) saturates to +-1 without overflow (e^2x = inf gives 1); absolute error ~ an ulp of 1."""
+        return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+    @triton.jit
+    def _in_band(i, j, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+        """Which (query, key) pairs may attend, from query positions ``i`` and key positions ``j`` (within the
+        sequence; a row and a column vector, broadcast against each other): ``j <= i`` when CAUSAL,
+        ``|i - j| < WINDOW`` when WINDOW > 0. Only called when one is set. The window is added to the vectors,
+        so no [rows, cols] integer tile is formed."""
+        if CAUSAL:
+            keep = i >= j
+            if WINDOW > 0:
+                keep = keep & (i < j + WINDOW)
+        else:
+            keep = (i < j + WINDOW) & (i > j - WINDOW)
+        return keep
+
+
+    @triton.jit
+    def _band_keys(start, rows, L, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, B: tl.constexpr):
+        """The key range ``[lo, hi)`` that query rows ``[start, start + rows)`` of a sequence of length L can see,
+        ``lo`` rounded down to a multiple of the key block B (so blocks, and the dropout's key pairs, stay
+        aligned). Key blocks outside it are never visited: that is where a sliding window (or causality) saves
+        work. Blocks inside it are still masked elementwise by ``_in_band``."""
+        lo = 0
+        hi = L
+        if WINDOW > 0:
+            lo = tl.maximum(start - WINDOW + 1, 0)
+            hi = tl.minimum(hi, start + rows - 1 + WINDOW)
+        if CAUSAL:
+            hi = tl.minimum(hi, start + rows)
+        return (lo // B) * B, hi
+
+
+    @triton.jit
+    def _band_queries(start, cols, L, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, B: tl.constexpr):
+        """The query range ``[lo, hi)`` that sees keys ``[start, start + cols)``, lo rounded down to a multiple of
+        the query block B (the dK/dV kernel's loop)."""
+        lo = 0
+        hi = L
+        if WINDOW > 0:
+            lo = tl.maximum(start - WINDOW + 1, 0)
+            hi = tl.minimum(hi, start + cols - 1 + WINDOW)
+        if CAUSAL:
+            lo = tl.maximum(lo, start)
+        return (lo // B) * B, hi
+
+
+    @triton.jit
+    def _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_m, o_n, m_d, stride_kt, stride_vt,
+                  seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep, softcap_scale, softcap_log2,
+                  BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
         # One key block of the online softmax. Only the LAST block of a sequence can run past its end, so only
         # it pays for the key mask; the full blocks before it load and compute unmasked (head-dim mask aside).
         if LAST:
@@ -72,7 +129,14 @@ if HAS_TRITON:
         else:
             b_k = tl.load(p_k + start_n * stride_kt, mask=m_d[:, None], other=0.0)  # [BD, BN]
             b_v = tl.load(p_v + start_n * stride_vt, mask=m_d[None, :], other=0.0)  # [BN, BD]
-        b_s = tl.dot(b_q, b_k, input_precision=PRECISION) * scale_log2  # [BM, BN]
+        b_s = tl.dot(b_q, b_k, input_precision=PRECISION)  # [BM, BN]
+        if SOFTCAP:
+            # Base-2 logits c * tanh(scale * qk / c): softcap_scale = scale / c, softcap_log2 = c * log2(e).
+            b_s = _tanh(b_s * softcap_scale) * softcap_log2
+        else:
+            b_s = b_s * scale_log2
+        if CAUSAL or WINDOW > 0:
+            b_s = tl.where(_in_band(o_m[:, None], (start_n + o_n)[None, :], CAUSAL, WINDOW), b_s, float("-inf"))
         if LAST:
             b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
@@ -92,9 +156,10 @@ if HAS_TRITON:
     def _attn_fwd_kernel(
         q, k, v, o, lse, cu_seqlens, rng,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        T, NM, scale_log2, dropout_p, inv_keep,
+        T, NM, scale_log2, dropout_p, inv_keep, softcap_scale, softcap_log2,
         HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         # One program: BM query rows of one (sequence, query head); grid = NM * B * HQ, query block fastest so that
         # programs running together share the K/V of one head in L2. Offsets within a sequence are int32 off int64
@@ -129,15 +194,20 @@ if HAS_TRITON:
         b_m = tl.full([BM], float("-inf"), tl.float32)
         b_l = tl.zeros([BM], tl.float32)
         b_acc = tl.zeros([BM, BD], tl.float32)
-        n_full = (L // BN) * BN
-        for start_n in range(0, n_full, BN):
-            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_n, m_d, stride_kt, stride_vt,
-                                        seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                                        BN, HAS_DROPOUT, PRECISION, False)
-        if n_full < L:
-            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, n_full, L, o_n, m_d, stride_kt, stride_vt,
-                                        seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                                        BN, HAS_DROPOUT, PRECISION, True)
+        # Keys [n_lo, n_hi): the whole sequence, or the band causality / the window leaves these rows. Only the
+        # block at n_full can reach past n_hi (past L, or out of the band: _in_band masks that).
+        n_lo, n_hi = _band_keys(i_m * BM, BM, L, CAUSAL, WINDOW, BN)
+        n_full = (n_hi // BN) * BN
+        for start_n in range(n_lo, n_full, BN):
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, start_n, L, o_m, o_n, m_d, stride_kt,
+                                        stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                                        softcap_scale, softcap_log2, BN, HAS_DROPOUT, PRECISION, False,
+                                        CAUSAL, WINDOW, SOFTCAP)
+        if n_full < n_hi:
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, p_k, p_v, n_full, L, o_m, o_n, m_d, stride_kt,
+                                        stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
+                                        softcap_scale, softcap_log2, BN, HAS_DROPOUT, PRECISION, True,
+                                        CAUSAL, WINDOW, SOFTCAP)
 
         b_m = tl.where(b_m == float("-inf"), 0.0, b_m)
         b_l = tl.where(b_l == 0.0, 1.0, b_l)
@@ -167,9 +237,10 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, m_d, stride_qt, stride_dot,
-                   seed, offset, i_h, tok0, col_start, scale_log2, dropout_p, inv_keep,
-                   BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+    def _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, o_n, m_d, stride_qt,
+                   stride_dot, seed, offset, i_h, tok0, col_start, scale_log2, dropout_p, inv_keep, softcap_scale,
+                   softcap_log2, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   LAST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
         # One query block against this program's keys; only the LAST query block can run past the sequence end.
         if LAST:
             m_m = (start_m + o_m) < L
@@ -183,20 +254,35 @@ if HAS_TRITON:
             b_do = tl.load(p_do + start_m * stride_dot, mask=m_d[None, :], other=0.0)  # [BM, BD]
             b_lse = tl.load(p_lse + start_m)  # [BM]
             b_delta = tl.load(p_delta + start_m)  # [BM]
+        if SOFTCAP:
+            # With a cap, dP comes first and dS is formed before the dV matmul, so the tanh tile is never live
+            # across a matmul (in the order below it spilled at head dim 128 with dropout).
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
-        b_pT = tl.exp2(b_sT * scale_log2 - b_lse[None, :])  # [BN, BM]
+        if SOFTCAP:
+            b_tT = _tanh(b_sT * softcap_scale)  # [BN, BM]
+            b_pT = tl.exp2(b_tT * softcap_log2 - b_lse[None, :])  # [BN, BM]
+        else:
+            b_pT = tl.exp2(b_sT * scale_log2 - b_lse[None, :])  # [BN, BM]
+        if CAUSAL or WINDOW > 0:
+            b_pT = tl.where(_in_band((start_m + o_m)[None, :], o_n[:, None], CAUSAL, WINDOW), b_pT, 0.0)
         if LAST:
             # Padding query rows (beyond L) must contribute nothing; their lse was never written.
             b_pT = tl.where(m_m[None, :], b_pT, 0.0)
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+        if not SOFTCAP:
+            b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
         if HAS_DROPOUT:
             b_keep = _dropout_keep_t(seed, offset, i_h, tok0 + start_m + o_m, col_start, dropout_p, BN)
             b_pdT = tl.where(b_keep, b_pT * inv_keep, 0.0)
             b_dpT = tl.where(b_keep, b_dpT * inv_keep, 0.0)
         else:
             b_pdT = b_pT
-        b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
+        if SOFTCAP:
+            b_dsT = b_pT * (b_dpT - b_delta[None, :]) * (1.0 - b_tT * b_tT)  # [BN, BM], through c * tanh(s / c)
+            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
+        else:
+            b_dv += tl.dot(b_pdT.to(b_do.dtype), b_do, input_precision=PRECISION)
+            b_dsT = b_pT * (b_dpT - b_delta[None, :])  # [BN, BM]
         b_dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PRECISION)
         return b_dk, b_dv
 
@@ -206,9 +292,10 @@ if HAS_TRITON:
         q, k, v, do, lse, delta, dk, dv, cu_seqlens, rng,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
         stride_dks, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-        T, NN, scale, scale_log2, dropout_p, inv_keep,
+        T, NN, scale, scale_log2, dropout_p, inv_keep, softcap_scale, softcap_log2,
         HKV: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         # One program: BN keys of one (sequence, KV head) and GROUP / SPLIT of the query heads sharing that KV
         # head, over all query blocks; the GQA sum over its heads happens in registers. SPLIT == 1: every dK/dV
@@ -243,21 +330,26 @@ if HAS_TRITON:
 
         b_dk = tl.zeros([BN, BD], tl.float32)
         b_dv = tl.zeros([BN, BD], tl.float32)
-        m_full = (L // BM) * BM
+        # Query rows [m_lo, m_hi) see these keys (all of the sequence without causality or a window); only the
+        # block at m_full can reach past m_hi.
+        m_lo, m_hi = _band_queries(i_n * BN, BN, L, CAUSAL, WINDOW, BM)
+        m_full = (m_hi // BM) * BM
         for g in range(GROUP // SPLIT):
             i_h = i_kh * GROUP + i_s * (GROUP // SPLIT) + g
             p_q = q + bos * stride_qt + i_h * stride_qh + (o_m[:, None] * stride_qt + o_d[None, :])
             p_do = do + bos * stride_dot + i_h * stride_doh + (o_m[:, None] * stride_dot + o_d[None, :])
             p_lse = lse + i_h.to(tl.int64) * T + bos + o_m
             p_delta = delta + i_h.to(tl.int64) * T + bos + o_m
-            for start_m in range(0, m_full, BM):
-                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, m_d,
-                                        stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
-                                        dropout_p, inv_keep, BN, HAS_DROPOUT, PRECISION, False)
-            if m_full < L:
-                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, m_full, L, o_m, m_d,
-                                        stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
-                                        dropout_p, inv_keep, BN, HAS_DROPOUT, PRECISION, True)
+            for start_m in range(m_lo, m_full, BM):
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, start_m, L, o_m, o_n,
+                                        m_d, stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
+                                        dropout_p, inv_keep, softcap_scale, softcap_log2, BN, HAS_DROPOUT,
+                                        PRECISION, False, CAUSAL, WINDOW, SOFTCAP)
+            if m_full < m_hi:
+                b_dk, b_dv = _dkdv_step(b_k, b_v, b_dk, b_dv, p_q, p_do, p_lse, p_delta, m_full, L, o_m, o_n,
+                                        m_d, stride_qt, stride_dot, seed, offset, i_h, tok0, i_n * BN, scale_log2,
+                                        dropout_p, inv_keep, softcap_scale, softcap_log2, BN, HAS_DROPOUT,
+                                        PRECISION, True, CAUSAL, WINDOW, SOFTCAP)
 
         b_dk = b_dk * scale
         dk += i_s.to(tl.int64) * stride_dks
@@ -269,9 +361,10 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_n, m_d, stride_kt, stride_vt,
-                 seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                 BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr):
+    def _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_m, o_n, m_d, stride_kt, stride_vt,
+                 seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep, softcap_scale, softcap_log2,
+                 BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, LAST: tl.constexpr,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
         if LAST:
             m_n = (start_n + o_n) < L
             m_dn = m_d[:, None] & m_n[None, :]
@@ -280,15 +373,27 @@ if HAS_TRITON:
         else:
             b_kT = tl.load(p_kT + start_n * stride_kt, mask=m_d[:, None], other=0.0)  # [BD, BN]
             b_vT = tl.load(p_vT + start_n * stride_vt, mask=m_d[:, None], other=0.0)  # [BD, BN]
-        b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2  # [BM, BN]
-        b_p = tl.exp2(b_s - b_lse[:, None])  # [BM, BN]
+        if SOFTCAP:
+            # dP first, so that the tanh tile is never live across a matmul (as in _dkdv_step).
+            b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
+        b_s = tl.dot(b_q, b_kT, input_precision=PRECISION)  # [BM, BN]
+        if SOFTCAP:
+            b_t = _tanh(b_s * softcap_scale)  # [BM, BN]
+            b_p = tl.exp2(b_t * softcap_log2 - b_lse[:, None])  # [BM, BN]
+        else:
+            b_p = tl.exp2(b_s * scale_log2 - b_lse[:, None])  # [BM, BN]
+        if CAUSAL or WINDOW > 0:
+            b_p = tl.where(_in_band(o_m[:, None], (start_n + o_n)[None, :], CAUSAL, WINDOW), b_p, 0.0)
         if LAST:
             b_p = tl.where(m_n[None, :], b_p, 0.0)
-        b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
+        if not SOFTCAP:
+            b_dp = tl.dot(b_do, b_vT, input_precision=PRECISION)  # [BM, BN]
         if HAS_DROPOUT:
             b_keep = _dropout_keep(seed, offset, i_h, o_tok, start_n, dropout_p, BN)
             b_dp = tl.where(b_keep, b_dp * inv_keep, 0.0)
         b_ds = b_p * (b_dp - b_delta[:, None])  # [BM, BN]
+        if SOFTCAP:
+            b_ds = b_ds * (1.0 - b_t * b_t)  # through c * tanh(s / c)
         b_dq += tl.dot(b_ds.to(b_kT.dtype), tl.trans(b_kT), input_precision=PRECISION)
         return b_dq
 
@@ -298,9 +403,10 @@ if HAS_TRITON:
         q, k, v, do, lse, delta, dq, cu_seqlens, rng,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
         stride_vh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-        T, NM, scale, scale_log2, dropout_p, inv_keep,
+        T, NM, scale, scale_log2, dropout_p, inv_keep, softcap_scale, softcap_log2,
         HQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     ):
         pid = tl.program_id(0)
         i_m = pid % NM
@@ -335,15 +441,16 @@ if HAS_TRITON:
             o_tok = (bos + o_m).to(tl.int32)
 
         b_dq = tl.zeros([BM, BD], tl.float32)
-        n_full = (L // BN) * BN
-        for start_n in range(0, n_full, BN):
-            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_n, m_d, stride_kt,
-                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                            BN, HAS_DROPOUT, PRECISION, False)
-        if n_full < L:
-            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, n_full, L, o_n, m_d, stride_kt,
-                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep,
-                            BN, HAS_DROPOUT, PRECISION, True)
+        n_lo, n_hi = _band_keys(i_m * BM, BM, L, CAUSAL, WINDOW, BN)  # as in the forward
+        n_full = (n_hi // BN) * BN
+        for start_n in range(n_lo, n_full, BN):
+            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, start_n, L, o_m, o_n, m_d, stride_kt,
+                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep, softcap_scale,
+                            softcap_log2, BN, HAS_DROPOUT, PRECISION, False, CAUSAL, WINDOW, SOFTCAP)
+        if n_full < n_hi:
+            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, b_dq, p_kT, p_vT, n_full, L, o_m, o_n, m_d, stride_kt,
+                            stride_vt, seed, offset, i_h, o_tok, scale_log2, dropout_p, inv_keep, softcap_scale,
+                            softcap_log2, BN, HAS_DROPOUT, PRECISION, True, CAUSAL, WINDOW, SOFTCAP)
 
         b_dq = b_dq * scale
         tl.store(dq + bos * stride_dqt + i_h * stride_dqh + (o_m[:, None] * stride_dqt + o_d[None, :]),
@@ -422,6 +529,19 @@ _TILINGS = {
     (80, 128, False, True): (_tile(128, 32, 8, 3), _tile(16, 64, 4, 2), _tile(16, 32, 4, 2)),
 }
 _TILING_256 = (_tile(64, 32, 8, 2), _tile(32, 64, 8, 1), _tile(64, 32, 8, 1))
+# Tiles that replace the above when causality or a window masks the band (16-bit), keyed by (target, padded head
+# dim, dropout): {kernel: tile}. The band's compares (and the tanh of a cap) spilled these tiles above:
+# - dK/dV with dropout, head dim 128: every 64-key tile spilled (sm_90: 48-152 B of stack per thread, sm_80:
+#   32-112 B, Triton 3.6 and 3.9); 16x32 with 4 warps does not (186-233 registers), on mma.sync. Its split variant
+#   (dkdv_split) spilled 96-144 B, so these calls never split (may_split_dkdv).
+# - dK/dV with dropout, head dim 64 on sm_90: 32x128 spilled 24 B under 3.6; 16x128 does not.
+# - dQ on sm_90 at head dim 128: 128x64 spilled 8 B under 3.9; 128x32 stays at 186-197 registers.
+_BAND_TILES = {
+    (90, 128, True): {"dkdv": _tile(16, 32, 4, 2), "dq": _tile(128, 32, 8, 2)},
+    (80, 128, True): {"dkdv": _tile(16, 32, 4, 2)},
+    (90, 64, True): {"dkdv": _tile(16, 128, 8, 2)},
+    (90, 128, False): {"dq": _tile(128, 32, 8, 2)},
+}
 
 
 # fp32 operands take twice the registers and shared memory of 16-bit ones: narrower tiles on every target.
@@ -432,29 +552,33 @@ _FP32_TILING = {
 }
 
 
-def _tiling(arch, bd, dtype, dropout):
+def _tiling(arch, bd, dtype, dropout, band=False):
     arch = arch if arch in (80, 90) else (90 if arch > 90 else 80)
     if dtype == torch.float32:
         tiles = _FP32_TILING[max(64, bd)]
     else:
         tiles = _TILING_256 if bd > 128 else _TILINGS[(arch, max(64, bd), False, bool(dropout))]
+        if band and bd <= 128:
+            override = _BAND_TILES.get((arch, max(64, bd), bool(dropout)), {})
+            tiles = (tiles[0], override.get("dkdv", tiles[1]), override.get("dq", tiles[2]))
     out = {}
     for prefix, (bm, bn, warps, stages) in zip(("fwd", "dkdv", "dq"), tiles):
         out.update({f"{prefix}_bm": bm, f"{prefix}_bn": bn, f"{prefix}_warps": warps, f"{prefix}_stages": stages})
     return out
 
 
-def attention_config(head_dim, dtype=torch.bfloat16, dropout=False, arch=90):
+def attention_config(head_dim, dtype=torch.bfloat16, dropout=False, arch=90, band=False):
     """Tiling for one kind of input: forward (fwd_bm query rows x fwd_bn keys per step), dK/dV (dkdv_bm query
     rows per step x dkdv_bn keys per program), dQ (dq_bm rows per program x dq_bn keys per step), and each
-    kernel's warps and pipeline stages. ``arch=None`` is the interpreter's tiling."""
+    kernel's warps and pipeline stages. ``band``: causality or a window masks the scores. ``arch=None`` is the
+    interpreter's tiling."""
     bd = max(16, triton.next_power_of_2(head_dim))
     if arch is None:
         # The interpreter costs ~5 ms per (program x loop step) whatever the block: few, mid-sized blocks.
         cfg = dict(fwd_bm=32, fwd_bn=32, fwd_warps=4, fwd_stages=1, dkdv_bm=32, dkdv_bn=32, dkdv_warps=4,
                    dkdv_stages=1, dq_bm=32, dq_bn=32, dq_warps=4, dq_stages=1)
     else:
-        cfg = dict(_tiling(arch, bd, dtype, dropout))
+        cfg = dict(_tiling(arch, bd, dtype, dropout, band))
     if CONFIG_OVERRIDE:
         cfg.update(CONFIG_OVERRIDE)
     cfg["bd"] = bd
@@ -490,16 +614,19 @@ class Launch:
         return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def attention_launches(dtype, head_dim, num_q_heads, num_kv_heads, dropout, arch, dkdv_split=1):
+def attention_launches(dtype, head_dim, num_q_heads, num_kv_heads, dropout, arch, dkdv_split=1, *,
+                       causal=False, window=0, softcap=False):
     """Every Triton launch ``attention_forward`` and ``attention_backward`` make for inputs of this kind, by name:
     forward, bwd_preprocess, bwd_dkdv, bwd_dq. The host functions launch exactly these; the compile tests compile
-    exactly these."""
-    cfg = attention_config(head_dim, dtype, dropout, arch)
+    exactly these. ``window`` is the sliding window (0: none), ``softcap`` whether the logits are soft-capped (the
+    cap itself is a runtime scalar)."""
+    cfg = attention_config(head_dim, dtype, dropout, arch, band=bool(causal or window))
     D, BD, group = head_dim, cfg["bd"], num_q_heads // num_kv_heads
-    scalars = ("scale", "scale_log2", "dropout_p", "inv_keep")
+    scalars = ("scale", "scale_log2", "dropout_p", "inv_keep", "softcap_scale", "softcap_log2")
     io = dict.fromkeys(("q", "k", "v", "o", "do", "dq", "dk", "dv"), dtype)
     aux = dict(lse=torch.float32, delta=torch.float32, cu_seqlens=torch.int32, rng=torch.int64)
-    common = dict(D=D, BD=BD, HAS_DROPOUT=bool(dropout), PRECISION=_precision(dtype))
+    common = dict(D=D, BD=BD, HAS_DROPOUT=bool(dropout), PRECISION=_precision(dtype), CAUSAL=bool(causal),
+                  WINDOW=int(window), SOFTCAP=bool(softcap))
     return {
         "forward": Launch(_attn_fwd_kernel, dict(common, HQ=num_q_heads, GROUP=group, BM=cfg["fwd_bm"],
                                                  BN=cfg["fwd_bn"]),
@@ -577,6 +704,12 @@ def draw_dropout_rng(device, generator=None):
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
+def may_split_dkdv(dropout, band):
+    """Whether the dK/dV kernel may split a GQA group (``dkdv_split``): not with dropout and a band mask, whose split
+    variant spilled registers (see _BAND_TILES)."""
+    return not (dropout and band)
+
+
 def dkdv_split(programs, group, device):
     """How many programs share the query heads of one GQA group in the dK/dV kernel. 1 (one program sums the
     whole group in registers) unless its programs (key blocks x sequences x KV heads) leave SMs idle, as one long
@@ -597,13 +730,24 @@ def dkdv_split(programs, group, device):
     return group
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p=0.0, rng=None):
-    """Triton forward. Returns ``out [T, Hq, D]`` and the base-2 log-sum-exp ``lse [Hq, T]`` (fp32)."""
+def _softcap_scalars(softmax_scale, softcap):
+    """(softcap_scale, softcap_log2) = (scale / c, c * log2(e)): the kernels form c * tanh(scale * qk / c) in base 2
+    from them. Zeros (unread) without a cap."""
+    if softcap is None:
+        return 0.0, 0.0
+    return softmax_scale / softcap, softcap * LOG2E
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p=0.0, rng=None, *, causal=False,
+                      window=None, softcap=None):
+    """Triton forward. Returns ``out [T, Hq, D]`` and the base-2 log-sum-exp ``lse [Hq, T]`` (fp32) of the
+    (soft-capped) logits. ``causal``, ``window``, ``softcap`` as in ``varlen_attention`` (already validated)."""
     T, HQ, D = q.shape
     HKV = k.shape[1]
     B = cu_seqlens.numel() - 1
     has_dropout = dropout_p > 0.0
-    fwd = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device))["forward"]
+    masks = dict(causal=causal, window=window or 0, softcap=softcap is not None)
+    fwd = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device), **masks)["forward"]
     o = _alloc((T, HQ, D), q.dtype, q.device)
     lse = _alloc((HQ, T), torch.float32, q.device)
     NM = triton.cdiv(max(max_seqlen, 1), fwd.constexprs["BM"])
@@ -613,18 +757,21 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p=
     _attn_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens, rng if has_dropout else cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        T, NM, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), **fwd.options(),
+        T, NM, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p), *_softcap_scalars(softmax_scale, softcap),
+        **fwd.options(),
     )
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p=0.0, rng=None):
+def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p=0.0, rng=None, *,
+                       causal=False, window=None, softcap=None):
     """Triton backward: delta = rowsum(dO * O), then dK/dV (GQA summed in-kernel) and dQ. No atomics."""
     T, HQ, D = q.shape
     HKV = k.shape[1]
     B = cu_seqlens.numel() - 1
     has_dropout = dropout_p > 0.0
-    launches = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device))
+    masks = dict(causal=causal, window=window or 0, softcap=softcap is not None)
+    launches = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device), **masks)
     do = _lastdim_contiguous(do)
     if (max_seqlen + _OFFSET_SLACK) * do.stride(0) >= 2**31:
         do = do.contiguous()  # a broadcast or strided gradient; contiguous rows are as narrow as q's
@@ -639,10 +786,11 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scal
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), T, **pre.options(),
     )
     rng = rng if has_dropout else cu_seqlens
-    scalars = (softmax_scale, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p))
+    scalars = (softmax_scale, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+               *_softcap_scalars(softmax_scale, softcap))
     NN = triton.cdiv(max(max_seqlen, 1), launches["bwd_dkdv"].constexprs["BN"])
-    split = dkdv_split(NN * B * HKV, HQ // HKV, q.device)
-    dkdv = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device), split)["bwd_dkdv"]
+    split = dkdv_split(NN * B * HKV, HQ // HKV, q.device) if may_split_dkdv(has_dropout, causal or window) else 1
+    dkdv = attention_launches(q.dtype, D, HQ, HKV, has_dropout, device_arch(q.device), split, **masks)["bwd_dkdv"]
     # split > 1: fp32 partial sums per split of the query heads, summed here.
     dk_out = dk if split == 1 else _alloc((split, *k.shape), torch.float32, k.device)
     dv_out = dv if split == 1 else _alloc((split, *v.shape), torch.float32, v.device)
@@ -673,13 +821,15 @@ def attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scal
 @torch.library.custom_op("llm2vec_fast_triton::varlen_attention_forward", mutates_args=())
 def varlen_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                 max_seqlen: int, softmax_scale: float, dropout_p: float,
-                                rng: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                                rng: Optional[torch.Tensor], causal: bool = False, window: Optional[int] = None,
+                                softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton forward as a custom op: ``(out [T, Hq, D], lse [Hq, T] fp32)``."""
-    return attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)
+    return attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng, causal=causal,
+                             window=window, softcap=softcap)
 
 
 @varlen_attention_forward_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
+def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng, causal=False, window=None, softcap=None):
     T, HQ, D = q.shape
     return q.new_empty((T, HQ, D)), q.new_empty((HQ, T), dtype=torch.float32)
 
@@ -687,29 +837,33 @@ def _(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
 @torch.library.custom_op("llm2vec_fast_triton::varlen_attention_backward", mutates_args=())
 def varlen_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  o: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                                 softmax_scale: float, dropout_p: float,
-                                 rng: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                 softmax_scale: float, dropout_p: float, rng: Optional[torch.Tensor],
+                                 causal: bool = False, window: Optional[int] = None,
+                                 softcap: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward as a custom op: ``(dq, dk, dv)``; the dropout masks are regenerated from ``rng``."""
-    return attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng)
+    return attention_backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng,
+                              causal=causal, window=window, softcap=softcap)
 
 
 @varlen_attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng):
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng, causal=False, window=None,
+      softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng = inputs
+    q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, rng, causal, window, softcap = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens, rng)
     ctx.max_seqlen, ctx.softmax_scale, ctx.dropout_p = max_seqlen, softmax_scale, dropout_p
+    ctx.causal, ctx.window, ctx.softcap = causal, window, softcap
 
 
 def _attention_backward(ctx, do, _dlse):
     q, k, v, o, lse, cu_seqlens, rng = ctx.saved_tensors
     dq, dk, dv = varlen_attention_backward_op(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.softmax_scale,
-                                              ctx.dropout_p, rng)
-    return dq, dk, dv, None, None, None, None, None
+                                              ctx.dropout_p, rng, ctx.causal, ctx.window, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 varlen_attention_forward_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -740,11 +894,48 @@ def _length_groups(lengths, slack=CPU_PADDING_SLACK):
     return groups
 
 
-def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p):
+def _band_mask(S, causal, window, device):
+    """Bool ``[S, S]`` (query, key) "may attend" of positions within one sequence: key j <= query i when causal,
+    |i - j| < window when a window is set; None when neither restricts anything."""
+    if not causal and window is None:
+        return None
+    pos = torch.arange(S, device=device)
+    dist = pos[:, None] - pos[None, :]  # [S, S] query minus key position
+    keep = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
+    if window is not None:
+        keep = keep & (dist.abs() < window)
+    return keep
+
+
+def _masked_attention(q, k, v, mask, dropout_p, softmax_scale, softcap):
+    """The math path for band-masked or soft-capped logits: q [G, Hq, S, D], k, v [G, Hkv, S, D], mask bool
+    broadcastable to [G, Hq, S, S] or None. SDPA cannot cap logits, and with a band mask its CPU kernel's fp32
+    gradients came out up to 4x further from float64 than this plain math (tests/kernels/test_attention_masks.py),
+    so both take this path; it holds the [G, Hq, S, S] scores, which at CPU batch sizes is small. In fp32 at least
+    (16-bit inputs are computed in fp32, as SDPA's CPU kernels do); differentiable; dropout on the probabilities
+    from torch's generator."""
+    group = q.shape[1] // k.shape[1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k, v = k.repeat_interleave(group, 1).to(dtype), v.repeat_interleave(group, 1).to(dtype)
+    s = (q.to(dtype) @ k.transpose(-1, -2)) * softmax_scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return (p @ v).to(q.dtype)
+
+
+def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, causal=False, window=None,
+                            softcap=None):
     """CPU path: sequences of similar length are re-padded together into [G, H, S, D] and run through one SDPA
     call with a key-padding mask (none when a group's lengths are equal); the outputs are scattered back.
     Grouping bounds the padding, which a single re-pad to max_seqlen would make quadratic in the longest text
-    (benchmarks/bench_kernels.py, bench_encode.py). Differentiable; dropout from torch's CPU generator."""
+    (benchmarks/bench_kernels.py, bench_encode.py). Differentiable; dropout from torch's CPU generator.
+    Causality and a sliding window join the mask, and like soft-capped logits take the explicit math path
+    (``_masked_attention``)."""
     T, HQ, D = q.shape
     bounds = cu_seqlens.tolist()
     starts, lengths = bounds[:-1], [e - s for s, e in zip(bounds[:-1], bounds[1:])]
@@ -766,11 +957,21 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, drop
                 x = x.new_zeros(G * S, x.shape[1], D).index_copy(0, slots, x)
             return x.view(G, S, x.shape[1], D).transpose(1, 2)
 
-        mask = None
+        # A window as long as the group's longest sequence restricts nothing.
+        mask = _band_mask(S, causal, window if window is not None and window < S else None, q.device)  # [S, S]
         if slots.numel() != G * S:
-            mask = (torch.arange(S, device=q.device)[None, :] < group_lengths[:, None])[:, None, None, :]
-        out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p,
-                                             scale=softmax_scale, enable_gqa=HQ != k.shape[1])  # [G, HQ, S, D]
+            valid = torch.arange(S, device=q.device)[None, :] < group_lengths[:, None]  # [G, S]
+            if mask is None:
+                mask = valid[:, None, None, :]
+            else:
+                # Padding query rows keep their band (their own slot at least): a row with every key masked gives
+                # NaN probabilities, and their gradient would reach the keys through it.
+                mask = (mask[None] & (valid[:, None, :] | ~valid[:, :, None]))[:, None]  # [G, 1, S, S]
+        if softcap is None and not causal and window is None:
+            out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p,
+                                                 scale=softmax_scale, enable_gqa=HQ != k.shape[1])  # [G, HQ, S, D]
+        else:
+            out = _masked_attention(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale, softcap)
         out = out.transpose(1, 2).reshape(G * S, HQ, D)
         outputs.append(out if slots.numel() == G * S else out.index_select(0, slots))
         rows_all.append(rows)
@@ -785,15 +986,34 @@ def _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale, drop
 # --------------------------------------------------------------------------------------------------------------
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0, *,
-                     deterministic=True, force_triton=False):
-    """Bidirectional attention within each packed sequence.
+def _check_mask_options(causal, window, softcap):
+    """(causal, window, softcap) as the kernels take them, or a ValueError that says what is accepted."""
+    if causal not in (True, False):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1):
+        raise ValueError(f"window must be a positive int (query i sees keys j with |i - j| < window) or None for "
+                         f"no window, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be a positive finite float (logits become softcap * tanh(logits / softcap)) "
+                         f"or None for no cap, got {softcap!r}")
+    return bool(causal), None if window is None else int(window), None if softcap is None else float(softcap)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropout_p=0.0, *, causal=False,
+                     window=None, softcap=None, deterministic=True, force_triton=False):
+    """Attention within each packed sequence: bidirectional by default, causal, sliding-window, soft-capped.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] (Hq a multiple of Hkv, D <= 256), fp16/bf16/fp32, last dim contiguous.
     cu_seqlens: int32 [B+1], cumulative sequence starts, cu_seqlens[-1] == T; zero-length entries allowed.
     max_seqlen: python int >= every length (sizes the grid; never read back from the device; a smaller value
         leaves rows uncomputed).
     softmax_scale: default 1/sqrt(D). dropout_p: probability of dropping an attention probability (train only).
+    causal: query i sees only keys j <= i of its sequence (decoders as trained; Qwen3-Embedding).
+    window: int >= 1 or None. Query i sees only keys with |i - j| < window (positions within the sequence); with
+        causal, keys i - window < j <= i. Hugging Face's sliding-window layers (Gemma 2/3, Qwen3, Mistral).
+    softcap: positive float or None. Logits s = scale * q.k become softcap * tanh(s / softcap) before masking
+        and softmax (Gemma 2's attn_logit_softcapping).
     deterministic: accepted for API compatibility; the Triton backward is always deterministic (no atomics).
     force_triton: run the Triton kernels on CPU tensors too (Triton interpreter, for tests).
     Under torch.autocast, q, k, v are first cast to the autocast dtype as SDPA casts them (float64 excepted).
@@ -803,15 +1023,19 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None, dropou
     _check_inputs(q, k, v, cu_seqlens)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    causal, window, softcap = _check_mask_options(causal, window, softcap)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if q.device.type != "cuda" and not force_triton:
-        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p)
+        return _torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, causal, window, softcap)
     require_triton("varlen_attention on a CUDA tensor")
     q, k, v = _lastdim_contiguous(q), _lastdim_contiguous(k), _lastdim_contiguous(v)
     _check_int32_offsets(max_seqlen, q, k, v)
     cu_seqlens = cu_seqlens.to(torch.int32)
+    if window is not None and window >= max_seqlen:
+        window = None  # no sequence is longer than max_seqlen: the window restricts nothing (one compile fewer)
     rng = draw_dropout_rng(q.device) if dropout_p > 0.0 else None
-    out, _ = varlen_attention_forward_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), rng)
+    out, _ = varlen_attention_forward_op(q, k, v, cu_seqlens, int(max_seqlen), float(scale), float(dropout_p), rng,
+                                         causal, window, softcap)
     return out
 
 
@@ -842,10 +1066,12 @@ def varlen_attention_dropout_mask(cu_seqlens, max_seqlen, num_heads, dropout_p, 
     return [mask[i, :, :n, :n].bool() for i, n in enumerate(lengths)]
 
 
-def naive_varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, dropout_mask=None, *, dropout_p=None):
+def naive_varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, dropout_mask=None, *, dropout_p=None,
+                           causal=False, window=None, softcap=None):
     """Reference: a plain loop over sequences, softmax(q k^T * scale) v per sequence, in the inputs' dtype (run
     it in float64 for ground truth). dropout_mask: optional list of per-sequence [Hq, L, L] masks applied to the
-    probabilities, either float (already 0 or 1/(1-p)) or bool keep-masks with ``dropout_p`` given."""
+    probabilities, either float (already 0 or 1/(1-p)) or bool keep-masks with ``dropout_p`` given. causal,
+    window, softcap as in ``varlen_attention``: the logits are capped, then masked (-inf), then softmaxed."""
     T, HQ, D = q.shape
     G = HQ // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -856,7 +1082,13 @@ def naive_varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, dropout_mask
         qi = q[s:e].transpose(0, 1)  # [HQ, L, D]
         ki = k[s:e].transpose(0, 1).repeat_interleave(G, 0)
         vi = v[s:e].transpose(0, 1).repeat_interleave(G, 0)
-        p = torch.softmax((qi @ ki.transpose(1, 2)) * scale, dim=-1)  # [HQ, L, L]
+        s_ij = (qi @ ki.transpose(1, 2)) * scale  # [HQ, L, L]
+        if softcap is not None:
+            s_ij = softcap * torch.tanh(s_ij / softcap)
+        band = _band_mask(e - s, causal, window, q.device)
+        if band is not None:
+            s_ij = s_ij.masked_fill(~band, float("-inf"))
+        p = torch.softmax(s_ij, dim=-1)  # [HQ, L, L]
         if dropout_mask is not None:
             m = dropout_mask[i].to(q.device)
             if m.dtype == torch.bool:

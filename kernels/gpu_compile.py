@@ -160,8 +160,30 @@ KV_HEADS = 3  # SmolLM2's; HQ / HKV only enter index arithmetic, the group size 
 
 
 @dataclasses.dataclass(frozen=True)
+class Mask:
+    """The attention's compile-time mask branches: causal, sliding window (0: none), soft-capped logits."""
+    causal: bool = False
+    window: int = 0
+    softcap: bool = False
+
+    @property
+    def tag(self):
+        """``""`` for plain bidirectional attention, else e.g. ``"-causal-w512-cap"``."""
+        return (("-causal" if self.causal else "") + (f"-w{self.window}" if self.window else "")
+                + ("-cap" if self.softcap else ""))
+
+
+NO_MASK = Mask()
+# Every branch on at once: the most code in the inner loops (Gemma 2 as a causal model; the band and the tanh).
+ALL_MASKS = Mask(causal=True, window=512, softcap=True)
+# Gemma 2 / 3 made bidirectional: a two-sided window, and Gemma 2's cap.
+BIDIRECTIONAL_WINDOW = Mask(window=512, softcap=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
-    """One launch to compile, with a readable id such as ``sm90-bf16-d128-g3-drop-bwd_dkdv``."""
+    """One launch to compile, with a readable id such as ``sm90-bf16-d128-g3-drop-bwd_dkdv`` (or
+    ``sm90-bf16-d128-g3-drop-causal-w512-cap-bwd_dkdv`` with mask branches on)."""
     arch: int
     dtype: object
     head_dim: int
@@ -169,12 +191,13 @@ class Case:
     dropout: bool
     kernel: str
     launch: object
+    mask: Mask = NO_MASK
 
     @property
     def id(self):
         dtype = _TRITON_DTYPE[str(self.dtype)]
         return (f"sm{self.arch}-{dtype}-d{self.head_dim}-g{self.group}-{'drop' if self.dropout else 'nodrop'}"
-                f"-{self.kernel}")
+                f"{self.mask.tag}-{self.kernel}")
 
     def compile(self):
         launch = self.launch
@@ -183,9 +206,10 @@ class Case:
                               num_stages=launch.num_stages, arch=self.arch)
 
 
-def attention_cases(archs=ARCHS, dtypes=None, head_dims=HEAD_DIMS, groups=GROUPS, dropouts=(False, True)):
+def attention_cases(archs=ARCHS, dtypes=None, head_dims=HEAD_DIMS, groups=GROUPS, dropouts=(False, True),
+                    masks=(NO_MASK,)):
     """The attention launches for every combination, each distinct compilation once (the preprocess kernel
-    depends only on dtype and head dim, so it appears once per pair)."""
+    depends only on dtype and head dim, so it appears once per pair, unmasked)."""
     import torch
 
     from . import attention
@@ -197,22 +221,37 @@ def attention_cases(archs=ARCHS, dtypes=None, head_dims=HEAD_DIMS, groups=GROUPS
             for d in head_dims:
                 for g in groups:
                     for dropout in dropouts:
-                        launches = attention.attention_launches(dtype, d, g * KV_HEADS, KV_HEADS, dropout, arch)
-                        if g > 1 and arch >= 90:  # long sequences split the GQA group (attention.dkdv_split)
-                            launches["bwd_dkdv_split"] = attention.attention_launches(
-                                dtype, d, g * KV_HEADS, KV_HEADS, dropout, arch, dkdv_split=g)["bwd_dkdv"]
-                        for name, launch in launches.items():
-                            key = (arch, name, str(dtype), tuple(sorted(launch.constexprs.items())),
-                                   launch.num_warps, launch.num_stages)
-                            if key not in seen:
-                                seen.add(key)
-                                yield Case(arch, dtype, d, g, dropout, name, launch)
+                        for mask in masks:
+                            yield from _cases_of(attention, arch, dtype, d, g, dropout, mask, seen)
+
+
+def _cases_of(attention, arch, dtype, d, g, dropout, mask, seen):
+    m = dict(causal=mask.causal, window=mask.window, softcap=mask.softcap)
+    launches = attention.attention_launches(dtype, d, g * KV_HEADS, KV_HEADS, dropout, arch, **m)
+    if g > 1 and arch >= 90 and attention.may_split_dkdv(dropout, mask.causal or mask.window > 0):
+        # long sequences split the GQA group (attention.dkdv_split)
+        launches["bwd_dkdv_split"] = attention.attention_launches(
+            dtype, d, g * KV_HEADS, KV_HEADS, dropout, arch, dkdv_split=g, **m)["bwd_dkdv"]
+    for name, launch in launches.items():
+        key = (arch, name, str(dtype), tuple(sorted(launch.constexprs.items())), launch.num_warps,
+               launch.num_stages)
+        if key in seen or (name == "bwd_preprocess" and mask != NO_MASK):
+            continue  # the preprocess kernel has no mask branches: its unmasked case covers it
+        seen.add(key)
+        yield Case(arch, dtype, d, g, dropout, name, launch, mask)
+
+
+def every_case(archs=ARCHS):
+    """``--all``: the whole product, unmasked and with every mask branch on (~900 compilations, ~40 min)."""
+    return list(attention_cases(archs=archs, masks=(NO_MASK, ALL_MASKS)))
 
 
 def representative_cases(archs=ARCHS):
     """The subset CI compiles (the full product of ``attention_cases`` is ~450 compilations, ~20 min on two
     cores): every dtype at head dim 128 with GQA group 3, dropout on and off; bf16 at head dims 64, 80 and 256
-    (group 1, no dropout); and the SimCSE shape of the default model (bf16, head dim 64, group 3, dropout)."""
+    (group 1, no dropout); and the SimCSE shape of the default model (bf16, head dim 64, group 3, dropout). The
+    mask branches: all of them on (causal, window, softcap) in bf16 at head dim 128 (Qwen3's) with GQA group 3,
+    dropout on and off, and at the SimCSE shape; Gemma's bidirectional window with softcap at head dim 256."""
     import torch
 
     seen, out = set(), []
@@ -220,6 +259,10 @@ def representative_cases(archs=ARCHS):
         dict(head_dims=(128,), groups=(3,)),
         dict(dtypes=(torch.bfloat16,), head_dims=(64, 80, 256), groups=(1,), dropouts=(False,)),
         dict(dtypes=(torch.bfloat16,), head_dims=(64,), groups=(3,), dropouts=(True,)),
+        dict(dtypes=(torch.bfloat16,), head_dims=(128,), groups=(3,), masks=(ALL_MASKS,)),
+        dict(dtypes=(torch.bfloat16,), head_dims=(64,), groups=(3,), dropouts=(True,), masks=(ALL_MASKS,)),
+        dict(dtypes=(torch.bfloat16,), head_dims=(256,), groups=(1,), dropouts=(False,),
+             masks=(BIDIRECTIONAL_WINDOW,)),
     ]
     for part in parts:
         for case in attention_cases(archs=archs, **part):
@@ -324,7 +367,8 @@ def main(argv=None):
         description="Compile the attention kernels for sm_90 and sm_80 without a GPU; print registers, spills, "
                     "shared memory, tensor-core instructions and inner-loop sizes.")
     parser.add_argument("--all", action="store_true",
-                        help="every launch (~450 compilations, ~20 min on 2 cores), not the subset CI compiles")
+                        help="every launch, unmasked and with every mask branch on (~900 compilations, ~40 min "
+                             "on 2 cores), not the subset CI compiles")
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="target (default: both)")
     parser.add_argument("--ids", nargs="+", help="compile only these case ids (as the table prints them)")
     parser.add_argument("--workers", type=int, default=2, help="compile threads")
@@ -350,8 +394,9 @@ def main(argv=None):
         dtypes = tuple({"bf16": torch.bfloat16, "fp32": torch.float32}[d] for d in args.dtype or ("bf16", "fp32"))
         return _print_sweep(sweep(archs=archs, head_dims=tuple(args.head_dim or (64, 128, 256)), dtypes=dtypes,
                                   workers=args.workers), args.json)
-    cases = list(attention_cases(archs=archs)) if args.all or args.ids else representative_cases(archs)
+    cases = every_case(archs) if args.all else representative_cases(archs)
     if args.ids:
+        cases = list({c.id: c for c in every_case(archs) + representative_cases(archs)}.values())
         unknown = set(args.ids) - {c.id for c in cases}
         if unknown:
             parser.error(f"unknown case ids {sorted(unknown)}; run without --ids to see them")

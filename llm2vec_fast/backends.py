@@ -86,6 +86,8 @@ class Implementation:
 _TORCH = Implementation("torch", "any", "", lambda: True, _always)
 
 TABLE: dict[str, tuple[Implementation, ...]] = {
+    # Causality, sliding windows and logit softcapping do not enter the choice: both C++ kernels take every
+    # combination (csrc/cpu_ops.cpp, tests/test_native_attention_masks.py), so the call's tensors decide alone.
     "attention": (
         Implementation("triton", "cuda", "", _triton_installed, _on_cuda),
         Implementation("cpp-brgemm", "cpu", "LLM2VEC_FAST_NATIVE, LLM2VEC_FAST_CPU_ATTENTION", _brgemm_available,

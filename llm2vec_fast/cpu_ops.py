@@ -9,6 +9,9 @@ attention's reference is the Triton kernel's, `llm2vec_fast.kernels.attention.na
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -118,9 +121,16 @@ def silu_mul_reference(gate, up, round_act: bool = True):
 # ------------------------------------------------------------------------------------------- varlen attention
 
 
-def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool = False, kernel=None):
-    """Bidirectional attention within each packed sequence: q [T, Hq, D], k / v [T, Hkv, D] (GQA: Hq a multiple
-    of Hkv), cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype.
+def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool = False, kernel=None, *,
+                     causal: bool = False, window=None, softcap=None):
+    """Attention within each packed sequence: q [T, Hq, D], k / v [T, Hkv, D] (GQA: Hq a multiple of Hkv),
+    cu_seqlens [B+1] cumulative starts (CPU). Returns [T, Hq, D] in q's dtype.
+
+    Masks and caps as Hugging Face's eager attention applies them, each within one sequence: causal, query i sees
+    keys j <= i; window (a positive token count, None for none), only keys with |i - j| < window (Gemma 2 / 3 and
+    Qwen3 sliding layers: with causal, the keys i - window < j <= i); softcap (positive, None for none), scores s
+    become softcap * tanh(s / softcap) after the scale and before masking (Gemma 2). Masked keys get probability 0
+    exactly, and the kernels skip the work outside the band. Both kernels take every combination.
 
     bf16 inputs: the probabilities are rounded to bf16 before P @ V, as torch's CPU flash attention does, unless
     fp32_probs, which keeps them to about 16 bits (P split into two bf16 halves, two passes; the mixed mode uses it).
@@ -130,6 +140,32 @@ def varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, fp32_probs: bool =
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = _alloc(q.shape, q)
     torch.ops.llm2vec_fast.varlen_attention(q, k, v, cu_seqlens, float(scale), out, bool(fp32_probs),
-                                            kernel or settings.current().cpu_attention)
+                                            kernel or settings.current().cpu_attention, bool(causal),
+                                            _window(window), _softcap(softcap))
     return out
 
+
+def _window(window) -> int:
+    """The op's window argument: 0 for None, else a positive int (a window of 0 tokens would see nothing)."""
+    if window is None:
+        return 0
+    try:
+        value = operator.index(window) if not isinstance(window, bool) else 0
+    except TypeError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"window must be a positive number of tokens, or None for no sliding window; got {window!r}")
+    return value
+
+
+def _softcap(softcap) -> float:
+    """The op's softcap argument: 0.0 for None, else a positive finite float."""
+    if softcap is None:
+        return 0.0
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        value = 0.0
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"softcap must be a positive number, or None for no logit softcapping; got {softcap!r}")
+    return value

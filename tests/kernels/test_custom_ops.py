@@ -20,12 +20,15 @@ def _qkv(dtype=torch.float32, requires_grad=True):
     return [x.requires_grad_(requires_grad) for x in (q, k, v)]
 
 
-@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["nodrop", "drop"])
-def test_attention_ops_pass_opcheck(dropout_p):
+@pytest.mark.parametrize("dropout_p,masks", [(0.0, ()), (0.3, ()), (0.3, (True, 3, 2.0))],
+                         ids=["nodrop", "drop", "drop-causal-w3-cap2"])
+def test_attention_ops_pass_opcheck(dropout_p, masks):
     q, k, v = _qkv()
     rng = attention.draw_dropout_rng(q.device) if dropout_p else None
     # test_aot_dispatch_dynamic differentiates through the op, so this covers the backward op and its fake too.
-    torch.library.opcheck(attention.varlen_attention_forward_op, (q, k, v, CU, 7, 0.25, dropout_p, rng))
+    # masks: the optional (causal, window, softcap) arguments, left at their defaults or all given.
+    args = (q, k, v, CU, 7, 0.25, dropout_p, rng, *masks)
+    torch.library.opcheck(attention.varlen_attention_forward_op, args)
 
 
 def test_pooling_ops_pass_opcheck():

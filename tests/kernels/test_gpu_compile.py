@@ -20,7 +20,7 @@ import torch
 from llm2vec_fast.kernels import gpu_compile
 
 EVERYTHING = os.environ.get("LLM2VEC_FAST_COMPILE_ALL") == "1"
-CASES = list(gpu_compile.attention_cases()) if EVERYTHING else gpu_compile.representative_cases()
+CASES = gpu_compile.every_case() if EVERYTHING else gpu_compile.representative_cases()
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 MATMUL_KERNELS = ("forward", "bwd_dkdv", "bwd_dkdv_split", "bwd_dq")
 
@@ -53,10 +53,19 @@ def test_launch_fits_the_target(table, case):
         f"{gpu_compile.SHARED_LIMIT[case.arch]}: it would fail to launch")
     assert row["registers"] <= gpu_compile.MAX_REGISTERS
     if case.kernel in MATMUL_KERNELS:
-        if case.arch == 90:
+        if case.arch == 90 and _band_dropout_dkdv(case):
+            # Every wgmma-sized dK/dV tile (64 keys, 8 warps) spilled with a band mask and dropout at head dim 128
+            # (48-152 B of stack under Triton 3.6 and 3.9): attention._BAND_TILES runs 16x32 on mma.sync.
+            assert row["mma"] > 0, f"{case.id}: expected the mma.sync tile of attention._BAND_TILES: {row}"
+        elif case.arch == 90:
             assert row["wgmma"] > 0 and row["mma"] == 0, f"{case.id}: sm_90 matmuls should be wgmma: {row}"
         else:
             assert row["mma"] > 0, f"{case.id}: sm_80 matmuls should use mma.sync: {row}"
+
+
+def _band_dropout_dkdv(case):
+    return (case.dropout and (case.mask.causal or case.mask.window > 0) and case.kernel.startswith("bwd_dkdv")
+            and 64 < case.head_dim <= 128 and case.dtype in SIXTEEN_BIT)
 
 
 # Spills no candidate tiling removed (benchmarks/results/compile_sweep_bf16_d64_d128.txt), as the stack bound
@@ -66,11 +75,15 @@ def test_launch_fits_the_target(table, case):
 # runs this file under the newest and under 3.6).
 KNOWN_SPILLS = {
     (80, 128, False, "bwd_dkdv"): 8,
+    # With a band mask (causal / window) and no dropout, the 16x128 tile on sm_90 spills 8 B under Triton 3.6
+    # (none under 3.9); 16x64 spilled 40 B there.
+    (90, 128, False, "bwd_dkdv", "band"): 8,
 }
 
 
 def _spill_key(case):
-    return case.arch, max(16, 1 << (case.head_dim - 1).bit_length()), case.dropout, case.kernel
+    key = (case.arch, max(16, 1 << (case.head_dim - 1).bit_length()), case.dropout, case.kernel)
+    return key + ("band",) if case.mask.causal or case.mask.window else key
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype in SIXTEEN_BIT and c.head_dim <= 128],
