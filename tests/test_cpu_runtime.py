@@ -12,6 +12,7 @@ from llm2vec_fast import LLM2Vec, native
 from llm2vec_fast.cpu_runtime import (CpuRuntime, cpu_linears, native_cpu_ops, runtime_of, swapped_modules,
                                       use_cpu_linears, use_native_cpu_ops)
 from llm2vec_fast.modeling import base_model
+from tiny_models import NEW_FAMILIES, build_model_dir
 
 needs_native = pytest.mark.skipif(native.load() is None, reason="the C++ ops cannot be built here")
 FAMILIES = ["llama", "mistral", "qwen2", "gemma"]
@@ -24,28 +25,56 @@ def _layer_swaps(encoder) -> dict:
             if name == "layers.0" or name.startswith("layers.0.")}
 
 
+# What a CPU encode swaps in the first decoder layer, per family, beside the prepared GEMMs of every linear:
+# (norms swapped to the C++ rms_norm, decoder layer fused, attention module's label, MLP with the C++ silu_mul).
+NORMS = ("input_layernorm", "post_attention_layernorm")
+GEMMA2_NORMS = NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+BLOCK = "C++ attention block (rotary + varlen attention)"
+EXPECTED_SWAPS = {
+    "llama": (NORMS, True, BLOCK, True),
+    "mistral": (NORMS, True, BLOCK, True),
+    "qwen2": (NORMS, True, BLOCK, True),
+    "gemma": (NORMS, True, BLOCK, False),  # GELU-tanh: the C++ SwiGLU does not apply, the MLP stays HF's
+    "llama3": (NORMS, True, BLOCK, True),
+    "qwen3": (NORMS + QK_NORMS, True, BLOCK, True),  # the block applies q_norm / k_norm itself
+    "gemma2": (GEMMA2_NORMS, False, BLOCK, False),  # four norms: HF's layer forward around the swapped blocks
+    "gemma3_text": (GEMMA2_NORMS + QK_NORMS, False, BLOCK, False),
+    # q/k/v in one qkv_proj and a partial rotary: HF's attention block with the C++ varlen attention; its residual
+    # dropouts keep HF's layer forward; gate_up_proj in one linear: HF's MLP.
+    "phi3": (NORMS, False, "C++ varlen attention", False),
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tiny_model_dirs, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cpu_runtime_families")
+    return {**tiny_model_dirs, **{family: build_model_dir(str(root / family), family) for family in NEW_FAMILIES}}
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_cpu_encode_swaps_these_forwards(tiny_model_dirs, family, dtype):
-    encoder = LLM2Vec.from_pretrained(tiny_model_dirs[family], dtype=dtype, max_batch_tokens=64)
+@pytest.mark.parametrize("family", FAMILIES + list(NEW_FAMILIES))
+def test_a_cpu_encode_swaps_these_forwards(family_dirs, family, dtype):
+    if family in NEW_FAMILIES and dtype == "bfloat16":
+        pytest.skip("the same swaps as float32 and mixed (test time)")
+    encoder = LLM2Vec.from_pretrained(family_dirs[family], dtype=dtype, max_batch_tokens=64)
     assert swapped_modules(encoder.model) == {}  # loading swaps nothing; the first CPU encode does
     encoder.encode(["a text", "another one"], show_progress_bar=False)
     gemm = f"prepared {GEMM_DTYPE[dtype]} GEMM"
     swaps = _layer_swaps(encoder)
-    assert swaps.pop("input_layernorm") == "C++ rms_norm"
-    assert swaps.pop("post_attention_layernorm") == "C++ rms_norm"
-    assert swaps.pop("").startswith("C++ residual add + rms_norm")
-    assert swaps.pop("self_attn").startswith("C++ attention block (rotary + varlen attention)")
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        assert swaps.pop(f"self_attn.{name}").startswith(gemm)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        assert swaps.pop(f"mlp.{name}").startswith(gemm)
+    norms, fused_layer, attention, silu_mul = EXPECTED_SWAPS[family]
+    for name in norms:
+        assert swaps.pop(name) == "C++ rms_norm", name
+    layer = swaps.pop("", None)
+    assert layer.startswith("C++ residual add + rms_norm") if fused_layer else layer is None
+    assert swaps.pop("self_attn").startswith(attention)
+    linears = [n for n, m in encoder.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) >= 4
+    for name in linears:
+        assert swaps.pop(name).startswith(gemm), name
     mlp = swaps.pop("mlp", None)
-    if family == "gemma":  # GELU-tanh: the C++ SwiGLU does not apply, the MLP stays Hugging Face's
-        assert mlp is None or "C++" not in mlp
-    else:
-        assert mlp.startswith("C++ silu_mul")
+    assert mlp.startswith("C++ silu_mul") if silu_mul else (mlp is None or "C++" not in mlp)
     assert swaps == {}
     assert native_cpu_ops(encoder.model) and cpu_linears(encoder.model)["matmul_dtype"] == GEMM_DTYPE[dtype]
 

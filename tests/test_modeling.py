@@ -4,9 +4,10 @@ give each text the hidden states it has alone."""
 import pytest
 import torch
 
-from llm2vec_fast.modeling import run_packed, run_padded
+from llm2vec_fast.modeling import is_bidirectional, patch, run_packed, run_padded
+from llm2vec_fast.testing import random_model
 from test_encoder import TEXTS, encode, load
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, NEW_FAMILIES
 
 
 def first_token_hidden(model, ids, engine):
@@ -46,3 +47,30 @@ def test_packed_equals_padded(tiny_model_dirs, family):
     packed = encode(load(tiny_model_dirs[family], engine="packed"), TEXTS)
     padded = encode(load(tiny_model_dirs[family], engine="padded"), TEXTS)
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_packed_equals_padded(tiny_model_dirs, family):
+    """Causal models run packed by default ("auto"), with causal attention per text (and Mistral's window)."""
+    auto = load(tiny_model_dirs[family], enable_bidirectional=False, pooling_mode="last_token")
+    assert auto._resolved_engine() == "packed"
+    padded = load(tiny_model_dirs[family], enable_bidirectional=False, pooling_mode="last_token", engine="padded")
+    torch.testing.assert_close(encode(auto, TEXTS), encode(padded, TEXTS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_patch_sets_every_flag_the_family_reads(tmp_path, family):
+    """Both ways, on the installed transformers: is_causal on attention modules and configs, use_bidirectional_attention
+    where the config has it (Gemma 2 / 3), and our attention selected."""
+    model = random_model(family, 64)
+    has_flag = hasattr(model.config, "use_bidirectional_attention")
+    assert has_flag == (family in ("gemma2", "gemma3_text"))
+    for bidirectional in (True, False, True):
+        patch(model, bidirectional=bidirectional)
+        attention = [m for m in model.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")]
+        assert len(attention) == model.config.num_hidden_layers
+        assert all(m.is_causal is not bidirectional for m in attention)
+        assert model.config.is_causal is not bidirectional and is_bidirectional(model) is bidirectional
+        if has_flag:
+            assert model.config.use_bidirectional_attention is bidirectional
+        assert model.config._attn_implementation == "llm2vec_fast"

@@ -31,7 +31,8 @@ def use_native_cpu_ops(model, enable: bool = True, ops=None) -> tuple:
 
     ops: which of NATIVE_OPS to use (default SHIPPED_NATIVE_OPS). Returns the ops now in use: empty when disabled,
     when the native library cannot be loaded (`llm2vec_fast.native` warns once why) or LLM2VEC_FAST_NATIVE=0.
-    Gemma keeps its GELU-tanh MLP in PyTorch (silu_mul does not apply); its (1 + weight) RMSNorm is handled.
+    Gemma, Gemma 2 and Gemma 3 keep their GELU-tanh MLP in PyTorch (silu_mul does not apply); their (1 + weight)
+    RMSNorm is handled.
     Calling it again with another `ops` replaces the previous choice.
     """
     decoder = _decoder(model)

@@ -100,7 +100,8 @@ def attention_forward(self, hidden_states, *args, **kwargs):
     attention on [T, H, D] views, o_proj. Any other call (padded, training, a cache) runs the replaced forward."""
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     position_embeddings = kwargs.get("position_embeddings")
-    if (args or cu_seqlens is None or position_embeddings is None or getattr(self, "is_causal", False)
+    if (args or cu_seqlens is None or position_embeddings is None
+            or position_embeddings[0].shape[-1] != self.head_dim  # partial rotary (Phi-4-mini): HF's block
             or (self.training and self.attention_dropout > 0) or hidden_states.dim() != 3
             or hidden_states.shape[0] != 1 or kwargs.get("past_key_values") is not None
             or kwargs.get("cache") is not None
@@ -117,26 +118,52 @@ def attention_forward(self, hidden_states, *args, **kwargs):
     # q / k / v stay in the GEMM's dtype (views of the fused output, no copies): the attention op computes in fp32
     # whatever it reads, and its output is what o_proj's GEMM consumes.
     q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+    # Qwen3 / Gemma 3: the per-head RMSNorm of q and k over head_dim, before the rotary embedding.
+    q, k = (_head_norm(getattr(self, name, None), t) for name, t in (("q_norm", q), ("k_norm", k)))
     # cos / sin in the stream's dtype: fp32 tables with bf16 q / k (mixed mode) round once, after the rotation.
     cos, sin = position_embeddings
     q, k = cpu_ops.rotary(q, k, cos.reshape(tokens, -1), sin.reshape(tokens, -1))
     # Mixed mode (bf16 q / k / v of an fp32 model): P @ V keeps the probabilities to fp32 accuracy; rounding them to
     # bf16 as the pure-bf16 path does cut the minimum cosine to fp32 from 0.98 to 0.94 on the benchmark texts.
     fp32_probs = q.dtype == torch.bfloat16 and self.o_proj.weight.dtype == torch.float32
+    options = attention_options(self)
     kernel = cpp_attention_kernel(q, k, v)
     if kernel is None:  # only when a forced kernel is unavailable here: the PyTorch path of the same attention
-        out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], softmax_scale=self.scaling)
+        out = varlen_attention(q, k, v, cu_seqlens, kwargs["max_length_q"], softmax_scale=self.scaling, **options)
     else:
-        out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling, fp32_probs=fp32_probs, kernel=kernel)
+        out = cpu_ops.varlen_attention(q, k, v, cu_seqlens, self.scaling, fp32_probs=fp32_probs, kernel=kernel,
+                                       **options)
     return project(self.o_proj, out.view(tokens, -1), dtype).unsqueeze(0), None
+
+
+def attention_options(module) -> dict:
+    """causal / window / softcap of an attention module's call, as the family's own forward passes them to
+    `modeling.llm2vec_attention` (which reads them from its keyword arguments instead)."""
+    from ..modeling import family_of, kernel_window, module_softcap, module_window  # modeling imports this module
+
+    family = family_of(module.config)
+    causal = bool(getattr(module, "is_causal", True))
+    return dict(causal=causal, window=kernel_window(family, module_window(module), causal),
+                softcap=module_softcap(module, family))
+
+
+def _head_norm(norm, x):
+    """norm (an RMSNorm over head_dim, or None) of x [T, H, D] with the C++ rms_norm, in x's dtype. The mixed
+    mode's bf16 q / k are normed in float32 against the float32 weight and rounded once."""
+    if norm is None:
+        return x
+    state = swaps.state(norm)
+    gemma = bool(state is not None and state.gemma_norm)
+    return cpu_ops.rms_norm(x.to(norm.weight.dtype), norm.weight, _eps(norm), gemma=gemma, out_dtype=x.dtype)
 
 
 # --------------------------------------------------------------------------------------------- decoder layer
 
 
 def decoder_layer_forward(self, hidden_states, *args, **kwargs):
-    """The decoder layer of Llama / Mistral / Qwen2 / Gemma with the residual add fused into the post-attention
-    RMSNorm; everything but the hidden states goes to the attention by keyword, as in the original."""
+    """The decoder layer of Llama / Mistral / Qwen2 / Qwen3 / Gemma (two norms, attention, MLP: nothing else) with
+    the residual add fused into the post-attention RMSNorm; everything but the hidden states goes to the attention
+    by keyword, as in the original."""
     norm = self.post_attention_layernorm
     if args or not _cpp("rms_norm", hidden_states, norm.weight):
         return swaps.original(self, "native")(hidden_states, *args, **kwargs)

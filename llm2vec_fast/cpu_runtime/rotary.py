@@ -51,7 +51,9 @@ def release(family_name: str) -> None:
 def _native_rotary(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         # Packed encode layout: q [1, Hq, T, D] and k [1, Hkv, T, D] (views of [1, T, H, D]), cos / sin [1, T, D].
+        # (cos narrower than the head: a partial rotary embedding, Phi-4-mini's, which the C++ op does not do)
         if (unsqueeze_dim != 1 or q.dim() != 4 or q.shape[0] != 1 or cos.dim() != 3 or cos.shape[0] != 1
+                or cos.shape[-1] != q.shape[-1]
                 or backends.choose("rotary", q, k, cos, sin).name != "cpp"):
             return original(q, k, cos, sin, unsqueeze_dim)
         q_out, k_out = cpu_ops.rotary(q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0])

@@ -31,7 +31,10 @@ NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attentio
 # The ones that beat their PyTorch counterpart in benchmarks/bench_native.py (results/native_cpu.json): the
 # default set. An op that does not win there is not wired in.
 SHIPPED_NATIVE_OPS = ("rms_norm", "add_rms_norm", "rotary", "silu_mul", "varlen_attention", "attention_block")
-_SILU_NAMES = ("SiLU", "SiLUActivation")
+_SILU_NAMES = ("SiLU", "SiLUActivation")  # Gemma's GELU-tanh MLPs and Phi-3's fused gate_up keep HF's forward
+# The decoder layer `forwards.decoder_layer_forward` reimplements: exactly these submodules. Gemma 2 / 3 (four norms)
+# and Phi-3 (residual dropouts) keep Hugging Face's layer forward around the swapped blocks.
+_PLAIN_LAYER = {"input_layernorm", "post_attention_layernorm", "self_attn", "mlp"}
 # Linears that read one input, fused into one GEMM when measuring says it pays: (plan name, member attributes).
 FUSED_GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("gate_up", ("gate_proj", "up_proj")))
 
@@ -67,7 +70,9 @@ class CpuRuntime:
         if native.load() is None:
             self.native_ops = ()
             return ()
-        gemma = decoder.config.model_type == "gemma"
+        from ..modeling import family_of  # modeling imports this package
+
+        gemma = family_of(decoder.config).gemma_norm
         applied = set()
         for module in decoder.modules():
             name = type(module).__name__
@@ -76,12 +81,12 @@ class CpuRuntime:
                 if "rms_norm" in wanted:
                     swaps.swap_forward(module, forwards.rms_norm_forward, "native", "C++ rms_norm")
                     applied.add("rms_norm")
-            elif name.endswith("MLP") and "silu_mul" in wanted and not gemma and \
+            elif name.endswith("MLP") and "silu_mul" in wanted and \
                     type(getattr(module, "act_fn", None)).__name__ in _SILU_NAMES and hasattr(module, "gate_proj"):
                 swaps.swap_forward(module, forwards.mlp_forward, "native", "C++ silu_mul")
                 applied.add("silu_mul")
             elif name.endswith("DecoderLayer") and "add_rms_norm" in wanted and \
-                    all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
+                    {child for child, _ in module.named_children()} == _PLAIN_LAYER:
                 swaps.swap_forward(module, forwards.decoder_layer_forward, "native", "C++ residual add + rms_norm")
                 applied.add("add_rms_norm")
             if _is_attention(module) and "varlen_attention" in wanted:
