@@ -6,7 +6,9 @@ Layouts understood (those of the llm2vec reference and its released checkpoints)
   adapter weights but no base weights (the released `LLM2Vec-*-mntp` layout): the base named by the adapter
   config is loaded (it must be available locally), the adapter applied and merged;
 - a model directory that holds both base weights and adapter files: the adapter is applied and merged;
-- the name of the embedded default model (see default_model.py).
+- the name of the embedded default model (see default_model.py);
+- a sentence-transformers directory (modules.json: Transformer, Pooling, Dense, Normalize; see st_directory.py):
+  its pooling, head, max_seq_length, prompts and attention direction become the encoder's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ENCODER_ARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instructio
 # causal-LM checkpoint with untied embeddings carries lm_head.weight.
 _DROPPED_HEAD_PREFIXES = ("lm_head.",)
 _KEYS_SHOWN = 5
+# transformers' model_max_length for a tokenizer that states none (VERY_LARGE_INTEGER).
+_NO_LIMIT = int(1e30)
 
 
 # Hugging Face from_pretrained arguments that say where a hub id's files are (token and local_files_only only
@@ -241,12 +245,16 @@ def weights_only_view(directory: str) -> tempfile.TemporaryDirectory:
 
 
 def read_llm2vec_config(directory: str | None) -> dict:
-    """Encoder defaults from `directory`'s llm2vec_config.json ({} without one), each value checked."""
+    """Encoder defaults from `directory`'s llm2vec_config.json ({} without one; a sentence-transformers directory
+    without one: the defaults its modules state), each value checked."""
     if directory is None:
         return {}
     path = os.path.join(directory, LLM2VEC_CONFIG)
     if not os.path.isfile(path):
-        return {}
+        from .st_directory import is_st_directory, read_st_directory
+
+        # A sentence-transformers directory states the same defaults in its own files.
+        return st_encoder_args(read_st_directory(directory)) if is_st_directory(directory) else {}
     config = read_json_object(path)
     unknown = set(config) - set(ENCODER_ARGS)
     if unknown:
@@ -275,26 +283,35 @@ def _encoder_arg_problem(key: str, value) -> str | None:
 
 
 def load_encoder(cls, base_model_name_or_path, peft_model_name_or_path=None, merge_peft: bool = False,
-                 enable_bidirectional: bool = True, **kwargs):
+                 enable_bidirectional: bool | None = None, **kwargs):
     """The body of `LLM2Vec.from_pretrained` (see its docstring): resolve the directories (never downloading),
     apply the dtype policy (`precision`), load the weights, apply the adapters, load the tokenizer, patch the
-    model, and read the encoder arguments from kwargs, then llm2vec_config.json."""
+    model, and read the encoder arguments from kwargs, then llm2vec_config.json (or, for a sentence-transformers
+    directory, from its modules). enable_bidirectional None: bidirectional, except for a sentence-transformers
+    directory, which is bidirectional only when its model config says so (is_causal: false or
+    use_bidirectional_attention: true)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from .adapters import apply_adapter
     from .modeling import check_supported, patch
     from .precision import resolve_dtype_argument
+    from .st_directory import is_bidirectional_config, is_st_directory, read_st_directory
 
     if "batch_size" in kwargs:
         raise TypeError("batch_size is an argument of encode(), not of from_pretrained(); pass it to encode(), "
                         "or max_batch_tokens= here for a default token budget.")
     encoder_args = {k: v for k in ENCODER_ARGS if (v := kwargs.pop(k, None)) is not None}
-    runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens", "matmul_dtype") if k in kwargs}
+    runtime_args = {k: kwargs.pop(k) for k in ("engine", "max_batch_tokens", "matmul_dtype", "long_input",
+                                               "chunk_overlap") if k in kwargs}
     hub, kwargs = split_loading_kwargs(kwargs)
     cache = {"cache_dir": hub.get("cache_dir")}
 
     base_dir = resolve_directory(base_model_name_or_path, "base model", revision=hub.get("revision"),
                                  subfolder=hub.get("subfolder"), **cache)
+    st_description = None
+    if is_st_directory(base_dir):
+        st_description = read_st_directory(base_dir)
+        base_dir = st_description.transformer_dir
     check_model_directory(base_dir)
     if is_adapter_directory(base_dir):
         read_adapter_config(base_dir)  # a broken adapter_config.json is named before transformers reads it
@@ -327,10 +344,37 @@ def load_encoder(cls, base_model_name_or_path, peft_model_name_or_path=None, mer
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
 
+    if enable_bidirectional is None:
+        enable_bidirectional = is_bidirectional_config(base_config) if st_description is not None else True
     patch(model, bidirectional=enable_bidirectional)
-    config = read_llm2vec_config(adapter_dir if adapter_dir is not None else base_dir)
+    if st_description is not None:
+        config = st_encoder_args(st_description)
+    else:
+        config = read_llm2vec_config(adapter_dir if adapter_dir is not None else base_dir)
     config.update(encoder_args)
-    return cls(model=model, tokenizer=tokenizer, **config, **runtime_args)
+    encoder = cls(model=model, tokenizer=tokenizer, **config, **runtime_args)
+    if st_description is not None:
+        encoder.use_sentence_transformers(st_description)
+    return encoder
+
+
+def st_encoder_args(description) -> dict:
+    """Encoder arguments of a sentence-transformers directory (an st_directory.STDirectory): its pooling (the prompt
+    excluded from pooling when include_prompt is false) and its token limit, max_seq_length, else the tokenizer's
+    model_max_length capped at the model's max_position_embeddings, as sentence-transformers computes it.
+    doc_max_length is the same limit: sentence-transformers has no word-based shortening."""
+    max_length = description.max_seq_length
+    if max_length is None:
+        folder = description.transformer_dir
+        tokenizer_path = os.path.join(folder, "tokenizer_config.json")
+        tokenizer_config = read_json_object(tokenizer_path) if os.path.isfile(tokenizer_path) else {}
+        limit = tokenizer_config.get("model_max_length")
+        max_length = int(limit) if isinstance(limit, (int, float)) and limit >= 1 else _NO_LIMIT
+        positions = read_json_object(os.path.join(folder, "config.json")).get("max_position_embeddings")
+        if type(positions) is int and positions > 0:
+            max_length = min(max_length, positions)
+    return {"pooling_mode": description.pooling_mode, "skip_instruction": not description.include_prompt,
+            "max_length": max_length, "doc_max_length": max_length}
 
 
 def warn_if_spread(model) -> None:

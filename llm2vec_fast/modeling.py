@@ -87,12 +87,24 @@ def family_of(config) -> Family:
     return FAMILIES[config.model_type]
 
 
-def kernel_window(family: Family, window: Optional[int], causal: bool) -> Optional[int]:
+def kernel_window(family: Family, window: Optional[int], causal: bool, stated_noncausal: bool = False
+                  ) -> Optional[int]:
     """The kernels' window (query i sees key j iff |i - j| < window) for a layer the family gives sliding window
-    `window` (None: full attention), in the model's mode."""
+    `window` (None: full attention), in the model's mode. stated_noncausal: the checkpoint's own config says
+    `is_causal: false` (as an exported or sentence-transformers directory may): transformers then builds the generic
+    bidirectional sliding mask (|i - j| <= W) for every family, Gemma 3 included, whose own overlay (|i - j| < W)
+    only adds to it."""
     if window is None or causal:
         return window  # causal: i - W < j <= i in every family
-    return {"exclusive": window, "inclusive": window + 1, "ignored": None}[family.bidirectional_window]
+    rule = family.bidirectional_window
+    if rule == "exclusive" and stated_noncausal:
+        rule = "inclusive"
+    return {"exclusive": window, "inclusive": window + 1, "ignored": None}[rule]
+
+
+def stated_noncausal(module) -> bool:
+    """Whether the config `module`'s model was loaded with said `is_causal: false` (recorded by `patch`)."""
+    return getattr(module, "_llm2vec_fast_stated_noncausal", False)
 
 
 def module_window(module) -> Optional[int]:
@@ -115,7 +127,7 @@ def llm2vec_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     sliding_window / softcap: what the family's attention module passes (Qwen3, Gemma 2 / 3, Mistral, Phi-3); the
     window is translated to the kernels' meaning for the model's mode by `kernel_window`."""
     causal = bool(getattr(module, "is_causal", True))
-    window = kernel_window(family_of(module.config), sliding_window, causal)
+    window = kernel_window(family_of(module.config), sliding_window, causal, stated_noncausal(module))
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     kwargs.pop("is_causal", None)
     if cu_seqlens is None:
@@ -230,9 +242,15 @@ def patch(model, bidirectional: bool = True):
     decoder causal (the uni-directional baseline).
     """
     check_supported(model.config)
+    target = base_model(model)
+    # What the checkpoint's config itself said, before this (or an earlier) patch overwrites it: it decides what a
+    # bidirectional sliding window means in transformers (see kernel_window).
+    if not hasattr(target, "_llm2vec_fast_stated_noncausal"):
+        target._llm2vec_fast_stated_noncausal = getattr(target.config, "is_causal", None) is False
     for module in model.modules():
         if hasattr(module, "is_causal") and hasattr(module, "layer_idx"):
             module.is_causal = not bidirectional
+            module._llm2vec_fast_stated_noncausal = target._llm2vec_fast_stated_noncausal
     # transformers >= 5.2 builds bidirectional masks from config.is_causal in direct calls with a 2-D mask; Gemma 2
     # and Gemma 3 read their own flag, use_bidirectional_attention (Gemma 3's masks and a fresh attention module's
     # is_causal follow it), where the config has it.
@@ -241,7 +259,6 @@ def patch(model, bidirectional: bool = True):
         config.use_cache = False
         if hasattr(config, "use_bidirectional_attention"):
             config.use_bidirectional_attention = bidirectional
-    target = base_model(model)
     # A model loaded by transformers >= 5.25 with Hugging Face's `kernels` installed is kernelized by default, and
     # re-kernelized on every train()/eval() switch, which replaces layer forwards behind our back: reset it to the
     # PyTorch forwards and turn that off (`llm2vec_fast.loading` loads with use_kernels=False in the first place).

@@ -109,9 +109,20 @@ class RowTokenizer:
         return apply_template(join_instruction(instruction, text), self.name_or_path, self.model_type,
                               self.pooling_mode)
 
-    def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> tuple[list[TokenizedRow], TokenizationReport]:
-        """Rows of (instruction, text) pairs, and what had to be cut to fit the limits."""
+    def tokenize_pairs(self, pairs: list[tuple[str, str]], *, whole: bool = False
+                       ) -> tuple[list[TokenizedRow], TokenizationReport]:
+        """Rows of (instruction, text) pairs, and what had to be cut to fit the limits.
+
+        whole: keep every token (long_input="chunk"): no character bound, no doc_max_length shortening and no
+        max_length cut, so a row may be longer than max_length (chunking.split_windows cuts it into windows). A
+        row that the limits leave whole (text within doc_max_length, row within max_length) is the same either way.
+        """
         report = TokenizationReport()
+        if whole:
+            rows = [TokenizedRow(ids, *span) if ids else TokenizedRow([self.filler_id], 0, 0)
+                    for ids, span in self._encode([self.prepare(i, t) for i, t in pairs])]
+            report.empty_text = sum(1 for row in rows if row.text_end == row.text_start)
+            return rows, report
         bounded = [self._bound_characters(pair, report) for pair in pairs]
         encoded = self._encode([self.prepare(i, t) for i, t in bounded])
         # Texts over doc_max_length are shortened by words, as the reference does, and re-tokenized (rare); a

@@ -53,7 +53,7 @@ def data_file(tmp_path_factory):
 
 @pytest.mark.parametrize("argv", [
     ["--help"], ["encode", "--help"], ["train", "--help"], ["eval", "similarity", "--help"],
-    ["eval", "probe", "--help"], ["env", "--help"], ["setup-default-model", "--help"],
+    ["eval", "probe", "--help"], ["env", "--help"], ["setup-default-model", "--help"], ["export", "--help"],
 ], ids=" ".join)
 def test_help_imports_nothing_heavy(argv):
     code, heavy, out, _ = run_cli(*argv)
@@ -100,6 +100,10 @@ def test_missing_files_are_refused_before_torch(tmp_path, data_file):
         (["train", "mntp", "--data", data_file, "--output", out, "--save-max-length"], "mntp has no --max-length"),
         (["eval", "similarity", "--model", "./no-such-model"], "no such directory"),
         (["eval", "probe", "--model", "./no-such-model", "--train", "a", "--eval", "b"], "no such directory"),
+        (["export", "--model", "./no-such-model", "--output", out], "no such directory"),
+        (["export", "--adapter", "./no-adapter", "--output", out], "no such directory"),
+        (["export", "--output", out, "--prompt", "q=find:", "--default-prompt", "p"], "names no --prompt"),
+        (["export", "--output", data_file], "is a file"),
     ]
     for argv, message in cases:
         code, heavy, _, err = run_cli(*argv, cwd=str(tmp_path))

@@ -16,7 +16,7 @@ from llm2vec_fast.modeling import FAMILIES, check_supported, kernel_window
 from llm2vec_fast.testing import TEST_WINDOW
 from tiny_models import NEW_FAMILIES, build_model_dir, corpus
 
-BIDIRECTIONAL = ("qwen3", "gemma2", "gemma3_text")
+BIDIRECTIONAL = ("qwen3", "gemma2", "gemma3_text", "phi3", "llama3")
 # (Mistral: its sliding window (4 in the tiny model) now bounds its causal runs, as in Hugging Face's.)
 CASES = [(family, "causal") for family in NEW_FAMILIES + ("mistral",)] + \
     [(family, "bidirectional") for family in BIDIRECTIONAL]
@@ -223,7 +223,7 @@ def test_gemma3_bidirectional_window_is_exclusive_and_symmetric(family_dirs):
     assert seen == list(range(-(TEST_WINDOW - 1), TEST_WINDOW))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3"])
 @pytest.mark.parametrize("stage_name", ["mntp", "simcse"])
 def test_one_training_step(family_dirs, tmp_path, family, stage_name):
     from llm2vec_fast.train.config import TrainConfig
@@ -272,3 +272,18 @@ def test_unlisted_families_are_refused_with_the_reason():
         check_supported(SimpleNamespace(model_type="olmo2"))
     with pytest.raises(ValueError, match="'no-such-model'.*no decoder model of that type"):
         check_supported(SimpleNamespace(model_type="no-such-model"))
+
+
+def test_gemma3_checkpoint_that_says_is_causal_false(tmp_path):
+    """A Gemma 3 config that itself says is_causal: false (as exported and some sentence-transformers directories
+    do) gets transformers' generic bidirectional sliding mask (|i - j| <= W) rather than Gemma 3's own overlay
+    (|i - j| < W): the encoder follows what the checkpoint's eager forward computes."""
+    directory = build_model_dir(str(tmp_path / "gemma3"), "gemma3_text", is_causal=False,
+                                use_bidirectional_attention=True)
+    eager = AutoModel.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+    encoder = LLM2Vec.from_pretrained(directory, dtype=torch.float32, pooling_mode="mean")
+    expected = hf_embeddings(eager, encoder, TEXTS)
+    for engine in ("packed", "padded"):
+        encoder.engine = engine
+        got = encoder.encode(TEXTS, show_progress_bar=False)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -135,6 +135,19 @@ def test_engine_ray_resumes_a_killed_local_run(local_ray, llama_dir, table_file,
     assert_same_output(out, reference)
 
 
+def test_engine_ray_int8_equals_the_local_engine(local_ray, llama_dir, table_file, tmp_path):
+    # The ranges are calibrated by a Ray task, the codes quantized in the actors: the same bytes as the local engine.
+    options = (*PARQUET, "--precision", "int8", "--calibration-rows", "20", "--truncate-dim", "48", "--normalize")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert main(encode_args(llama_dir, table_file, local, *options)) == 0
+    assert main(encode_args(llama_dir, table_file, remote, *options, *RAY)) == 0
+    assert json.loads((remote / MANIFEST).read_text()) == json.loads((local / MANIFEST).read_text())
+    ours, theirs = _load(remote), _load(local)
+    assert ours.embeddings.dtype == np.int8 and ours.embeddings.shape == (N_LINES, 48)
+    np.testing.assert_array_equal(ours.ranges, theirs.ranges)
+    np.testing.assert_array_equal(ours.embeddings, theirs.embeddings)
+
+
 def test_engine_ray_refuses_line_corpora(llama_dir, txt_file, tmp_path, capsys):
     assert main(encode_args(llama_dir, txt_file, tmp_path / "out", *RAY)) == 1
     assert "--engine ray reads Parquet or datasets inputs" in capsys.readouterr().err

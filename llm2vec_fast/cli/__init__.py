@@ -23,7 +23,7 @@ from ..errors import UserError
 
 PROG = "llm2vec-fast"
 COMMANDS = ("llm2vec_fast.cli.encode", "llm2vec_fast.cli.train", "llm2vec_fast.cli.eval",
-            "llm2vec_fast.cli.setup", "llm2vec_fast.cli.env")
+            "llm2vec_fast.cli.setup", "llm2vec_fast.cli.env", "llm2vec_fast.cli.export")
 
 _NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 _INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")

@@ -16,8 +16,10 @@ import sys
 from ..errors import UserError
 from ..settings import Ranks
 from ..choices import DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, MAX_LINE_BYTES, OUTPUT_FORMATS, SHARD_DTYPES
-from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, positive_int,
-                      silence_progress_bars)
+from ..choices import DEFAULT_CALIBRATION_ROWS, PRECISIONS
+from ..choices import LONG_INPUTS
+from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, non_negative_int,
+                      positive_int, silence_progress_bars)
 
 
 def register(subparsers) -> None:
@@ -49,11 +51,38 @@ def register(subparsers) -> None:
                              "(needs --output-format parquet); without it rows are identified by their row number")
     parser.add_argument("--instruction", default="",
                         help="instruction for every line that has none of its own")
+    parser.add_argument("--prompt-name", default=None, metavar="NAME",
+                        help="a sentence-transformers model's named prompt (its config_sentence_transformers.json "
+                             "prompts, e.g. query) for every line that has no instruction of its own; without it "
+                             "the model's default_prompt_name applies, if it has one")
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="a prompt's text, put before every line's text that has no instruction of its own, as "
+                             "sentence-transformers' prompt= (an LLM2Vec model takes it as the instruction)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalize the embeddings")
+    parser.add_argument("--long-input", choices=LONG_INPUTS, default="truncate",
+                        help="a text longer than --max-length: truncate (cut it, as llm2vec does, with a warning) "
+                             "or chunk (embed all of it: windows of --max-length tokens, the instruction repeated "
+                             "in each, averaged by their token counts; mean and weighted_mean pooling only)")
+    parser.add_argument("--chunk-overlap", type=non_negative_int, default=0, metavar="N",
+                        help="--long-input chunk: text tokens each window repeats from the end of the previous one")
     parser.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
                         help="input lines per shard")
-    parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default="float32",
-                        help="dtype of the stored embeddings")
+    parser.add_argument("--shard-dtype", choices=SHARD_DTYPES, default=None,
+                        help="dtype of the stored embeddings: the older name of --precision float32|float16")
+    storage = parser.add_argument_group(
+        "storage", "smaller embeddings, as sentence-transformers makes them: truncate, then --normalize, then "
+                   "quantize (docs/storage.md)")
+    storage.add_argument("--precision", choices=PRECISIONS, default=None,
+                         help="float32 (default) | float16 | int8 / uint8 (per-dimension buckets of fixed ranges) | "
+                              "binary / ubinary (sign bits packed 8 per byte, as int8 offset by -128 / uint8)")
+    storage.add_argument("--truncate-dim", type=positive_int, default=None, metavar="N",
+                         help="keep the first N dimensions (Matryoshka models), before --normalize and quantization")
+    storage.add_argument("--calibration-rows", type=positive_int, default=DEFAULT_CALIBRATION_ROWS, metavar="N",
+                         help="int8/uint8 without --ranges: the ranges are the per-dimension min/max of the first N "
+                              "input rows, fixed before the first shard and kept in the output (ranges.npy)")
+    storage.add_argument("--ranges", default=None, metavar="FILE",
+                         help="int8/uint8: a .npy file [2, dim] of per-dimension minima and maxima to quantize with "
+                              "(e.g. another output's ranges.npy, so that both share buckets)")
     parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="npy",
                         help="npy: shard-K.npy + shard-K.lines.npy; parquet: shard-K.parquet with the columns "
                              "line, id (--id-field) and embedding (a fixed-size list)")
@@ -115,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse what needs no model to see: --output -, a missing --input, a local --model or --peft-model path that
-    does not exist (UserError). Cheap and without torch; the job checks the input in depth again."""
+    does not exist, --chunk-overlap without --long-input chunk (UserError). Cheap and without torch; the job checks
+    the input in depth again."""
     if args.output == "-":
         raise UserError("--output - (stdout) is not supported: encode writes a resumable directory of shards, not a "
                         "stream. Pass --output DIR and read the embeddings with "
@@ -125,6 +155,10 @@ def check_arguments(args: argparse.Namespace) -> None:
                         f"directory of Parquet files or of a datasets save, or - for stdin.")
     check_model_path(args.model, "--model")
     check_model_path(args.peft_model, "--peft-model")
+    if args.chunk_overlap and args.long_input != "chunk":
+        raise UserError(f"--chunk-overlap {args.chunk_overlap} applies to --long-input chunk only (truncate cuts a "
+                        f"long text instead of splitting it into windows); add --long-input chunk, or leave "
+                        f"--chunk-overlap out.")
 
 
 def config_from_args(args: argparse.Namespace):

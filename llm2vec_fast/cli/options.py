@@ -30,6 +30,17 @@ def positive_int(value: str) -> int:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    """argparse type for counts that may be zero (e.g. --chunk-overlap)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """`--help` that shows every option's default once: "(default: X)" is appended to an option's help unless the
     help already says what its default is. Options that are off or unset by default (False, None, "", an empty

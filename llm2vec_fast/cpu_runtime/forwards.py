@@ -139,11 +139,12 @@ def attention_forward(self, hidden_states, *args, **kwargs):
 def attention_options(module) -> dict:
     """causal / window / softcap of an attention module's call, as the family's own forward passes them to
     `modeling.llm2vec_attention` (which reads them from its keyword arguments instead)."""
-    from ..modeling import family_of, kernel_window, module_softcap, module_window  # modeling imports this module
+    # modeling imports this module: import it here.
+    from ..modeling import family_of, kernel_window, module_softcap, module_window, stated_noncausal
 
     family = family_of(module.config)
     causal = bool(getattr(module, "is_causal", True))
-    return dict(causal=causal, window=kernel_window(family, module_window(module), causal),
+    return dict(causal=causal, window=kernel_window(family, module_window(module), causal, stated_noncausal(module)),
                 softcap=module_softcap(module, family))
 
 

@@ -41,12 +41,13 @@ _IGNORED_SUFFIXES = (".md", ".onnx", ".gguf")
 def run_fingerprint(config: EncodeJobConfig, model_dir: str, adapter_dir: str | None) -> dict:
     """Everything that changes the stored embeddings of the run `config` (resolved: see job.resolve_config)
     describes: its identity, the sha256 of its input and of every file of the model directory model_dir (with the
-    adapter directory adapter_dir's, when --peft-model is given)."""
+    adapter directory adapter_dir's, when --peft-model is given), and of the --ranges file when given."""
     from .sources import input_identity  # sources.py imports this module for file_sha256
+    from .storage import ranges_file_sha256
 
     adapter = {} if adapter_dir is None else {"peft_model_files": directory_sha256s(adapter_dir)}
     return {"version": FINGERPRINT_VERSION, **config.identity(), **_model_identity(model_dir), **adapter,
-            **input_identity(config.input_spec())}
+            **input_identity(config.input_spec()), **ranges_file_sha256(config)}
 
 
 def fingerprint_differences(stored: dict, now: dict) -> list[str]:

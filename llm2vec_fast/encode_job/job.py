@@ -28,6 +28,7 @@ from .distributed import ProcessGroup, Ranks, default_device
 from .fingerprint import run_fingerprint
 from .pipeline import ShardSource, Throughput, check_input_unchanged, encode_shard, finite_in_dtype, prefetched
 from .shards import OutputDir
+from . import storage
 from .sources import check_input, columns, is_table, resolve_format, scan
 
 
@@ -89,7 +90,7 @@ def _run_locked(config: EncodeJobConfig, spec, ranks: Ranks, model_dir: str, fin
         output.prepare(fingerprint, config.overwrite)
         dim = ray_engine.model_dim(model_dir)
         throughput = _encode_with_ray(config, model_dir, output, plans, corpus, dim)
-        manifest = output.merge(len(plans), config.manifest_fields(dim))
+        manifest = output.merge(len(plans), {**config.manifest_fields(dim), **storage.manifest_record(config, output)})
         _report(config, manifest, throughput, ranks)
         return 0
 
@@ -98,13 +99,19 @@ def _run_locked(config: EncodeJobConfig, spec, ranks: Ranks, model_dir: str, fin
             output.prepare(fingerprint, config.overwrite)
         group.barrier()
         model = _load_model(config, model_dir)
+        store = storage.Storage.of(config, model.embedding_dim)
+        if ranks.is_main:  # int8/uint8: the ranges every rank quantizes with, fixed before any shard
+            storage.write_ranges(config, output, model.embedding_dim, lambda: _calibrate(config, model, store, ranks))
+        group.barrier()
+        store = dataclasses.replace(store, ranges=storage.read_ranges(config, output, model.embedding_dim))
         source = ShardSource(model, spec, config.shard_size, ranks.rank, ranks.world_size, output.completed(),
                              config.skip_bad_lines)
-        throughput = _encode_own_shards(config, model, source, output, corpus, ranks)
+        throughput = _encode_own_shards(config, model, source, output, corpus, ranks, store)
         group.barrier()
         if ranks.is_main:
             manifest = output.merge(_ceil_div(source.num_lines, config.shard_size),
-                                    config.manifest_fields(model.embedding_dim))
+                                    {**config.manifest_fields(model.embedding_dim),
+                                     **storage.manifest_record(config, output)})
             _report(config, manifest, throughput, ranks)
     return 0
 
@@ -116,6 +123,7 @@ def resolve_config(config: EncodeJobConfig, model_dir: str, adapter_dir: str | N
     LLM2Vec's defaults), alike on every engine. model_dir, adapter_dir: the resolved --model and --peft-model
     directories; recorded: the fingerprint the output directory already holds (None: none, or --overwrite), whose
     choice for --dtype auto a resume keeps."""
+    config = storage.resolve(config)
     recorded_dtype = (recorded or {}).get("dtype")
     config = dataclasses.replace(config, dtype=resolved_dtype(config, model_dir, ranks, recorded_dtype))
     if config.pooling is not None and config.max_length is not None:
@@ -132,11 +140,28 @@ def resolve_config(config: EncodeJobConfig, model_dir: str, adapter_dir: str | N
         max_length=config.max_length or stored.get("max_length", defaults["max_length"].default))
 
 
-def _encode_own_shards(config: EncodeJobConfig, model, source: ShardSource, output: OutputDir, corpus,
-                       ranks: Ranks) -> Throughput:
-    """Encode and commit this rank's unfinished shards, the next one always being tokenized in the background."""
+def _calibrate(config: EncodeJobConfig, model, store: storage.Storage, ranks: Ranks):
+    """The int8/uint8 ranges of the first --calibration-rows input rows, encoded as a shard is."""
+    _say(ranks, f"calibrating --precision {config.precision} on the first {config.calibration_rows} input rows")
+    pairs = storage.calibration_pairs(config.input_spec(), config.calibration_rows)
     device = _device(config.device, ranks)
-    budget = config.max_batch_tokens or model.max_batch_tokens or model.default_batch_tokens(device.split(":")[0])
+    with tqdm(disable=True) as silent:
+        embeddings = encode_shard(model, model.tokenize_inputs(pairs) if pairs else [], device=device,
+                                  normalize=store.normalize_in_encoder, max_batch_tokens=_budget(config, model, device),
+                                  progress=silent, throughput=Throughput())
+    return storage.ranges_from_sample(store, embeddings, config)
+
+
+def _budget(config: EncodeJobConfig, model, device: str) -> int:
+    return config.max_batch_tokens or model.max_batch_tokens or model.default_batch_tokens(device.split(":")[0])
+
+
+def _encode_own_shards(config: EncodeJobConfig, model, source: ShardSource, output: OutputDir, corpus,
+                       ranks: Ranks, store: storage.Storage) -> Throughput:
+    """Encode and commit this rank's unfinished shards, the next one always being tokenized in the background;
+    store: what becomes of the model's embeddings before they are written."""
+    device = _device(config.device, ranks)
+    budget = _budget(config, model, device)
     throughput = Throughput()
     total = initial = None
     if corpus is not None:  # a file: its scan tells how much work this rank has (stdin: unknown)
@@ -148,9 +173,9 @@ def _encode_own_shards(config: EncodeJobConfig, model, source: ShardSource, outp
         with tqdm(total=total, initial=initial or 0, unit="text", desc=description, dynamic_ncols=True,
                   disable=not config.progress or not ranks.is_main) as progress:
             for shard in prefetched(source):
-                embeddings = encode_shard(model, shard.rows, device=device, normalize=config.normalize,
+                embeddings = encode_shard(model, shard.rows, device=device, normalize=store.normalize_in_encoder,
                                           max_batch_tokens=budget, progress=progress, throughput=throughput)
-                embeddings = finite_in_dtype(embeddings, config.shard_dtype, shard, source.spec.name)
+                embeddings = finite_in_dtype(embeddings, store, shard, source.spec.name)
                 record = {"first_line": shard.first_line, "last_line": shard.last_line,
                           "input_sha256": shard.parsed.sha256,
                           "skipped": [[b.line, b.reason] for b in shard.parsed.bad]}
@@ -239,7 +264,8 @@ def _load_model(config: EncodeJobConfig, model_dir: str):
     try:
         dtype = config.dtype if config.dtype in ("auto", "mixed") else getattr(torch, config.dtype)
         return LLM2Vec.from_pretrained(model_dir, peft_model_name_or_path=config.peft_model, dtype=dtype,
-                                       pooling_mode=config.pooling, max_length=config.max_length)
+                                       pooling_mode=config.pooling, max_length=config.max_length,
+                                       long_input=config.long_input, chunk_overlap=config.chunk_overlap)
     except (FileNotFoundError, ValueError, OSError) as error:
         raise UserError(f"cannot load {_model_description(config)}: {error}") from None
 
@@ -259,7 +285,8 @@ def _device(requested: str | None, ranks: Ranks) -> str:
 def _report(config: EncodeJobConfig, manifest: dict, throughput: Throughput, ranks: Ranks) -> None:
     skipped = manifest["skipped"]
     who = "this run" if ranks.world_size == 1 else "rank 0"
-    print(f"llm2vec-fast: wrote {manifest['count']} embeddings (dim {manifest['dim']}, {manifest['dtype']}) in "
+    print(f"llm2vec-fast: wrote {manifest['count']} embeddings (dim {manifest['embedding_dim']}, "
+          f"{manifest['precision']}) in "
           f"{len(manifest['shards'])} shard(s) to {config.output}; {who}: {throughput.texts} texts in "
           f"{throughput.seconds:.1f} s ({throughput.rates()}).", file=sys.stderr)
     if skipped:

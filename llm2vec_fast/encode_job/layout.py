@@ -6,6 +6,7 @@ from __future__ import annotations
 FINGERPRINT = "fingerprint.json"
 MANIFEST = "manifest.json"
 LINE_NUMBERS = "line_numbers.npy"
+RANGES = "ranges.npy"
 SHARD_DIR = "shards"
 PROGRESS_DIR = "progress"
 # Stored in every fingerprint: a directory is ours (and --overwrite may delete our files in it) only if it says so.

@@ -3,11 +3,12 @@
 One file per shard, `shards/shard-000007.parquet`, one row group, columns:
     line       int64: the input line (or table row) number, counted from 1
     id         the row's --id-field value (int64 or string), only with --id-field
-    embedding  fixed_size_list<float32 or float16>[dim]
+    embedding  fixed_size_list<float32, float16, int8 or uint8>[dim] (--precision; binary/ubinary: the packed
+               bytes, dim = ceil(embedding_dim / 8))
 so `datasets.load_dataset("parquet", ...)`, pyarrow, DuckDB or Spark read the output directly, and the sorted file
 names give the rows in input order. `ParquetShards` is the format's `ShardFormat` (shard_formats.py); the file is
 built in memory and written by shards.py's atomic write, as a .npy shard is. The embedding column is stored
-uncompressed: float embeddings do not compress, and readers then copy nothing to decode them.
+uncompressed: float embeddings (and quantized codes) barely compress, and readers then copy nothing to decode them.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ def num_rows(path: str) -> int:
 
 
 def embedding_layout(path: str) -> tuple[int, np.dtype] | None:
-    """(dim, dtype) of the file's embedding column, or None when it has no fixed-size float list column of that
-    name."""
+    """(dim, dtype) of the file's embedding column, or None when it has no fixed-size list column of floats or
+    8-bit integers of that name."""
     pa = pyarrow()
     schema = pa.parquet.read_schema(path)
     if "embedding" not in schema.names:
         return None
     field_type = schema.field("embedding").type
-    if not pa.types.is_fixed_size_list(field_type) or not pa.types.is_floating(field_type.value_type):
+    if not pa.types.is_fixed_size_list(field_type) or not (
+            pa.types.is_floating(field_type.value_type) or field_type.value_type in (pa.int8(), pa.uint8())):
         return None
     return field_type.list_size, np.dtype(field_type.value_type.to_pandas_dtype())
 

@@ -163,15 +163,17 @@ class Throughput:
         return f"{self.texts / self.seconds:,.1f} texts/s, {self.tokens / self.seconds:,.0f} tokens/s"
 
 
-def finite_in_dtype(embeddings: np.ndarray, dtype: str, shard: PreparedShard, input_name: str) -> np.ndarray:
-    """A shard's float32 embeddings [rows, dim] cast to the stored dtype; UserError if a row is NaN or infinite,
-    from the model or from the cast (rows that would be silently wrong search results)."""
+def finite_in_dtype(embeddings: np.ndarray, store, shard: PreparedShard, input_name: str) -> np.ndarray:
+    """A shard's float32 embeddings [rows, dim] as stored (store: a storage.Storage; a float cast, or truncated and
+    quantized); UserError if a row is NaN or infinite, from the model or from a float cast (rows that would be
+    silently wrong search results)."""
     _check_finite(embeddings, shard, input_name, "the model", "its weights are broken (a diverged training run?) "
                   "or overflow --dtype; check the model or try --dtype float32")
     with np.errstate(over="ignore"):  # an overflow becomes inf, which the check below reports
-        stored = embeddings.astype(dtype, copy=False)
-    _check_finite(stored, shard, input_name, f"--shard-dtype {dtype}",
-                  "the values are too large for it; use --shard-dtype float32")
+        stored = store.store(embeddings)
+    if stored.dtype.kind == "f":
+        _check_finite(stored, shard, input_name, f"--shard-dtype {stored.dtype}",
+                      "the values are too large for it; use --shard-dtype float32")
     return stored
 
 

@@ -25,7 +25,8 @@ from .. import faults
 from ..errors import UserError
 from ..model_checks import NO_REMOTE_CODE
 from ..integrations.ray import LLM2VecPredictor
-from . import sources, tables
+from ..quantization import stored_width
+from . import sources, storage, tables
 from .config import EncodeJobConfig
 from .corpus import BadLine, InputSpec, Scan
 from .pipeline import Throughput
@@ -131,6 +132,10 @@ def _run(ray, config: EncodeJobConfig, model_dir, output, plans, progress, dim) 
     throughput = Throughput()
     if not todo:
         return throughput
+    store = storage.Storage.of(config, dim)
+    # int8/uint8: the ranges are fixed before any shard, from a sample encoded on a worker (as an actor encodes).
+    storage.write_ranges(config, output, dim, lambda: _calibrate(ray, config, model_dir, store))
+    ranges = storage.read_ranges(config, output, dim)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # the command draws its own bar; Ray's would interleave with it
@@ -153,11 +158,14 @@ def _run(ray, config: EncodeJobConfig, model_dir, output, plans, progress, dim) 
             "model": model_dir, "peft_model": config.peft_model, "text_field": columns.text,
             "instruction_field": columns.instruction or "", "instruction": spec.instruction,
             "pooling": config.pooling, "max_length": config.max_length, "dtype": config.dtype,
+            "long_input": config.long_input, "chunk_overlap": config.chunk_overlap,
             "device": config.device, "normalize": config.normalize, "max_batch_tokens": config.max_batch_tokens,
             "num_threads": None if gpus else max(1, int(config.ray_cpus_per_actor)),
-            "embedding_dtype": config.shard_dtype,
+            "precision": config.precision, "truncate_dim": config.truncate_dim,
+            "ranges": None if ranges is None else ranges.tolist(),
             "drop_columns": [c for c in (columns.text, columns.instruction) if c is not None]})
-    writer = _ShardWriter(output, todo, dim, config.shard_dtype, columns.id, progress, throughput)
+    width = stored_width(config.truncate_dim or dim, config.precision)
+    writer = _ShardWriter(output, todo, width, config.shard_dtype, columns.id, progress, throughput)
     try:
         for batch in embedded.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(batch)
@@ -168,6 +176,28 @@ def _run(ray, config: EncodeJobConfig, model_dir, output, plans, progress, dim) 
         raise
     writer.finish()
     return throughput
+
+
+def _calibrate(ray, config: EncodeJobConfig, model_dir: str, store: storage.Storage):
+    """The int8/uint8 ranges of the first --calibration-rows input rows, encoded by one Ray task on the actors'
+    resources (the driver may have no room for the model), then truncated and normalized here as locally."""
+    pa = tables.pyarrow()
+    pairs = storage.calibration_pairs(config.input_spec(), config.calibration_rows)
+    table = pa.table({"instruction": [q for q, _ in pairs], "text": [t for _, t in pairs]},
+                     schema=pa.schema([("instruction", pa.string()), ("text", pa.string())]))
+    gpus = config.ray_gpus_per_actor
+    kwargs = {"model": model_dir, "peft_model": config.peft_model, "pooling": config.pooling,
+              "max_length": config.max_length, "dtype": config.dtype, "device": config.device,
+              "long_input": config.long_input, "chunk_overlap": config.chunk_overlap,
+              "normalize": store.normalize_in_encoder, "max_batch_tokens": config.max_batch_tokens,
+              "num_threads": None if gpus else max(1, int(config.ray_cpus_per_actor))}
+    task = ray.remote(_float_embeddings).options(num_cpus=config.ray_cpus_per_actor, num_gpus=gpus or None)
+    return storage.ranges_from_sample(store, ray.get(task.remote(kwargs, table)), config)
+
+
+def _float_embeddings(kwargs: dict, table) -> np.ndarray:
+    """Ray task body: the float32 encoder output of a table's (instruction, text) rows."""
+    return LLM2VecPredictor(**kwargs).embed(table)
 
 
 class _ShardWriter:

@@ -22,12 +22,41 @@ from .shard_formats import ShardFormat, shard_format
 from .stacked import StackedRows
 
 
-def load_embeddings(output_dir: str, mmap: bool = False,
-                    verify: bool = True) -> tuple[np.ndarray | StackedRows, np.ndarray]:
+class LoadedEmbeddings(tuple):
+    """The pair (embeddings, line_numbers) that `load_embeddings` returns (unpack it as before), with what the
+    manifest says of the stored form as attributes:
+
+    precision: float32 | float16 | int8 | uint8 | binary | ubinary (--precision). embedding_dim: the vectors'
+    dimension (after --truncate-dim; binary rows hold ceil(embedding_dim / 8) packed bytes). truncate_dim: the
+    --truncate-dim of the run, or None. ranges: float32 [2, embedding_dim], the per-dimension [min, max] int8/uint8
+    codes were quantized with (quantize queries with the same ranges), else None.
+    """
+
+    def __new__(cls, embeddings, line_numbers, *, precision: str, embedding_dim: int, truncate_dim: int | None,
+                ranges: np.ndarray | None):
+        loaded = super().__new__(cls, (embeddings, line_numbers))
+        loaded.precision, loaded.embedding_dim, loaded.truncate_dim, loaded.ranges = \
+            precision, embedding_dim, truncate_dim, ranges
+        return loaded
+
+    @property
+    def embeddings(self):
+        """The embeddings [N, stored width] (an array, or a StackedRows view with mmap=True)."""
+        return self[0]
+
+    @property
+    def line_numbers(self) -> np.ndarray:
+        """The input line (table row) number of each row, int64 [N], counted from 1."""
+        return self[1]
+
+
+def load_embeddings(output_dir: str, mmap: bool = False, verify: bool = True) -> LoadedEmbeddings:
     """Read a finished `llm2vec-fast encode` output.
 
     Returns (embeddings [N, dim] in the shard dtype, line_numbers int64 [N]): row i embeds input line (or table
     row) line_numbers[i], counted from 1. Rows are in input order; skipped lines are listed in manifest.json.
+    The pair is a `LoadedEmbeddings`, whose attributes say the precision (int8/uint8 codes, or binary's packed
+    bytes: dim = ceil(embedding_dim / 8)), the truncation and the int8/uint8 ranges.
     mmap: return the embeddings as a `StackedRows` view over the memory-mapped .npy shards instead of one array:
     nothing is copied or read until rows are indexed (``view[i:j]``, ``view[ids]``); `np.asarray(view)` makes the
     full copy. Parquet output (--output-format parquet) is read whole into one array; mmap=True is refused for it
@@ -52,10 +81,17 @@ def load_embeddings(output_dir: str, mmap: bool = False,
                               s.get("sha256")) for s in manifest["shards"]]
         index_name = manifest["line_numbers"]
         output_format = manifest.get("output_format", "npy")  # outputs written before Parquet existed: npy
+        # Outputs written before --precision existed hold floats of all the model's dimensions.
+        precision = manifest.get("precision") or dtype.name
+        embedding_dim = int(manifest.get("embedding_dim") or dim)
+        truncate_dim = manifest.get("truncate_dim")
+        ranges = None if manifest.get("ranges") is None else np.asarray(manifest["ranges"], dtype=np.float32)
     except (ValueError, TypeError, KeyError) as error:
         raise _damaged(output_dir, f"{MANIFEST} is not a valid manifest ({error!r})") from None
     if output_format not in OUTPUT_FORMATS:
         raise _damaged(output_dir, f"{MANIFEST} names the output format {output_format!r}")
+    if ranges is not None and ranges.shape != (2, embedding_dim):
+        raise _damaged(output_dir, f"{MANIFEST} records ranges of shape {ranges.shape}, expected (2, {embedding_dim})")
     fmt = shard_format(output_format)
     if mmap and not fmt.can_mmap:
         raise ValueError(f"{output_dir!r} holds Parquet shards, which cannot be memory-mapped as arrays; call "
@@ -64,6 +100,8 @@ def load_embeddings(output_dir: str, mmap: bool = False,
     root = os.path.realpath(output_dir)
     if verify:
         _verify_hash(output_dir, root, index_name, manifest.get("line_numbers_sha256"))
+        if manifest.get("ranges_file") is not None:
+            _verify_hash(output_dir, root, manifest["ranges_file"], manifest.get("ranges_sha256"))
     line_numbers = _read(output_dir, index_name, lambda path: np.load(path, allow_pickle=False), root)
     if line_numbers.shape != (count,) or line_numbers.dtype != np.int64:
         raise _damaged(output_dir, f"{index_name} holds {line_numbers.shape} {line_numbers.dtype}, expected "
@@ -84,10 +122,11 @@ def load_embeddings(output_dir: str, mmap: bool = False,
         row += len(lines)
     if row != count:
         raise _damaged(output_dir, f"the shards hold {row} rows, {MANIFEST} says {count}")
+    form = {"precision": precision, "embedding_dim": embedding_dim, "truncate_dim": truncate_dim, "ranges": ranges}
     if mmap:
-        return StackedRows(parts, dim, dtype), line_numbers
+        return LoadedEmbeddings(StackedRows(parts, dim, dtype), line_numbers, **form)
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=dtype)
-    return embeddings, line_numbers
+    return LoadedEmbeddings(embeddings, line_numbers, **form)
 
 
 @dataclass(frozen=True)

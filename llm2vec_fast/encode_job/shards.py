@@ -9,6 +9,8 @@ Layout (paths relative to the output directory; S = --shard-size; the names are 
     shards/shard-000007.lines.npy  their input line numbers (int64, counted from 1)
     shards/shard-000007.parquet    instead of the two above with --output-format parquet: line numbers, ids
                                    (--id-field) and embeddings in one file (see parquet_shards.py)
+    ranges.npy                     --precision int8/uint8 only: the per-dimension [min, max] float32 [2, dim] every
+                                   shard is quantized with, written before the first shard (storage.py)
     progress/rank0.json            the shards rank 0 finished, with their skipped lines (rewritten atomically)
     manifest.json                  written last, once every shard is done: count, dim, dtype, model, pooling,
                                    the shards with their row ranges and the sha256 of each of their files, and
@@ -43,7 +45,7 @@ from ..errors import UserError
 from ..output_lock import LOCK_FILE, OutputLock
 from ..files import TEMP_MARK, create_exclusive, remove_if_present, sha256_file, write_atomic
 from .fingerprint import fingerprint_differences
-from .layout import FINGERPRINT, LINE_NUMBERS, MANIFEST, PROGRESS_DIR, SHARD_DIR, WRITTEN_BY, shard_stem
+from .layout import FINGERPRINT, LINE_NUMBERS, MANIFEST, PROGRESS_DIR, RANGES, SHARD_DIR, WRITTEN_BY, shard_stem
 from .reader import load_embeddings  # noqa: F401 (importable from here, as in earlier versions)
 from .shard_formats import OUTPUT_FORMATS, all_formats, npy_bytes, shard_format
 
@@ -144,7 +146,7 @@ class OutputDir:
 
     def _check_no_links(self) -> None:
         # Writing through a planted link would put our files (and, with --overwrite, our deletions) elsewhere.
-        for name in (FINGERPRINT, SHARD_DIR, PROGRESS_DIR, MANIFEST, LINE_NUMBERS):
+        for name in (FINGERPRINT, SHARD_DIR, PROGRESS_DIR, MANIFEST, LINE_NUMBERS, RANGES):
             target = self.file(name)
             if os.path.islink(target):
                 raise UserError(f"{target} is a symbolic link; llm2vec-fast writes only into directories it made. "
@@ -204,7 +206,7 @@ class OutputDir:
         # The index first, so that a kill half-way leaves an incomplete output rather than a complete-looking one;
         # then progress before shards, so that no shard still recorded as done loses its files. Files of other
         # names (the user's) are kept, and so are the subdirectories holding them.
-        for name in (MANIFEST, LINE_NUMBERS):
+        for name in (MANIFEST, LINE_NUMBERS, RANGES):
             remove_if_present(self.file(name))
         for sub, pattern in ((PROGRESS_DIR, _PROGRESS_FILE), (SHARD_DIR, _SHARD_FILE)):
             directory = self.file(sub)
