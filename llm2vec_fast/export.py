@@ -38,7 +38,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 
-from .files import is_plain_name, remove_entry, staging_beside
+from .files import recorded_names, remove_entry, staging_beside
 
 # What an export writes besides the model, tokenizer and module folders; the record lists every top-level name an
 # export wrote, so that `overwrite` replaces an earlier export and nothing else.
@@ -210,23 +210,11 @@ def check_output_directory(output_dir: str, overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"output {output_dir!r} is not empty ({_listing(entries)}); choose a new directory, "
                               f"or pass overwrite=True (--overwrite) to replace an earlier export there.")
-    written = _recorded(output_dir)
+    written = recorded_names(output_dir, EXPORT_RECORD)
     foreign = [name for name in entries if name not in written and name != EXPORT_RECORD]
     if foreign:
         raise FileExistsError(f"output {output_dir!r} holds files an export did not write ({_listing(foreign)}); "
                               f"overwrite replaces only an earlier export. Choose a new or empty directory.")
-
-
-def _recorded(output_dir: str) -> set:
-    path = os.path.join(output_dir, EXPORT_RECORD)
-    if os.path.islink(path) or not os.path.isfile(path):
-        return set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return set()
-    return {n for n in names if is_plain_name(n)} if isinstance(names, list) else set()
 
 
 def _listing(names: list[str]) -> str:

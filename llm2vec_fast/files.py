@@ -11,6 +11,7 @@ owner of the directory) removes it at the next start.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -169,6 +170,20 @@ def is_plain_name(name) -> bool:
     """True for a file name that stays inside its directory (no separator, not '.' or '..')."""
     return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name and \
         "/" not in name and "\\" not in name
+
+
+def recorded_names(directory: str, record: str) -> set:
+    """The file names that the JSON list `record` in `directory` says a writer of ours put there (save, export),
+    keeping only plain names; empty without a readable record (a link, a damaged file: nothing is trusted)."""
+    path = os.path.join(directory, record)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return set()
+    return {n for n in names if is_plain_name(n)} if isinstance(names, list) else set()
 
 
 def fsync_directory(directory: str) -> None:

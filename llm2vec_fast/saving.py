@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 
-from .files import staging_beside
+from .files import recorded_names, staging_beside
 from .loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENCODER_ARGS, LLM2VEC_CONFIG, WEIGHT_FILES
 from .reference_files import make_reference_loadable
 
@@ -67,7 +67,7 @@ def _install_saved_files(staging: str, output_path: str) -> None:
         os.rename(staging, output_path)  # a new directory appears whole
         return
     new = set(os.listdir(staging))
-    ours = _recorded(output_path)
+    ours = recorded_names(output_path, SAVE_RECORD)
     stale = [name for name in sorted(os.listdir(output_path)) if name not in new and _is_managed(name)]
     foreign = [name for name in stale if name not in ours and not _harmless_beside(name, new)]
     if foreign:
@@ -88,19 +88,6 @@ def _install_saved_files(staging: str, output_path: str) -> None:
             raise IsADirectoryError(f"cannot save {name} into {output_path!r}: a directory of that name is in the "
                                     f"way. Move it, or save elsewhere.")
         os.replace(os.path.join(staging, name), destination)
-
-
-def _recorded(output_path: str) -> set:
-    """The files the last save into `output_path` wrote (empty without a readable record)."""
-    path = os.path.join(output_path, SAVE_RECORD)
-    if os.path.islink(path) or not os.path.isfile(path):
-        return set()
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return set()
-    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
 def _harmless_beside(name: str, new: set) -> bool:

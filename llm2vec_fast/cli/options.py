@@ -19,26 +19,21 @@ from ..choices import DEFAULT_MAX_BATCH_TOKENS, POOLING_MODES
 DTYPES = ("auto", "float32", "bfloat16", "float16", "mixed")
 
 
-def positive_int(value: str) -> int:
-    """argparse type for counts and sizes: a clear message instead of a traceback or a silent zero."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _int_at_least(minimum: int, described: str):
+    """An argparse type for integers >= minimum: a clear message instead of a traceback or a silent zero."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {described}, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {described}, got {value!r}")
+        return number
+    return parse
 
 
-def non_negative_int(value: str) -> int:
-    """argparse type for counts that may be zero (e.g. --chunk-overlap)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
+positive_int = _int_at_least(1, "a positive integer")  # counts and sizes
+non_negative_int = _int_at_least(0, "an integer >= 0")  # counts that may be zero (e.g. --chunk-overlap)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
