@@ -157,6 +157,8 @@ def export_sentence_transformers(encoder, output_dir, *, normalize: bool = False
     if encoder.head is not None:
         raise ExportError("the encoder has a head after pooling (Dense layers), which export does not write yet; "
                           "export an encoder without one.")
+    from .modeling import is_bidirectional
+
     plan = pooling_plan(encoder, normalize)
     if prompts and plan.prompts_refused:
         raise ExportError(f"named prompts cannot be exported for this encoder: {plan.prompts_refused}.")
@@ -168,6 +170,10 @@ def export_sentence_transformers(encoder, output_dir, *, normalize: bool = False
                     "merges the space after the instruction into the text's first word (byte-level BPE and "
                     "SentencePiece do), that token is left out of the pool, so prompted embeddings differ from "
                     "ours (and a one-token text pools nothing); docs/export.md gives the measured difference.")
+    if encoder.config.model_type == "gemma2" and is_bidirectional(encoder.model):
+        said.append("a bidirectional Gemma 2 export loads bidirectionally with transformers 5.25 (tested); "
+                    "transformers 5.17 still builds causal masks for Gemma 2 whatever its config says, so load it "
+                    "with a recent transformers (docs/export.md).")
     for message in said:
         warnings.warn(message, stacklevel=2)
     _merge_adapters(encoder)

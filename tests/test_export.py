@@ -273,8 +273,11 @@ def test_cli_refusals_are_one_line(llama_dir, tmp_path, capsys):
 def test_bidirectional_sliding_windows_survive_the_export(tmp_path, family):
     """Our bidirectional Qwen3 / Gemma 2 / Gemma 3 keep their sliding windows (8 tokens, shorter than the texts):
     the export states them so that sentence-transformers alone attends over the same keys."""
+    import transformers
     from llm2vec_fast.testing import build_model_dir
 
+    if family == "gemma2" and tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 25):
+        pytest.skip("transformers < 5.25 builds causal masks for Gemma 2 whatever its config says (the export warns)")
     encoder = LLM2Vec.from_pretrained(build_model_dir(str(tmp_path / family), family), max_length=64,
                                       dtype=torch.float32)
     output = str(tmp_path / "st")
