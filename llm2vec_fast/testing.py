@@ -180,7 +180,7 @@ def build_st_dir(directory: str, family: str, *, pooling: str = "mean", include_
     from transformers import AutoTokenizer
 
     build_model_dir(directory, family, seed=seed, add_bos=add_bos, **overrides)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     if append_eos:
         eos = tokenizer.eos_token
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(

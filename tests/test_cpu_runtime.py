@@ -93,7 +93,8 @@ def test_print_model_shows_the_swaps_and_turning_them_off_restores_it(llama_dir)
     assert repr(encoder.model) == before
     decoder = base_model(encoder.model)
     assert sorted(k for k in decoder.__dict__ if k.startswith("_llm2vec")) == [
-        "_llm2vec_fast_bidirectional", "_llm2vec_fast_runtime"]  # patch()'s flag, the (now empty) runtime
+        "_llm2vec_fast_bidirectional", "_llm2vec_fast_runtime",  # patch()'s flags, the (now empty) runtime
+        "_llm2vec_fast_stated_noncausal"]
     for module in decoder.children():  # nothing of ours is left on Hugging Face's modules
         assert not [key for key in module.__dict__ if key.startswith("_llm2vec") or key in ("_get_name", "extra_repr")]
         assert "forward" not in module.__dict__
@@ -108,7 +109,7 @@ def test_one_runtime_object_holds_the_model_level_state(llama_dir):
     runtime = runtime_of(decoder)
     assert isinstance(runtime, CpuRuntime) and runtime.native_ops == native_cpu_ops(encoder.model)
     ours = [key for key in decoder.__dict__ if key.startswith("_llm2vec")]
-    assert sorted(ours) == ["_llm2vec_fast_bidirectional", "_llm2vec_fast_runtime"]
+    assert sorted(ours) == ["_llm2vec_fast_bidirectional", "_llm2vec_fast_runtime", "_llm2vec_fast_stated_noncausal"]
 
 
 @needs_native
