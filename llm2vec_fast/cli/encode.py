@@ -15,9 +15,8 @@ import sys
 
 from ..errors import UserError
 from ..settings import Ranks
-from ..choices import DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, MAX_LINE_BYTES, OUTPUT_FORMATS, SHARD_DTYPES
-from ..choices import DEFAULT_CALIBRATION_ROWS, PRECISIONS
-from ..choices import LONG_INPUTS
+from ..choices import (DEFAULT_CALIBRATION_ROWS, DEFAULT_SHARD_SIZE, ENGINES, INPUT_FORMATS as FORMATS, LONG_INPUTS,
+                       MAX_LINE_BYTES, OUTPUT_FORMATS, PRECISIONS, SHARD_DTYPES)
 from .options import (DefaultsHelpFormatter, add_model_options, apply_threads, check_model_path, non_negative_int,
                       positive_int, silence_progress_bars)
 
