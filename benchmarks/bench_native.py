@@ -100,21 +100,8 @@ def hf_rotary(q, k, cos, sin):
 def eager_masked_attention(q, k, v, cu_seqlens, scale, causal, window, softcap):
     """Hugging Face's eager attention (Gemma 2's: scaled scores, softcap, -inf outside the causal window, softmax in
     float32) on each packed sequence: q [T, Hq, D], k / v [T, Hkv, D]."""
-    G = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qi = q[start:end].transpose(0, 1)
-        ki, vi = (x[start:end].transpose(0, 1).repeat_interleave(G, 0) for x in (k, v))
-        scores = torch.tanh((qi @ ki.transpose(1, 2)) * scale / softcap) * softcap
-        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
-        sees = (i - j).abs() < window
-        if causal:
-            sees &= j <= i
-        probs = torch.softmax(scores.masked_fill(~sees, float("-inf")), dim=-1,
-                              dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-        outs.append((probs @ vi).transpose(0, 1))
-    return torch.cat(outs, 0)
+    return naive_varlen_attention(q, k, v, cu_seqlens, scale, causal=causal, window=window, softcap=softcap,
+                                  float32_softmax=True)
 
 
 def bench_ops(bench, config, dtype, batches):

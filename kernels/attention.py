@@ -1067,11 +1067,13 @@ def varlen_attention_dropout_mask(cu_seqlens, max_seqlen, num_heads, dropout_p, 
 
 
 def naive_varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, dropout_mask=None, *, dropout_p=None,
-                           causal=False, window=None, softcap=None):
+                           causal=False, window=None, softcap=None, float32_softmax=False):
     """Reference: a plain loop over sequences, softmax(q k^T * scale) v per sequence, in the inputs' dtype (run
     it in float64 for ground truth). dropout_mask: optional list of per-sequence [Hq, L, L] masks applied to the
     probabilities, either float (already 0 or 1/(1-p)) or bool keep-masks with ``dropout_p`` given. causal,
-    window, softcap as in ``varlen_attention``: the logits are capped, then masked (-inf), then softmaxed."""
+    window, softcap as in ``varlen_attention``: the logits are capped, then masked (-inf), then softmaxed.
+    float32_softmax: the softmax in at least float32, cast back to the inputs' dtype, as Hugging Face's eager
+    attention computes it (the same-precision baseline of the C++ op's tests and benchmark)."""
     T, HQ, D = q.shape
     G = HQ // k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
@@ -1088,7 +1090,10 @@ def naive_varlen_attention(q, k, v, cu_seqlens, softmax_scale=None, dropout_mask
         band = _band_mask(e - s, causal, window, q.device)
         if band is not None:
             s_ij = s_ij.masked_fill(~band, float("-inf"))
-        p = torch.softmax(s_ij, dim=-1)  # [HQ, L, L]
+        if float32_softmax:
+            p = torch.softmax(s_ij, dim=-1, dtype=torch.promote_types(s_ij.dtype, torch.float32)).to(s_ij.dtype)
+        else:
+            p = torch.softmax(s_ij, dim=-1)  # [HQ, L, L]
         if dropout_mask is not None:
             m = dropout_mask[i].to(q.device)
             if m.dtype == torch.bool:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llm2vec_fast import cpu_ops, native
+from llm2vec_fast.kernels.attention import naive_varlen_attention
 from test_native import _close, _threads_and_rerun
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -39,26 +40,8 @@ def eager_reference(q, k, v, cu_seqlens, scale, causal=False, window=None, softc
     """Hugging Face's eager attention per packed sequence, in the inputs' dtype (float64 for the truth): scores
     (q k^T) * scale, capped as softcap * tanh(s / softcap), masked with -inf outside j <= i (causal) and
     |i - j| < window, softmax in float32 (float64 for float64 inputs) cast back, then @ v."""
-    G = q.shape[1] // k.shape[1]
-    bounds = cu_seqlens.tolist()
-    outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qi = q[start:end].transpose(0, 1)
-        ki, vi = (x[start:end].transpose(0, 1).repeat_interleave(G, 0) for x in (k, v))
-        scores = (qi @ ki.transpose(1, 2)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        i = torch.arange(end - start)[:, None]
-        j = torch.arange(end - start)[None, :]
-        sees = torch.ones(end - start, end - start, dtype=torch.bool)
-        if causal:
-            sees &= j <= i
-        if window is not None:
-            sees &= (i - j).abs() < window
-        scores = scores.masked_fill(~sees, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
-        outs.append((probs @ vi).transpose(0, 1))
-    return torch.cat(outs, 0)
+    return naive_varlen_attention(q, k, v, cu_seqlens, scale, causal=causal, window=window, softcap=softcap,
+                                  float32_softmax=True)
 
 
 @pytest.fixture(autouse=True)
